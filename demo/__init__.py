@@ -1,0 +1,1 @@
+"""The Gradio side-by-side demo (teacher vs student)."""

@@ -1,0 +1,1 @@
+"""Data: the ShapesVQA generator, LLaVA-format loading, chat templating, masks and collation."""

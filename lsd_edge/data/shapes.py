@@ -1,0 +1,278 @@
+"""ShapesVQA: a synthetic visual question answering set, rendered with PIL, deterministic per seed.
+
+A scene holds 1-4 shapes, each in its own cell of a 2x2 grid (so "top left" always names one cell),
+with a kind, a color and a size, jittered inside the cell. From a scene come a caption (for
+pre-training) and questions of five types with short exact-match answers: color, shape, count,
+position and existence. `generate(out_dir, ...)` writes LLaVA-format JSON:
+
+- `pretrain.json`: one caption conversation per training scene;
+- `instruct.json`: `questions_per_image` question/answer turns per training scene, one conversation;
+- `eval.json`: one question per sample, on scenes never used in training, with a `type` field;
+- `images/`: the PNG files the JSON names.
+
+Same seed, same bytes: every random choice comes from one `random.Random(seed)`, and the PNGs are
+written without timestamps.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+KINDS = ("circle", "square", "triangle")
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (150, 60, 190),
+}
+SIZES = ("small", "large")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+NUMBERS = ("zero", "one", "two", "three", "four")
+BACKGROUND = (245, 245, 245)
+QUESTION_TYPES = ("color", "shape", "count", "position", "existence")
+CAPTION_PROMPT = "describe the image ."
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    color: str
+    size: str
+    cell: int  # index into POSITIONS
+    dx: int  # jitter of the centre inside the cell, in pixels
+    dy: int
+
+    @property
+    def position(self) -> str:
+        return POSITIONS[self.cell]
+
+    def radius(self, image_size: int) -> int:
+        cell = image_size // 2
+        return max(3, round(cell * (0.22 if self.size == "small" else 0.38)))
+
+    def centre(self, image_size: int) -> tuple[int, int]:
+        cell = image_size // 2
+        row, col = divmod(self.cell, 2)
+        return col * cell + cell // 2 + self.dx, row * cell + cell // 2 + self.dy
+
+
+@dataclass(frozen=True)
+class Scene:
+    shapes: tuple[Shape, ...]
+
+
+def random_scene(rng: random.Random, image_size: int) -> Scene:
+    n = rng.randint(1, 4)
+    cells = sorted(rng.sample(range(4), n))
+    shapes = []
+    for cell in cells:
+        size = rng.choice(SIZES)
+        r = round((image_size // 2) * (0.22 if size == "small" else 0.38))
+        slack = max(0, (image_size // 2) // 2 - r - 1)
+        shapes.append(
+            Shape(
+                kind=rng.choice(KINDS),
+                color=rng.choice(list(COLORS)),
+                size=size,
+                cell=cell,
+                dx=rng.randint(-slack, slack),
+                dy=rng.randint(-slack, slack),
+            )
+        )
+    return Scene(tuple(shapes))
+
+
+def render(scene: Scene, image_size: int) -> Image.Image:
+    img = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for s in scene.shapes:
+        cx, cy = s.centre(image_size)
+        r = s.radius(image_size)
+        fill = COLORS[s.color]
+        if s.kind == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif s.kind == "square":
+            h = round(r * 0.85)
+            draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r - 1), (cx + r, cy + r - 1)], fill=fill)
+    return img
+
+
+def caption(scene: Scene) -> str:
+    parts = [f"a {s.size} {s.color} {s.kind} in the {s.position}" for s in scene.shapes]
+    return " , ".join(parts) + " ."
+
+
+def _plural(kind: str) -> str:
+    return kind + "s"
+
+
+def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+    """Every question of every type this scene can answer without ambiguity: (type, question, answer)."""
+    shapes = scene.shapes
+    by_kind = {k: [s for s in shapes if s.kind == k] for k in KINDS}
+    by_color = {c: [s for s in shapes if s.color == c] for c in COLORS}
+    out: dict[str, list[tuple[str, str]]] = {t: [] for t in QUESTION_TYPES}
+    for s in shapes:
+        out["color"].append((f"what color is the shape in the {s.position} ?", s.color))
+        if len(by_kind[s.kind]) == 1:
+            out["color"].append((f"what color is the {s.kind} ?", s.color))
+        out["shape"].append((f"what shape is in the {s.position} ?", s.kind))
+        if len(by_color[s.color]) == 1:
+            out["shape"].append((f"what shape is {s.color} ?", s.kind))
+        same = [t for t in shapes if t.kind == s.kind and t.color == s.color]
+        if len(same) == 1:
+            out["position"].append((f"where is the {s.color} {s.kind} ?", s.position))
+    out["count"].append(("how many shapes are there ?", NUMBERS[len(shapes)]))
+    for k in KINDS:
+        out["count"].append((f"how many {_plural(k)} are there ?", NUMBERS[len(by_kind[k])]))
+    present = {(s.color, s.kind) for s in shapes}
+    absent = [(c, k) for c in COLORS for k in KINDS if (c, k) not in present]
+    c, k = rng.choice(sorted(present))
+    out["existence"].append((f"is there a {c} {k} ?", "yes"))
+    c, k = rng.choice(absent)
+    out["existence"].append((f"is there a {c} {k} ?", "no"))
+    return [(t, q, a) for t in QUESTION_TYPES for q, a in out[t]]
+
+
+def pick_questions(scene: Scene, rng: random.Random, n: int) -> list[tuple[str, str, str]]:
+    """n questions of distinct types where possible, types in random order (balanced over a data set)."""
+    pool = questions(scene, rng)
+    types = list(QUESTION_TYPES)
+    rng.shuffle(types)
+    chosen: list[tuple[str, str, str]] = []
+    for t in types:
+        options = [x for x in pool if x[0] == t]
+        if options:
+            chosen.append(rng.choice(options))
+    rest = [x for x in pool if x not in chosen]
+    rng.shuffle(rest)
+    chosen += rest
+    return chosen[:n]
+
+
+def _turn(role: str, text: str) -> dict[str, str]:
+    return {"from": role, "value": text}
+
+
+@dataclass
+class ShapesSummary:
+    out_dir: str
+    n_train: int
+    n_eval: int
+    n_pretrain: int
+    n_instruct_turns: int
+    image_size: int
+    seed: int
+    questions_per_image: int
+    by_type: dict[str, int]
+
+
+def generate(
+    out_dir: str | Path,
+    seed: int = 0,
+    n_train: int = 2000,
+    n_eval: int = 300,
+    image_size: int = 48,
+    questions_per_image: int = 4,
+    progress=None,
+) -> ShapesSummary:
+    """Write ShapesVQA to `out_dir`; `progress(done, total)` is called as images are written."""
+    out = Path(out_dir)
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    pretrain, evaluation = [], []
+    # instruct[k] holds the k-th question of every training scene, so the first n_train records
+    # ask one question of every image, the first 2 * n_train two, and so on (see max_samples).
+    instruct: list[list[dict]] = [[] for _ in range(questions_per_image)]
+    seen: set[tuple] = set()
+    total = n_train + n_eval
+    by_type = {t: 0 for t in QUESTION_TYPES}
+    i = 0
+    while i < total:
+        scene = random_scene(rng, image_size)
+        split = "train" if i < n_train else "eval"
+        # Held out means held out: no eval scene shows the same shapes in the same cells as a
+        # training scene (jitter aside).
+        key = tuple((s.kind, s.color, s.size, s.cell) for s in scene.shapes)
+        if split == "train":
+            seen.add(key)
+        elif key in seen:
+            continue
+        name = f"{split}_{i:06d}.png"
+        render(scene, image_size).save(images / name, format="PNG", optimize=False)
+        meta = {"shapes": [asdict(s) for s in scene.shapes]}
+        if split == "train":
+            pretrain.append(
+                {
+                    "id": f"cap-{i:06d}",
+                    "image": name,
+                    "conversations": [
+                        _turn("human", f"{CAPTION_PROMPT}\n<image>"),
+                        _turn("gpt", caption(scene)),
+                    ],
+                    "scene": meta,
+                }
+            )
+            for k, (qtype, q, a) in enumerate(pick_questions(scene, rng, questions_per_image)):
+                instruct[k].append(
+                    {
+                        "id": f"qa-{i:06d}-{k}",
+                        "image": name,
+                        "conversations": [_turn("human", f"{q}\n<image>"), _turn("gpt", a)],
+                        "type": qtype,
+                        "scene": meta,
+                    }
+                )
+        else:
+            qtype, q, a = pick_questions(scene, rng, 1)[0]
+            by_type[qtype] += 1
+            evaluation.append(
+                {
+                    "id": f"eval-{i:06d}",
+                    "image": name,
+                    "conversations": [_turn("human", f"{q}\n<image>"), _turn("gpt", a)],
+                    "type": qtype,
+                    "scene": meta,
+                }
+            )
+        i += 1
+        if progress is not None:
+            progress(i, total)
+    instruct_rows = [rec for slot in instruct for rec in slot]
+    for fname, rows in (
+        ("pretrain.json", pretrain),
+        ("instruct.json", instruct_rows),
+        ("eval.json", evaluation),
+    ):
+        (out / fname).write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    summary = ShapesSummary(
+        out_dir=str(out),
+        n_train=n_train,
+        n_eval=n_eval,
+        n_pretrain=len(pretrain),
+        n_instruct_turns=len(instruct_rows),
+        image_size=image_size,
+        seed=seed,
+        questions_per_image=questions_per_image,
+        by_type=by_type,
+    )
+    (out / "shapes.json").write_text(json.dumps(asdict(summary), indent=1) + "\n", encoding="utf-8")
+    return summary
+
+
+def vocabulary() -> list[str]:
+    """Every word ShapesVQA text can contain, for the embedded default's word-level tokenizer."""
+    words = set(CAPTION_PROMPT.split())
+    words |= {"a", "in", "the", ",", ".", "?", "what", "color", "is", "shape", "how", "many", "shapes", "are"}
+    words |= {"there", "where", "yes", "no", "top", "bottom", "left", "right"}
+    words |= set(KINDS) | {_plural(k) for k in KINDS} | set(COLORS) | set(SIZES) | set(NUMBERS)
+    return sorted(words)

@@ -1,0 +1,924 @@
+"""The stages of METHOD.md: one stage loop (`run_stage`) and `distill(recipe)` that chains them.
+
+`distill` prepares the data, gets the teacher (training and caching it first for the embedded
+default), builds the student, checks the tokenizers, then runs the recipe's stages in order, each
+from the previous stage's weights. After every stage the eval split is scored and an HF checkpoint
+folder is written; mid-stage step states make `--resume` exact. The loss step (`loss_terms`) is
+separate from the loop, so every formula can be traced to `losses.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lsd_edge import losses
+from lsd_edge.checkpoint import (
+    atomic_dir,
+    fingerprint,
+    is_complete,
+    latest_step_state,
+    read_json,
+    rng_state,
+    save_checkpoint,
+    save_step_state,
+    set_rng_state,
+    write_json,
+)
+from lsd_edge.config import DISTILL_TERMS, Recipe, StageConfig
+from lsd_edge.data.llava import IGNORE_INDEX, BadSampleLog, Batch, BatchLoader, LlavaDataset
+from lsd_edge.errors import LsdEdgeError, TrainingError
+from lsd_edge.models import (
+    build_tiny_model,
+    build_tiny_processor,
+    check_tokenizers,
+    compose_llava,
+    count_params,
+    dir_size_mb,
+    load_llava,
+    set_trainable,
+)
+from lsd_edge.progress import QuietReporter, Reporter
+
+TERMS = ("ce",) + DISTILL_TERMS
+
+
+# ------------------------------------------------------------------------------------------ environment
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise LsdEdgeError("run.device = 'cuda' but CUDA is not available here; use 'auto' or 'cpu'")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def autocast(device: torch.device, precision: str):
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# -------------------------------------------------------------------------------------------- data side
+
+
+def prepare_data(recipe: Recipe, reporter: Reporter) -> None:
+    """Generate ShapesVQA into data.root when the recipe asks for it and the files are missing."""
+    shapes = recipe.data.shapes
+    if shapes is None:
+        return
+    root = Path(recipe.data.root)
+    marker = root / "shapes.json"
+    wanted = shapes.model_dump()
+    if marker.is_file():
+        have = read_json(marker)
+        if {k: have.get(k) for k in wanted} == wanted:
+            return
+        raise LsdEdgeError(
+            f"{root} holds ShapesVQA made with other settings ({ {k: have.get(k) for k in wanted} }); "
+            "delete it or point data.root elsewhere"
+        )
+    if root.exists() and any(root.iterdir()):
+        raise LsdEdgeError(
+            f"data.root {root} holds files not made by ShapesVQA; point data.root to a new folder, "
+            "or remove [data.shapes] to use the files there"
+        )
+    from lsd_edge.data.shapes import generate
+
+    reporter.task("ShapesVQA", shapes.n_train + shapes.n_eval)
+    last = [0]
+
+    def tick(done, total):
+        reporter.advance(done - last[0])
+        last[0] = done
+
+    with atomic_dir(root) as tmp:
+        generate(
+            tmp,
+            seed=shapes.seed,
+            n_train=shapes.n_train,
+            n_eval=shapes.n_eval,
+            image_size=shapes.image_size,
+            questions_per_image=shapes.questions_per_image,
+            progress=tick,
+        )
+        # The summary names the temporary folder; point it at the final one.
+        summary = read_json(tmp / "shapes.json")
+        summary["out_dir"] = str(root)
+        write_json(tmp / "shapes.json", summary)
+    reporter.done()
+
+
+def corpus_words(recipe: Recipe) -> list[str]:
+    """The words of every configured data file, for a tiny model's word-level tokenizer."""
+    import re
+
+    from lsd_edge.data.llava import read_records
+
+    words: set[str] = set()
+    for name in ("pretrain", "instruct", "eval"):
+        ds = getattr(recipe.data, name)
+        if ds is None:
+            continue
+        path, _ = recipe.data.resolve(ds)
+        for rec in read_records(path):
+            for turn in rec.get("conversations", []):
+                text = str(turn.get("value", "")).replace("<image>", " ")
+                words.update(re.findall(r"\w+|[^\w\s]+", text))
+    return sorted(words)
+
+
+def open_dataset(recipe: Recipe, stage: StageConfig, processor) -> LlavaDataset:
+    path, images = recipe.data.resolve(recipe.data.dataset(stage.data))
+    return LlavaDataset(
+        path,
+        images,
+        processor,
+        max_length=recipe.data.max_length,
+        max_samples=stage.max_samples,
+        max_turns=stage.max_turns,
+    )
+
+
+class IndexStream:
+    """An endless stream of sample indices: epoch e is a permutation seeded by (seed, e).
+
+    A stream position is a plain integer, so the data position of a resume state is one number.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        self.seed = seed
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return self._perm[1]
+
+    def take(self, position: int, count: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < count:
+            epoch, offset = divmod(position, self.n)
+            chunk = self._permutation(epoch)[offset : offset + count - len(out)].tolist()
+            out += chunk
+            position += len(chunk)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- losses
+
+
+@dataclass
+class Forward:
+    """What the losses need from one model's forward pass."""
+
+    hidden: torch.Tensor  # (B, T, D) last hidden state (after the final norm)
+    hidden_states: tuple[torch.Tensor, ...] | None  # per layer, 0 = embeddings, -1 = final
+    image_features: torch.Tensor | None  # (I, K, D) projector output
+
+
+def forward(model, batch: Batch, hidden_states: bool = False) -> Forward:
+    out = model.model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        pixel_values=None if batch.pixel_values is None else batch.pixel_values.to(model.dtype),
+        output_hidden_states=hidden_states,
+        return_dict=True,
+    )
+    feats = None
+    if out.image_outputs is not None:
+        feats = torch.stack(list(out.image_outputs.pooler_output))
+    return Forward(out.last_hidden_state, out.hidden_states if hidden_states else None, feats)
+
+
+@dataclass
+class Counts:
+    """Valid items in a whole accumulated batch: the denominators of every term."""
+
+    response: int = 0
+    visual: int = 0
+    images: int = 0
+    tokens: int = 0
+
+    @staticmethod
+    def of(batches: list[Batch], n_image_tokens: int) -> Counts:
+        c = Counts()
+        for b in batches:
+            c.response += int((b.labels[:, 1:] != IGNORE_INDEX).sum())
+            c.visual += int(b.visual_mask.sum())
+            c.images += int(b.visual_mask.sum()) // max(1, n_image_tokens)
+            c.tokens += b.n_tokens
+        return c
+
+
+class LatentProjector(nn.Module):
+    """Trainable linear maps from student hidden size to teacher hidden size, one per latent pair.
+
+    Part of training only: never saved with the student (METHOD.md)."""
+
+    def __init__(self, pairs, student_dim: int, teacher_dim: int):
+        super().__init__()
+        self.pairs = [tuple(p) for p in pairs]
+        self.maps = nn.ModuleList(nn.Linear(student_dim, teacher_dim) for _ in self.pairs)
+
+
+def loss_terms(
+    student,
+    teacher,
+    batch: Batch,
+    stage: StageConfig,
+    counts: Counts,
+    vocab_rows: int,
+    latent: LatentProjector | None,
+) -> dict[str, torch.Tensor]:
+    """Every loss term of one micro-batch, each normalised by its count in the accumulated batch.
+
+    L = ce*L_reg + lambda * (alpha*L_res + beta*L_vis + gamma*L_rel + delta*L_lat); the weights are
+    applied by the caller. Terms with weight 0 are not computed.
+    """
+    lc = stage.loss
+    w = {t: lc.weight(t) for t in DISTILL_TERMS}
+    need_teacher = teacher is not None and stage.distills
+    need_hidden = need_teacher and w["latent"] > 0 and any(isinstance(p[0], int) for p in lc.latent_pairs)
+    s = forward(student, batch, hidden_states=need_hidden)
+    resp = batch.labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t+1
+    s_resp_h = s.hidden[:, :-1][resp]  # (N, Ds)
+    s_resp_logits = student.lm_head(s_resp_h)  # (N, Vs)
+    targets = batch.labels[:, 1:][resp]  # (N,)
+    terms: dict[str, torch.Tensor] = {}
+    terms["ce"] = losses.cross_entropy_sum(s_resp_logits, targets, vocab_rows) / max(1, counts.response)
+    if not need_teacher:
+        return terms
+    kl_kw = dict(
+        kind=lc.kl,
+        temperature=lc.temperature,
+        jsd_beta=lc.jsd_beta,
+        skew_lambda=lc.skew_lambda,
+        vocab_rows=vocab_rows,
+    )
+    with torch.no_grad():
+        t = forward(teacher, batch, hidden_states=need_hidden)
+    if w["response_kl"] > 0:
+        with torch.no_grad():
+            t_resp_logits = teacher.lm_head(t.hidden[:, :-1][resp])
+        terms["response_kl"] = losses.kd_sum(s_resp_logits, t_resp_logits, **kl_kw) / max(1, counts.response)
+    vis = batch.visual_mask
+    if w["visual_kl"] > 0 and counts.visual > 0:
+        with torch.no_grad():
+            t_vis_logits = teacher.lm_head(t.hidden[vis])
+        s_vis_logits = student.lm_head(s.hidden[vis])
+        terms["visual_kl"] = losses.kd_sum(s_vis_logits, t_vis_logits, **kl_kw) / max(1, counts.visual)
+    if w["relation"] > 0 and counts.images > 0:
+        n_img = s.image_features.shape[0] if s.image_features is not None else 0
+        sv = s.hidden[vis].view(n_img, -1, s.hidden.shape[-1])
+        tv = t.hidden[vis].view(n_img, -1, t.hidden.shape[-1])
+        terms["relation"] = losses.relation_sum(sv, tv) / max(1, counts.images)
+    if w["latent"] > 0 and latent is not None:
+        total = s.hidden.new_zeros(())
+        valid = batch.attention_mask.bool()
+        for proj, (ls, lt) in zip(latent.maps, latent.pairs, strict=True):
+            if ls == "projector":
+                if s.image_features is None:
+                    continue
+                sx = s.image_features.flatten(0, 1)
+                tx = t.image_features.flatten(0, 1)
+                denom = max(1, counts.visual)
+            else:
+                sx = s.hidden_states[ls][valid]
+                tx = t.hidden_states[lt][valid]
+                denom = max(1, counts.tokens)
+            total = total + losses.latent_sum(proj(sx.float()), tx.float(), lc.latent_kind) / denom
+        terms["latent"] = total / len(latent.pairs)
+    return terms
+
+
+# ------------------------------------------------------------------------------------------- stage loop
+
+
+def lr_lambda(stage: StageConfig, total_steps: int):
+    warm = stage.warmup_steps or math.ceil(stage.warmup_ratio * total_steps)
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if stage.schedule == "constant":
+            return 1.0
+        frac = (step - warm) / max(1, total_steps - warm)
+        frac = min(1.0, max(0.0, frac))
+        decay = 0.5 * (1 + math.cos(math.pi * frac)) if stage.schedule == "cosine" else 1.0 - frac
+        return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * decay
+
+    return f
+
+
+def total_steps(stage: StageConfig, n_samples: int) -> int:
+    if stage.max_steps is not None:
+        return stage.max_steps
+    per_step = stage.batch_size * stage.grad_accum
+    return max(1, math.ceil(stage.epochs * n_samples / per_step))
+
+
+@dataclass
+class StageResult:
+    name: str
+    steps: int
+    seconds: float
+    last_terms: dict[str, float]
+    bad_samples: dict[str, Any]
+    tokens_per_s: float
+
+
+@dataclass
+class StageJob:
+    """Everything one stage needs; `key` names it in logs and resume states."""
+
+    key: str
+    stage: StageConfig
+    index: int
+    model: Any
+    processor: Any
+    teacher: Any
+    dataset: LlavaDataset
+    state_dir: Path
+    seed: int
+    device: torch.device
+    precision: str
+    checkpoint_every: int
+    log_every: int
+    policy: str
+    log_path: Path
+    resume: bool
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _truncate_log(log_path: Path, key: str, step: int) -> None:
+    """Drop log lines of this stage after `step` (they will be written again on resume)."""
+    if not log_path.is_file():
+        return
+    keep = []
+    for line in log_path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if rec.get("stage") == key and rec.get("step", 0) > step:
+            continue
+        keep.append(line)
+    tmp = log_path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, log_path)
+
+
+def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
+    stage = job.stage
+    model = job.model
+    set_trainable(model, stage.trainable)
+    model.train()
+    if stage.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    teacher = job.teacher if stage.distills else None
+    if teacher is not None:
+        teacher.eval()
+    vocab_rows = len(job.processor.tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(job.seed * 7919 + job.index)
+        latent = None
+        if teacher is not None and stage.loss.weight("latent") > 0:
+            latent = LatentProjector(
+                stage.loss.latent_pairs,
+                model.config.text_config.hidden_size,
+                teacher.config.text_config.hidden_size,
+            ).to(job.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if latent is not None:
+        params += list(latent.parameters())
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.999))
+    steps = total_steps(stage, len(job.dataset))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage, steps))
+    stream = IndexStream(len(job.dataset), job.seed * 31 + job.index)
+    bad = BadSampleLog()
+    loader = BatchLoader(job.dataset, job.processor.tokenizer.pad_token_id, job.policy, bad)
+    n_img_tokens = loader.dataset.encoder.n_image_tokens
+    step, position = 0, 0
+    if job.resume:
+        found = latest_step_state(job.state_dir)
+        if found is not None:
+            step, payload = found
+            named = dict(model.named_parameters())
+            with torch.no_grad():
+                for n, v in payload["trainable"].items():
+                    named[n].copy_(v)
+            if latent is not None and payload.get("latent") is not None:
+                latent.load_state_dict(payload["latent"])
+            optimizer.load_state_dict(payload["optimizer"])
+            scheduler.load_state_dict(payload["scheduler"])
+            set_rng_state(payload["rng"])
+            position = payload["position"]
+            for kind, n in payload.get("bad", {}).get("by_reason", {}).items():
+                bad.counts[kind] = n
+            bad.examples.update(payload.get("bad", {}).get("examples", {}))
+            reporter.message(f"[dim]{job.key}: resuming at step {step}/{steps}[/dim]")
+    _truncate_log(job.log_path, job.key, step)
+    weights = {t: stage.loss.weight(t) for t in DISTILL_TERMS}
+    reporter.task(job.key, steps)
+    reporter.advance(step)
+    started = time.perf_counter()
+    tokens_seen = 0
+    last: dict[str, float] = {}
+    per_micro = stage.batch_size
+    log = job.log_path.open("a", encoding="utf-8")
+    try:
+        while step < steps:
+            t0 = time.perf_counter()
+            batches: list[Batch] = []
+            for _ in range(stage.grad_accum):
+                idx = stream.take(position, per_micro)
+                position += per_micro
+                b = loader.batch(idx)
+                if b is not None:
+                    batches.append(b.to(job.device))
+            if not batches:
+                raise TrainingError(
+                    f"{job.key} step {step + 1}: every sample of the batch is bad ({bad.summary()}); check the data"
+                )
+            counts = Counts.of(batches, n_img_tokens)
+            lam = stage.distill_schedule.factor(step, steps)
+            sums = {t: 0.0 for t in TERMS}
+            for b in batches:
+                with autocast(job.device, job.precision):
+                    terms = loss_terms(model, teacher, b, stage, counts, vocab_rows, latent)
+                total = stage.loss.ce * terms["ce"]
+                for t in DISTILL_TERMS:
+                    if t in terms:
+                        total = total + lam * weights[t] * terms[t]
+                for name, value in terms.items():
+                    if not torch.isfinite(value):
+                        where = (
+                            job.state_dir
+                            if latest_step_state(job.state_dir)
+                            else "the previous stage's folder"
+                        )
+                        raise TrainingError(
+                            f"{job.key} step {step + 1}: loss term '{name}' is {value.item()}; the last good "
+                            f"checkpoint is kept ({where}); lower stages.lr or check the data"
+                        )
+                    sums[name] += float(value.detach())
+                total.backward()
+            if stage.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            dt = time.perf_counter() - t0
+            tokens_seen += counts.tokens
+            tok_s = counts.tokens / max(dt, 1e-9)
+            last = {t: sums[t] for t in TERMS if t == "ce" or weights.get(t, 0) > 0 and teacher is not None}
+            total_loss = stage.loss.ce * sums["ce"] + lam * sum(weights[t] * sums[t] for t in DISTILL_TERMS)
+            rec = {
+                "stage": job.key,
+                "step": step,
+                "loss": total_loss,
+                **last,
+                "lambda": lam,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens": counts.tokens,
+                "tokens_per_s": tok_s,
+            }
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            info = " ".join(f"{k}={v:.3f}" for k, v in last.items()) + f" {tok_s:,.0f} tok/s"
+            reporter.advance(1, info)
+            if job.checkpoint_every and step % job.checkpoint_every == 0 and step < steps:
+                save_step_state(
+                    job.state_dir,
+                    step,
+                    {
+                        "trainable": _trainable_state(model),
+                        "latent": None if latent is None else latent.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": rng_state(),
+                        "position": position,
+                        "bad": bad.as_dict(),
+                    },
+                )
+    finally:
+        log.close()
+        reporter.done()
+    if stage.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    model.eval()
+    seconds = time.perf_counter() - started
+    if bad.total:
+        reporter.message(f"[yellow]{job.key}: skipped {bad.total} bad sample(s): {bad.summary()}[/yellow]")
+    return StageResult(job.key, steps, seconds, last, bad.as_dict(), tokens_seen / max(seconds, 1e-9))
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+@dataclass
+class RunPaths:
+    root: Path
+
+    @property
+    def teacher(self) -> Path:
+        return self.root / "teacher"
+
+    def stage(self, name: str) -> Path:
+        return self.root / name
+
+    def state(self, key: str) -> Path:
+        return self.root / "state" / key
+
+    @property
+    def teacher_stages(self) -> Path:
+        return self.root / "teacher-stages"
+
+    @property
+    def student(self) -> Path:
+        return self.root / "student"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log.jsonl"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.json"
+
+
+@dataclass
+class DistillOptions:
+    resume: bool = False
+    restart: bool = False
+    teacher_dir: Path | None = None  # a shared teacher (ablation); default <output>/teacher
+    stages: list[StageConfig] | None = None  # override the recipe's stages (ablation)
+    evaluate_stages: bool = True
+
+
+@dataclass
+class Run:
+    """A distillation run in progress: the recipe, where it writes, the models."""
+
+    recipe: Recipe
+    paths: RunPaths
+    device: torch.device
+    reporter: Reporter
+    options: DistillOptions
+    teacher: Any = None
+    processor: Any = None
+    student: Any = None
+    student_processor: Any = None
+    teacher_metrics: dict[str, Any] = field(default_factory=dict)
+
+    # -- evaluation
+
+    def eval_split(self, model, processor, label: str) -> dict[str, Any]:
+        from lsd_edge.evaluate import evaluate
+
+        if self.recipe.data.eval is None:
+            return {}
+        path, images = self.recipe.data.resolve(self.recipe.data.eval)
+        ev = self.recipe.eval
+        self.reporter.task(f"eval {label}", 1)
+        result = evaluate(
+            model,
+            processor,
+            path,
+            images,
+            max_samples=ev.max_samples,
+            max_new_tokens=ev.max_new_tokens,
+            batch_size=ev.batch_size,
+        )
+        self.reporter.advance(1, f"accuracy {result.accuracy:.3f}")
+        self.reporter.done()
+        return result.as_dict()
+
+    # -- teacher
+
+    def teacher_fingerprint(self) -> str:
+        r = self.recipe
+        return fingerprint(
+            r.teacher.model_dump(mode="json"),
+            r.data.model_dump(mode="json"),
+            r.run.seed,
+            r.eval.model_dump(mode="json"),
+        )
+
+    def get_teacher(self) -> None:
+        r = self.recipe
+        tdir = self.options.teacher_dir or self.paths.teacher
+        if r.teacher.tiny is None:
+            self.reporter.message(f"loading teacher {r.teacher.path}")
+            self.teacher, self.processor = load_llava(
+                r.teacher.path,
+                what="teacher.path",
+                dtype=r.teacher.dtype,
+                device=str(self.device),
+                trust_remote_code=r.teacher.trust_remote_code,
+            )
+            self.teacher.requires_grad_(False).eval()
+            return
+        fp = self.teacher_fingerprint()
+        if is_complete(tdir):
+            made = (
+                read_json(tdir / "teacher.json").get("fingerprint")
+                if (tdir / "teacher.json").is_file()
+                else None
+            )
+            if made != fp:
+                raise LsdEdgeError(
+                    f"{tdir} holds a teacher trained with other teacher/data settings; delete it to train a new "
+                    "one, or set run.output_dir to another folder"
+                )
+            self.reporter.message(f"reusing the cached teacher in {tdir}")
+            self.teacher, self.processor = load_llava(
+                str(tdir), what="cached teacher", device=str(self.device)
+            )
+            self.teacher_metrics = read_json(tdir / "metrics.json")
+        else:
+            self.train_teacher(tdir, fp)
+        self.teacher.requires_grad_(False).eval()
+
+    def train_teacher(self, tdir: Path, fp: str) -> None:
+        r = self.recipe
+        tiny = r.teacher.tiny
+        if tiny.vision == "teacher":
+            raise LsdEdgeError("teacher.tiny.vision: the teacher needs its own vision sizes, not 'teacher'")
+        processor = build_tiny_processor(tiny.vision, corpus_words(r))
+        model = build_tiny_model(tiny, processor, seed=r.run.seed).to(self.device)
+        if not r.teacher.stages:
+            raise LsdEdgeError(
+                "teacher.stages: a [teacher.tiny] teacher needs [[teacher.stages]] to train it"
+            )
+        toml = r.to_toml()
+        for i, stage in enumerate(r.teacher.stages):
+            folder = self.paths.teacher_stages / stage.name
+            key = f"teacher/{stage.name}"
+            if is_complete(folder):
+                model, processor = load_llava(str(folder), what=key, device=str(self.device))
+                continue
+            job = self._job(key, stage, i, model, processor, None, self.paths.state(f"teacher-{stage.name}"))
+            res = run_stage(job, self.reporter)
+            save_checkpoint(folder, model, processor, toml, {"stage": key, "train": res.__dict__})
+            shutil.rmtree(job.state_dir, ignore_errors=True)
+        metrics = {"eval": self.eval_split(model, processor, "teacher"), "params": count_params(model)}
+        save_checkpoint(tdir, model, processor, toml, metrics, extra={"teacher.json": {"fingerprint": fp}})
+        shutil.rmtree(self.paths.teacher_stages, ignore_errors=True)
+        self.teacher, self.processor = model, processor
+        self.teacher_metrics = metrics
+
+    # -- student
+
+    def build_student(self) -> None:
+        spec = self.recipe.student
+        seed = self.recipe.run.seed + 1
+        if spec.tiny is not None:
+            if spec.tiny.vision == "teacher":
+                processor = self.processor
+            else:
+                processor = build_tiny_processor(spec.tiny.vision, corpus_words(self.recipe))
+            model = build_tiny_model(spec.tiny, processor, vision_from=self.teacher, seed=seed)
+        elif spec.llm is not None:
+            model, processor = compose_llava(spec, self.teacher, self.processor, device="cpu", seed=seed)
+        else:
+            model, processor = load_llava(
+                spec.path, what="student.path", device="cpu", trust_remote_code=spec.trust_remote_code
+            )
+        model = model.float().to(self.device)
+        check_tokenizers(self.processor.tokenizer, processor.tokenizer)
+        self.student, self.student_processor = model, processor
+
+    def _job(self, key, stage, index, model, processor, teacher, state_dir) -> StageJob:
+        r = self.recipe
+        return StageJob(
+            key=key,
+            stage=stage,
+            index=index,
+            model=model,
+            processor=processor,
+            teacher=teacher,
+            dataset=open_dataset(r, stage, processor),
+            state_dir=state_dir,
+            seed=r.run.seed,
+            device=self.device,
+            precision=r.run.precision,
+            checkpoint_every=r.run.checkpoint_every,
+            log_every=r.run.log_every,
+            policy=r.data.bad_samples,
+            log_path=self.paths.log,
+            resume=True,  # a state folder exists only for a stage cut short; the caller checked --resume
+        )
+
+    def stages(self) -> list[StageConfig]:
+        return self.options.stages if self.options.stages is not None else list(self.recipe.stages)
+
+    def stage_fingerprints(self) -> list[str]:
+        """Each stage's identity: its settings, every stage before it, the student and the teacher."""
+        r = self.recipe
+        base = [
+            r.student.model_dump(mode="json"),
+            self.teacher_fingerprint() if r.teacher.tiny else r.teacher.path,
+        ]
+        base.append(r.data.model_dump(mode="json"))
+        out = []
+        for st in self.stages():
+            base.append(st.model_dump(mode="json"))
+            out.append(fingerprint(*base, r.run.seed))
+        return out
+
+
+def _existing_work(paths: RunPaths, stage_names: list[str]) -> list[str]:
+    found = [n for n in stage_names if paths.stage(n).exists()]
+    if (paths.root / "state").exists():
+        found.append("state")
+    if paths.student.exists():
+        found.append("student")
+    return found
+
+
+def _check_output(
+    paths: RunPaths, stage_names: list[str], options: DistillOptions, reporter: Reporter
+) -> None:
+    existing = _existing_work(paths, stage_names)
+    if options.restart:
+        for n in stage_names + ["student", "state", "log.jsonl", "report.json", "loss_curve.png"]:
+            p = paths.root / n
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        if existing:
+            reporter.message(
+                f"[yellow]--restart: removed the student stages in {paths.root} (teacher kept)[/yellow]"
+            )
+        return
+    if existing and not options.resume:
+        raise LsdEdgeError(
+            f"{paths.root} already holds a run ({', '.join(existing)}); pass --resume to continue it or "
+            "--restart to train the student again (the cached teacher is kept)"
+        )
+
+
+def distill(
+    recipe: Recipe, options: DistillOptions | None = None, reporter: Reporter | None = None
+) -> dict[str, Any]:
+    """Run a recipe end to end; returns the report (also written to <output>/report.json)."""
+    options = options or DistillOptions()
+    reporter = reporter or QuietReporter()
+    if recipe.run.num_threads:
+        torch.set_num_threads(recipe.run.num_threads)
+    torch.manual_seed(recipe.run.seed)
+    device = resolve_device(recipe.run.device)
+    paths = RunPaths(recipe.output_dir)
+    run = Run(recipe, paths, device, reporter, options)
+    stage_names = [s.name for s in run.stages()]
+    _check_output(paths, stage_names, options, reporter)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    (paths.root / "recipe.toml").write_text(recipe.to_toml(), encoding="utf-8")
+    started = time.perf_counter()
+    prepare_data(recipe, reporter)
+    run.get_teacher()
+    run.build_student()
+    toml = recipe.to_toml()
+    fps = run.stage_fingerprints()
+    stage_reports = []
+    model, processor = run.student, run.student_processor
+    for i, (stage, fp) in enumerate(zip(run.stages(), fps, strict=True)):
+        folder = paths.stage(stage.name)
+        if is_complete(folder):
+            made = (
+                read_json(folder / "stage.json").get("fingerprint")
+                if (folder / "stage.json").is_file()
+                else None
+            )
+            if made != fp:
+                raise LsdEdgeError(
+                    f"{folder} was made with other settings than this recipe's stage '{stage.name}'; "
+                    "pass --restart to train the student again, or set run.output_dir to another folder"
+                )
+            reporter.message(f"stage {stage.name}: done before, loading {folder}")
+            model, _ = load_llava(str(folder), what=f"stage {stage.name}", device=str(device))
+            model = model.float()
+            stage_reports.append(read_json(folder / "metrics.json"))
+            continue
+        job = run._job(stage.name, stage, i, model, processor, run.teacher, paths.state(stage.name))
+        res = run_stage(job, reporter)
+        metrics: dict[str, Any] = {
+            "stage": stage.name,
+            "kind": stage.kind,
+            "steps": res.steps,
+            "seconds": round(res.seconds, 2),
+            "tokens_per_s": round(res.tokens_per_s, 1),
+            "last_losses": res.last_terms,
+            "bad_samples": res.bad_samples,
+        }
+        if options.evaluate_stages or i == len(fps) - 1:
+            metrics["eval"] = run.eval_split(model, processor, stage.name)
+        save_checkpoint(folder, model, processor, toml, metrics, extra={"stage.json": {"fingerprint": fp}})
+        shutil.rmtree(job.state_dir, ignore_errors=True)
+        stage_reports.append(metrics)
+    last = paths.stage(stage_names[-1])
+    if paths.student.exists():
+        shutil.rmtree(paths.student)
+    with atomic_dir(paths.student) as tmp:
+        for f in last.iterdir():
+            shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(paths.root / "state", ignore_errors=True)
+    report = build_report(run, model, stage_reports, time.perf_counter() - started)
+    write_json(paths.report, report)
+    try:
+        plot_losses(paths.log, paths.root / "loss_curve.png")
+    except Exception as e:  # a plot is a nicety; never lose a finished run over it
+        reporter.message(f"[yellow]loss curve not drawn: {e}[/yellow]")
+    return report
+
+
+def _acc(metrics: dict[str, Any]) -> float | None:
+    ev = metrics.get("eval") or {}
+    return ev.get("accuracy")
+
+
+def build_report(run: Run, student, stage_reports: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    tdir = run.options.teacher_dir or run.paths.teacher
+    if run.recipe.teacher.tiny is not None:
+        t_size = dir_size_mb(tdir)
+        t_acc = _acc(run.teacher_metrics)
+    else:
+        t_size = sum(p.numel() * p.element_size() for p in run.teacher.parameters()) / 2**20
+        t_acc = _acc(run.teacher_metrics) if run.teacher_metrics else None
+    return {
+        "recipe": run.recipe.run.name,
+        "output_dir": str(run.paths.root),
+        "teacher": {
+            "accuracy": t_acc,
+            "params": count_params(run.teacher)["total"],
+            "size_mb": round(t_size, 3),
+        },
+        "student": {
+            "accuracy": _acc(stage_reports[-1]),
+            "params": count_params(student)["total"],
+            "size_mb": round(dir_size_mb(run.paths.student), 3),
+            "path": str(run.paths.student),
+        },
+        "stages": [
+            {
+                "name": m.get("stage"),
+                "kind": m.get("kind"),
+                "accuracy": _acc(m),
+                "steps": m.get("steps"),
+                "seconds": m.get("seconds"),
+                "last_losses": m.get("last_losses"),
+            }
+            for m in stage_reports
+        ],
+        "seconds": round(seconds, 1),
+        "device": str(run.device),
+    }
+
+
+def plot_losses(log_path: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    stages: list[str] = []
+    for r in rows:
+        if r["stage"] not in stages:
+            stages.append(r["stage"])
+    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.2), squeeze=False)
+    for ax, st in zip(axes[0], stages, strict=True):
+        sr = [r for r in rows if r["stage"] == st]
+        for term in ("loss",) + TERMS:
+            ys = [r[term] for r in sr if term in r]
+            if ys:
+                ax.plot([r["step"] for r in sr if term in r], ys, label=term, lw=1)
+        ax.set_title(st)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,164 @@
+"""Shared fixtures: a small ShapesVQA set, tiny models saved with save_pretrained, tiny recipes.
+
+Everything is built from configs in temporary folders; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_VISION = {
+    "hidden_size": 32,
+    "num_layers": 1,
+    "num_heads": 2,
+    "intermediate_size": 64,
+    "patch_size": 8,
+    "image_size": 16,
+}
+
+
+def tiny_recipe_dict(data_root: str, output_dir: str) -> dict:
+    """A recipe small enough to run end to end in seconds."""
+    return {
+        "run": {"name": "test", "output_dir": output_dir, "seed": 0, "checkpoint_every": 2},
+        "data": {
+            "root": data_root,
+            "max_length": 64,
+            "shapes": {"seed": 0, "n_train": 32, "n_eval": 8, "image_size": 16, "questions_per_image": 2},
+            "pretrain": {"path": "pretrain.json", "images": "images"},
+            "instruct": {"path": "instruct.json", "images": "images"},
+            "eval": {"path": "eval.json", "images": "images"},
+        },
+        "teacher": {
+            "tiny": {
+                "hidden_size": 32,
+                "num_layers": 2,
+                "num_heads": 2,
+                "num_kv_heads": 1,
+                "intermediate_size": 64,
+                "vision": dict(TINY_VISION),
+            },
+            "stages": [
+                {
+                    "name": "pt",
+                    "kind": "pt",
+                    "trainable": ["vision", "projector", "llm"],
+                    "lr": 3e-3,
+                    "max_steps": 3,
+                    "batch_size": 8,
+                },
+                {
+                    "name": "sft",
+                    "kind": "sft",
+                    "trainable": ["vision", "projector", "llm"],
+                    "lr": 3e-3,
+                    "max_steps": 3,
+                    "batch_size": 8,
+                },
+            ],
+        },
+        "student": {
+            "tiny": {
+                "hidden_size": 16,
+                "num_layers": 1,
+                "num_heads": 2,
+                "num_kv_heads": 1,
+                "intermediate_size": 32,
+                "vision": "teacher",
+            }
+        },
+        "stages": [
+            {
+                "name": "dpt",
+                "kind": "dpt",
+                "trainable": ["projector", "llm"],
+                "lr": 3e-3,
+                "max_steps": 3,
+                "batch_size": 8,
+            },
+            {"name": "sft", "kind": "sft", "lr": 3e-3, "max_steps": 3, "batch_size": 8},
+            {"name": "dft", "kind": "dft", "lr": 3e-3, "max_steps": 4, "batch_size": 8, "grad_accum": 2},
+        ],
+        "eval": {"max_new_tokens": 3, "batch_size": 16},
+    }
+
+
+@pytest.fixture
+def recipe_dict(tmp_path):
+    return copy.deepcopy(tiny_recipe_dict(str(tmp_path / "data"), str(tmp_path / "run")))
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    from lsd_edge.data.shapes import generate
+
+    out = tmp_path_factory.mktemp("shapes")
+    generate(out, seed=0, n_train=32, n_eval=8, image_size=16, questions_per_image=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def processor(shapes_dir):
+    from lsd_edge.config import VisionSize
+    from lsd_edge.data.shapes import vocabulary
+    from lsd_edge.models import build_tiny_processor
+
+    return build_tiny_processor(VisionSize(**TINY_VISION), vocabulary())
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(processor):
+    from lsd_edge.config import TinyConfig
+    from lsd_edge.models import build_tiny_model
+
+    cfg = TinyConfig(
+        hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, vision=TINY_VISION
+    )
+    return build_tiny_model(cfg, processor, seed=0).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_student(processor, tiny_teacher):
+    from lsd_edge.config import TinyConfig
+    from lsd_edge.models import build_tiny_model
+
+    cfg = TinyConfig(
+        hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32, vision="teacher"
+    )
+    return build_tiny_model(cfg, processor, vision_from=tiny_teacher, seed=1)
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, tiny_teacher, processor) -> Path:
+    from lsd_edge.models import save_model
+
+    out = tmp_path_factory.mktemp("teacher")
+    save_model(tiny_teacher, processor, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def student_dir(tmp_path_factory, tiny_student, processor) -> Path:
+    from lsd_edge.models import save_model
+
+    out = tmp_path_factory.mktemp("student")
+    save_model(tiny_student, processor, out)
+    return out
