@@ -216,7 +216,7 @@ def generate(
                     "id": f"cap-{i:06d}",
                     "image": name,
                     "conversations": [
-                        _turn("human", f"{CAPTION_PROMPT}\n<image>"),
+                        _turn("human", f"<image>\n{CAPTION_PROMPT}"),
                         _turn("gpt", caption(scene)),
                     ],
                     "scene": meta,
@@ -227,7 +227,7 @@ def generate(
                     {
                         "id": f"qa-{i:06d}-{k}",
                         "image": name,
-                        "conversations": [_turn("human", f"{q}\n<image>"), _turn("gpt", a)],
+                        "conversations": [_turn("human", f"<image>\n{q}"), _turn("gpt", a)],
                         "type": qtype,
                         "scene": meta,
                     }
@@ -239,7 +239,7 @@ def generate(
                 {
                     "id": f"eval-{i:06d}",
                     "image": name,
-                    "conversations": [_turn("human", f"{q}\n<image>"), _turn("gpt", a)],
+                    "conversations": [_turn("human", f"<image>\n{q}"), _turn("gpt", a)],
                     "type": qtype,
                     "scene": meta,
                 }

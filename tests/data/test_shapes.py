@@ -88,7 +88,7 @@ def read_scene(img: Image.Image) -> dict[int, tuple[str, str]]:
 
 
 def answer_from_pixels(question: str, seen: dict[int, tuple[str, str]]) -> str:
-    q = question.replace(" ?", "").replace("\n<image>", "")
+    q = question.replace(" ?", "").replace("<image>\n", "")
     for cell, pos in enumerate(POSITIONS):
         if q == f"what color is the shape in the {pos}":
             return seen[cell][0]

@@ -1,0 +1,115 @@
+"""Generation pieces that need no torch: the result record, token sampling, streaming detokenization.
+
+Both runners (PyTorch and ONNX Runtime) use these, so greedy and sampled decoding behave the same
+whichever backend runs the model. Only numpy here: the ONNX runner must work where torch cannot be
+imported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Generation:
+    """One answer and how long it took."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    ttft_s: float  # call -> first new token: image preprocessing, vision encoder, prefill, first pick
+    total_s: float
+    stopped: str = "length"  # "stop" (a stop token) or "length" (max_new_tokens)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first, per second of decoding (prefill excluded)."""
+        n = self.new_tokens - 1
+        dt = self.total_s - self.ttft_s
+        return n / dt if n > 0 and dt > 0 else 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.ttft_s if self.ttft_s > 0 else 0.0
+
+    @property
+    def e2e_tokens_per_s(self) -> float:
+        return self.new_tokens / self.total_s if self.total_s > 0 else 0.0
+
+
+@dataclass
+class SamplingParams:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+def pick_token(
+    logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, vocab_rows: int | None = None
+) -> int:
+    """Next token from one row of logits (V,): argmax, or a draw after temperature, top-k, top-p.
+
+    Rows past `vocab_rows` (padded embedding rows) are never chosen.
+    """
+    x = np.asarray(logits, dtype=np.float64)
+    if vocab_rows is not None:
+        x = x[:vocab_rows]
+    if not params.do_sample or params.temperature <= 0:
+        return int(np.argmax(x))
+    x = x / params.temperature
+    if params.top_k and params.top_k < x.shape[0]:
+        kth = np.partition(x, -params.top_k)[-params.top_k]
+        x = np.where(x < kth, -np.inf, x)
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-p)
+        cum = np.cumsum(p[order])
+        keep = cum - p[order] < params.top_p  # the smallest set whose mass reaches top_p
+        mask = np.zeros_like(p, dtype=bool)
+        mask[order[keep]] = True
+        p = np.where(mask, p, 0.0)
+        p /= p.sum()
+    return int(rng.choice(p.shape[0], p=p))
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text increments for streaming.
+
+    Decodes the whole answer each time and emits what is new, holding back a trailing replacement
+    character (a multi-byte character cut between tokens) until it is complete.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], on_text: Callable[[str], None] | None):
+        self.decode = decode
+        self.on_text = on_text
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def push(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        if self.on_text is None:
+            return
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        if text.startswith(self.sent):
+            delta = text[len(self.sent) :]
+        else:  # the tokenizer re-spaced earlier text; send the whole answer again
+            delta = text
+        if delta:
+            self.sent = text
+            self.on_text(delta)
+
+    def text(self) -> str:
+        return self.decode(self.ids)
