@@ -592,23 +592,26 @@ class Run:
     # -- evaluation
 
     def eval_split(self, model, processor, label: str) -> dict[str, Any]:
-        from lsd_edge.evaluate import evaluate
+        from lsd_edge.data.llava import BadSampleLog
+        from lsd_edge.evaluate import greedy_answers, load_eval_items, score
 
         if self.recipe.data.eval is None:
             return {}
         path, images = self.recipe.data.resolve(self.recipe.data.eval)
         ev = self.recipe.eval
-        self.reporter.task(f"eval {label}", 1)
-        result = evaluate(
-            model,
-            processor,
-            path,
-            images,
-            max_samples=ev.max_samples,
-            max_new_tokens=ev.max_new_tokens,
-            batch_size=ev.batch_size,
-        )
-        self.reporter.advance(1, f"accuracy {result.accuracy:.3f}")
+        log = BadSampleLog()
+        items = load_eval_items(path, images, processor, ev.max_samples, log)
+        self.reporter.task(f"eval {label}", len(items))
+        done = [0]
+
+        def tick(n: int, total: int) -> None:
+            self.reporter.advance(n - done[0])
+            done[0] = n
+
+        answers = greedy_answers(model, processor, items, ev.max_new_tokens, ev.batch_size, tick)
+        result = score(items, answers)
+        result.bad_samples = log.as_dict()
+        self.reporter.advance(0, f"accuracy {result.accuracy:.3f}")
         self.reporter.done()
         return result.as_dict()
 
