@@ -162,3 +162,25 @@ def student_dir(tmp_path_factory, tiny_student, processor) -> Path:
     out = tmp_path_factory.mktemp("student")
     save_model(tiny_student, processor, out)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: skipped on machines without it."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def standins(tmp_path_factory) -> dict[str, Path]:
+    """Real-shaped tiny teacher, tied and untied student LLMs and LLaVA-layout data (tests/realshape.py)."""
+    from lsd_edge.data.shapes import generate
+
+    from .realshape import IMAGE_SIZE, build_standins
+
+    tmp = tmp_path_factory.mktemp("standins")
+    generate(tmp / "shapes", seed=0, n_train=24, n_eval=8, image_size=IMAGE_SIZE, questions_per_image=2)
+    return build_standins(tmp, tmp / "shapes")
