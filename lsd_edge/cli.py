@@ -177,7 +177,9 @@ def memory(
             "--measure", help="Also run steps on random weights at the recipe's sizes and measure them."
         ),
     ] = False,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Steps to run; the last is measured.")] = 3,
+    steps: Annotated[
+        int, typer.Option("--steps", min=2, help="Steps to run; the last is measured (the others warm up).")
+    ] = 3,
     seq_len: Annotated[
         int | None, typer.Option("--seq-len", min=8, help="Tokens per sample (default data.max_length).")
     ] = None,

@@ -27,8 +27,8 @@ GIB = 2**30
 
 
 @dataclass(frozen=True)
-class LLMShape:
-    """What the estimate needs from one model (a LlavaConfig + its parameter counts)."""
+class ModelShape:
+    """What the estimate needs from one LLaVA model: its LLM's sizes and its parameter counts."""
 
     params: dict[str, int]  # per group (vision, projector, llm) and total, tied weights once
     hidden: int
@@ -39,7 +39,7 @@ class LLMShape:
     image_tokens: int
 
     @staticmethod
-    def of(config) -> LLMShape:
+    def of(config) -> ModelShape:
         from lsd_edge.models import count_params
 
         t = config.text_config
@@ -48,7 +48,7 @@ class LLMShape:
 
             model = LlavaForConditionalGeneration(config)
         head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
-        return LLMShape(
+        return ModelShape(
             params=count_params(model),
             hidden=t.hidden_size,
             kv_hidden=(t.num_key_value_heads or t.num_attention_heads) * head_dim,
@@ -104,7 +104,7 @@ class StepMemory:
         return {**asdict(self), "total": self.total}
 
 
-def layer_activation_bytes(s: LLMShape, autocast: bool) -> int:
+def layer_activation_bytes(s: ModelShape, autocast: bool) -> int:
     """Bytes a Qwen2/Llama decoder layer keeps for backward, per token.
 
     Residual stream and RMSNorm internals stay fp32 (input, normalised value: 2 per norm). Under
@@ -120,7 +120,7 @@ def layer_activation_bytes(s: LLMShape, autocast: bool) -> int:
     return 4 * (11 * D + 4 * K + 4 * F)
 
 
-def activation_bytes(s: LLMShape, tokens: int, autocast: bool, checkpointing: bool) -> int:
+def activation_bytes(s: ModelShape, tokens: int, autocast: bool, checkpointing: bool) -> int:
     """Saved activations of the student's LLM for `tokens` tokens in one micro-batch.
 
     With checkpointing, each layer keeps its fp32 input and one layer at a time is recomputed.
@@ -156,8 +156,8 @@ def logits_bytes(
 
 
 def estimate_step(
-    student: LLMShape,
-    teacher: LLMShape | None,
+    student: ModelShape,
+    teacher: ModelShape | None,
     stage: StageConfig,
     *,
     seq_len: int,
@@ -282,7 +282,7 @@ def estimate_recipe(
     from lsd_edge.models import torch_dtype
 
     t_cfg, s_cfg = recipe_configs(recipe)
-    teacher, student = LLMShape.of(t_cfg), LLMShape.of(s_cfg)
+    teacher, student = ModelShape.of(t_cfg), ModelShape.of(s_cfg)
     device = device or estimate_device(recipe)
     return [
         estimate_step(
@@ -408,7 +408,7 @@ def _cpu_peak(fn) -> int:
 
 
 def step_flops(
-    student: LLMShape, teacher: LLMShape | None, stage: StageConfig, tokens: int, seq_len: int
+    student: ModelShape, teacher: ModelShape | None, stage: StageConfig, tokens: int, seq_len: int
 ) -> float:
     """Model FLOPs of one step (PaLM's count: 2N per token forward, twice that backward, plus
     attention 4*L*D*T per token forward); the frozen LLM of a projector-only stage still computes
@@ -431,9 +431,10 @@ def measure_step(
     steps: int = 2,
     peak_tflops: float | None = None,
 ) -> StepMeasurement:
-    """Run `steps` optimizer steps of `stage` on random-weight models built from the recipe's configs
-    and synthetic worst-case batches; the last step is measured (earlier ones warm up, make the
-    optimizer states and, with torch.compile, compile)."""
+    """Run `steps` (at least 2) optimizer steps of `stage` on random-weight models built from the
+    recipe's configs and synthetic worst-case batches; the last one is measured (earlier ones warm
+    up, make the optimizer states and, with torch.compile, compile). On CPU the last step is timed
+    and one more runs under the profiler, whose bookkeeping would distort the time."""
     from lsd_edge.models import compile_layers, set_activation_checkpointing, set_trainable, torch_dtype
     from lsd_edge.train import Counts, LatentProjector, autocast, loss_terms, weighted_total
 
@@ -473,7 +474,7 @@ def measure_step(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(max(0, steps - 1)):
+    for _ in range(max(1, steps - 1)):  # at least one: AdamW makes its states in the first step
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -490,7 +491,7 @@ def measure_step(
         start = live_bytes(student, teacher, optimizer, latent)
         peak = start + _cpu_peak(step)
     tokens = counts.tokens
-    tflops = step_flops(LLMShape.of(s_cfg), LLMShape.of(t_cfg), stage, tokens, T) / seconds / 1e12
+    tflops = step_flops(ModelShape.of(s_cfg), ModelShape.of(t_cfg), stage, tokens, T) / seconds / 1e12
     peak_tflops = peak_tflops or device_peak_tflops(device)
     return StepMeasurement(
         stage=stage.name,

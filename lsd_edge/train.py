@@ -784,11 +784,15 @@ class Run:
             model, processor = load_llava(
                 spec.path, what="student.path", device="cpu", trust_remote_code=spec.trust_remote_code
             )
-        model = model.float().to(self.device)
         check_tokenizers(self.processor.tokenizer, processor.tokenizer)
+        self.student, self.student_processor = self.trainable_student(model), processor
+
+    def trainable_student(self, model):
+        """The student as stages train it: fp32 weights on the run's device, compiled if asked."""
+        model = model.float().to(self.device)
         if self.recipe.run.compile:
             compile_layers(model)
-        self.student, self.student_processor = model, processor
+        return model
 
     def save(
         self, folder: Path, model, processor, metrics, extra=None, state_dir: Path | None = None
@@ -941,7 +945,7 @@ def distill(
                 )
             reporter.message(f"stage {stage.name}: done before, loading {folder}")
             model, _ = load_llava(str(folder), what=f"stage {stage.name}", device=str(device))
-            model = model.float()
+            model = run.trainable_student(model)
             stage_reports.append(read_json(folder / "metrics.json"))
             continue
         job = run._job(stage.name, stage, i, model, processor, run.teacher, paths.state(stage.name))

@@ -83,13 +83,16 @@ def _padded(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-def qwen2_config(vocab: int, hidden: int, layers: int, heads: int, kv: int, tied: bool):
+def qwen2_config(
+    vocab: int, hidden: int, layers: int, heads: int, kv: int, tied: bool, intermediate: int | None = None
+):
     from transformers import Qwen2Config
 
     return Qwen2Config(
         vocab_size=vocab,
+        # Qwen's MLPs are not a round multiple of the width
+        intermediate_size=intermediate or hidden * 2 + 8,
         hidden_size=hidden,
-        intermediate_size=hidden * 2 + 8,  # Qwen's MLPs are not a round multiple of the width
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv,
@@ -101,31 +104,45 @@ def qwen2_config(vocab: int, hidden: int, layers: int, heads: int, kv: int, tied
     )
 
 
-def build_teacher(out: Path, teacher_tok, seed: int = 0) -> Path:
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, SiglipVisionConfig
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+def siglip_config(hidden: int, intermediate: int, layers: int, heads: int, image_size: int):
+    from transformers import SiglipVisionConfig
 
-    vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
+    return SiglipVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=image_size,
         patch_size=PATCH,
         hidden_act="gelu_pytorch_tanh",
         vision_use_head=False,
     )
-    n_img = (IMAGE_SIZE // PATCH) ** 2
-    text = qwen2_config(_padded(len(teacher_tok), 64) + 64, 48, 2, 4, 2, tied=False)
-    config = LlavaConfig(
+
+
+def llava_config(vision, text, image_token: int, layer: int = -2):
+    """A LLaVA with 'full' feature selection (SigLIP has no CLS token to drop)."""
+    from transformers import LlavaConfig
+
+    return LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=teacher_tok.convert_tokens_to_ids("<image>"),
-        image_seq_length=n_img,
-        vision_feature_layer=-2,
+        image_token_index=image_token,
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+        vision_feature_layer=layer,
         vision_feature_select_strategy="full",
         projector_hidden_act="gelu",
-        tie_word_embeddings=False,
+        tie_word_embeddings=text.tie_word_embeddings,
+    )
+
+
+def build_teacher(out: Path, teacher_tok, seed: int = 0) -> Path:
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    config = llava_config(
+        siglip_config(32, 48, 3, 2, IMAGE_SIZE),
+        qwen2_config(_padded(len(teacher_tok), 64) + 64, 48, 2, 4, 2, tied=False),
+        teacher_tok.convert_tokens_to_ids("<image>"),
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
@@ -211,45 +228,30 @@ def build_standins(tmp: Path, shapes: Path) -> dict[str, Path]:
 # The published config.json values of the real checkpoints the shipped recipes name (sizes only):
 # enough for `lsd_edge.memory` to estimate them offline, on the meta device.
 def write_real_configs(out: Path) -> dict[str, Path]:
-    from transformers import LlavaConfig, Qwen2Config, SiglipVisionConfig
-
-    teacher = LlavaConfig(  # llava-hf/llava-interleave-qwen-7b-hf
-        vision_config=SiglipVisionConfig(
-            hidden_size=1152,
-            intermediate_size=4304,
-            num_hidden_layers=26,
-            num_attention_heads=16,
-            image_size=384,
-            patch_size=14,
-            hidden_act="gelu_pytorch_tanh",
-            vision_use_head=False,
+    configs = {
+        # llava-hf/llava-interleave-qwen-7b-hf: SigLIP-so400m (26 of 27 layers) + Qwen1.5-7B-Chat
+        "llava-interleave-qwen-7b-hf": llava_config(
+            siglip_config(1152, 4304, 26, 16, 384),
+            qwen2_config(152000, 4096, 32, 32, 32, tied=False, intermediate=11008),
+            image_token=151646,
+            layer=-1,
         ),
-        text_config=Qwen2Config(  # Qwen/Qwen1.5-7B-Chat
-            vocab_size=152000,
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            tie_word_embeddings=False,
-        ),
-        image_token_index=151646,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        tie_word_embeddings=False,
-    )
-    qwen = dict(vocab_size=151936, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16)
-    llms = {
-        "Qwen1.5-0.5B-Chat": Qwen2Config(
-            hidden_size=1024, intermediate_size=2816, tie_word_embeddings=True, **qwen
-        ),
-        "Qwen1.5-1.8B-Chat": Qwen2Config(
-            hidden_size=2048, intermediate_size=5504, tie_word_embeddings=False, **qwen
-        ),
+        "Qwen1.5-0.5B-Chat": qwen2_config(151936, 1024, 24, 16, 16, tied=True, intermediate=2816),
+        "Qwen1.5-1.8B-Chat": qwen2_config(151936, 2048, 24, 16, 16, tied=False, intermediate=5504),
     }
-    paths = {"llava-interleave-qwen-7b-hf": out / "llava-interleave-qwen-7b-hf"}
-    teacher.save_pretrained(paths["llava-interleave-qwen-7b-hf"])
-    for name, cfg in llms.items():
-        paths[name] = out / name
-        cfg.save_pretrained(paths[name])
-    return paths
+    for name, cfg in configs.items():
+        cfg.save_pretrained(out / name)
+    return {name: out / name for name in configs}
+
+
+def write_small_configs(out: Path, student_hidden: int, teacher_hidden: int, vocab: int) -> Path:
+    """Config-only folders shaped like the real recipes' models at small sizes: `teacher` (SigLIP/14 at
+    98 px: 49 visual tokens; untied Qwen2 text with 64 more rows) and `llm` (a tied Qwen2)."""
+    th, sh = teacher_hidden, student_hidden
+    llava_config(
+        siglip_config(64, 128, 2, 2, 98),
+        qwen2_config(vocab + 64, th, 3, 4, 2, tied=False, intermediate=int(th * 2.7)),
+        image_token=vocab - 1,
+    ).save_pretrained(out / "teacher")
+    qwen2_config(vocab, sh, 3, 4, 4, tied=True, intermediate=int(sh * 2.75)).save_pretrained(out / "llm")
+    return out
