@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
@@ -96,6 +97,13 @@ def _tree(label: str, data: Any, tree: Tree | None = None) -> Tree:
 def validate(
     recipe: Annotated[Path, typer.Argument(help="A TOML recipe.")],
     set_: SetOpt = None,
+    memory: Annotated[
+        bool,
+        typer.Option(
+            "--memory/--no-memory",
+            help="Estimate each stage's peak memory per process (reads the models' config.json only).",
+        ),
+    ] = True,
 ) -> None:
     """Check a recipe and print it resolved (defaults filled in), or every problem in it."""
     from lsd_edge.config import load_recipe
@@ -105,6 +113,128 @@ def validate(
     out.print(
         f"[green]{recipe}: valid[/green] ({len(r.stages)} stages: {' -> '.join(s.name for s in r.stages)})"
     )
+    if memory:
+        from lsd_edge.memory import estimate_recipe
+
+        try:
+            rows = estimate_recipe(r)
+        except LsdEdgeError as e:  # the recipe is valid; only its models' configs are out of reach
+            out.print(f"[yellow]memory estimate unavailable: {e}[/yellow]")
+        else:
+            out.print(memory_table(rows))
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def memory_table(rows) -> Table:
+    first = rows[0]
+    unit, size = ("GiB", 2**30) if max(m.total for m in rows) >= 2**30 else ("MiB", 2**20)
+    where = "CUDA, bf16 autocast" if first.device == "cuda" else "CPU, fp32"
+    t = Table(
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        title=f"estimated peak memory per process, {unit} ({where})",
+        caption=f"stud/teach: weights; t.fwd: the teacher's forward. Worst case: every sample "
+        f"{first.seq_len} tokens, one image, all other tokens answers. *: activation checkpointing",
+    )
+    cols = {
+        "stud": "student_weights",
+        "grads": "gradients",
+        "adamw": "optimizer",
+        "teach": "teacher_weights",
+        "activ": "activations",
+        "logit": "logits",
+        "t.fwd": "teacher_forward",
+    }
+    t.add_column("stage")
+    t.add_column("batch", justify="right")
+    for c in list(cols) + ["total"]:
+        t.add_column(c, justify="right")
+    for m in rows:
+        t.add_row(
+            m.stage + ("*" if m.checkpointing else ""),
+            str(m.batch_size),
+            *(f"{getattr(m, f) / size:.2f}" for f in cols.values()),
+            f"[bold]{m.total / size:.2f}",
+        )
+    return t
+
+
+@app.command()
+def memory(
+    recipe: Annotated[Path, typer.Argument(help="A TOML recipe.")],
+    stage: Annotated[
+        str | None, typer.Option("--stage", help="Stage to measure (default: the last distilling one).")
+    ] = None,
+    measure: Annotated[
+        bool,
+        typer.Option(
+            "--measure", help="Also run steps on random weights at the recipe's sizes and measure them."
+        ),
+    ] = False,
+    steps: Annotated[
+        int, typer.Option("--steps", min=2, help="Steps to run; the last is measured (the others warm up).")
+    ] = 3,
+    seq_len: Annotated[
+        int | None, typer.Option("--seq-len", min=8, help="Tokens per sample (default data.max_length).")
+    ] = None,
+    peak_tflops: Annotated[
+        float | None,
+        typer.Option(
+            "--peak-tflops", help="The GPU's peak bf16 dense TFLOPS for MFU (known GPUs: automatic)."
+        ),
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Estimate each stage's peak memory; with --measure, measure one stage's step on random weights
+    (peak memory, step time, tokens/s, MFU) on the recipe's device."""
+    from lsd_edge.config import load_recipe
+    from lsd_edge.distributed import resolve_device
+    from lsd_edge.memory import estimate_recipe, measure_step
+
+    r = load_recipe(recipe, set_ or [])
+    device = resolve_device(r.run.device)
+    rows = estimate_recipe(r, seq_len=seq_len, device=device.type)
+    out.print(memory_table(rows))
+    result: dict[str, Any] = {"estimate": [m.as_dict() for m in rows]}
+    if measure:
+        names = [s.name for s in r.stages]
+        if stage is None:
+            distilling = [s for s in r.stages if s.distills]
+            chosen = (distilling or r.stages)[-1]
+        elif stage in names:
+            chosen = r.stages[names.index(stage)]
+        else:
+            raise LsdEdgeError(f"--stage {stage}: the recipe has no such stage; it has {', '.join(names)}")
+        est = rows[r.stages.index(chosen)]
+        m = measure_step(r, chosen, device=device, seq_len=seq_len, steps=steps, peak_tflops=peak_tflops)
+        t = Table(
+            title=f"measured: stage {chosen.name}, {m.device}, random weights, synthetic worst-case batches"
+        )
+        for col in ("peak memory", "estimate", "estimate / measured", "step", "tokens/s", "TFLOPS", "MFU"):
+            t.add_column(col, justify="right")
+        t.add_row(
+            fmt_bytes(m.peak_bytes),
+            fmt_bytes(est.total),
+            f"{est.total / m.peak_bytes:.2f}",
+            f"{m.step_seconds:.3f} s",
+            f"{m.tokens_per_s:,.0f}",
+            f"{m.tflops:.2f}",
+            "n/a" if m.mfu is None else f"{100 * m.mfu:.1f}%",
+        )
+        out.print(t)
+        result["measured"] = m.as_dict()
+    if json_out:
+        from lsd_edge.checkpoint import write_json
+
+        write_json(json_out, result)
+        out.print(f"wrote {json_out}")
 
 
 @data_app.command("shapes")
@@ -176,7 +306,8 @@ def distill(
         raise LsdEdgeError("--resume and --restart contradict each other; pick one")
     r = load_recipe(recipe, set_ or [])
     report = run_distill(r, DistillOptions(resume=resume, restart=restart), _reporter())
-    print_report(report)
+    if report:  # empty on every process but rank 0 of a multi-process launch
+        print_report(report)
 
 
 def print_report(report: dict[str, Any]) -> None:
