@@ -112,8 +112,9 @@ class ExportSettings:
                     values["note"] = (
                         f"the recipe's eval data {path} is not here; pass --data to compare accuracy"
                     )
-        if overrides.get("data") is not None:
+        if overrides.get("data") is not None:  # the user's data: neither the recipe's images nor its note
             values.pop("note", None)
+            values.pop("images", None)
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
         if settings.quantize not in VARIANT_OF:
@@ -303,6 +304,17 @@ def _trace(module, args, names_in, names_out, dynamic_shapes, path: Path, opset:
         node.doc_string = None
     prog.model.producer_name = "lsd-edge"
     onnx_ir.save(prog.model, str(path), external_data=f"{path.name}_data" if external else None)
+    _drop_value_info(path)
+
+
+def _drop_value_info(path: Path) -> None:
+    """Remove the shapes of intermediate values: ONNX Runtime infers them at load, and on small models
+    they are a tenth of the file. The weights (inline or in <file>_data) are not touched."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    del model.graph.value_info[:]
+    onnx.save_model(model, str(path))
 
 
 @dataclass
@@ -384,6 +396,7 @@ def _is_external(path: Path) -> bool:
 def _save_proto(model, path: Path, external: bool) -> None:
     import onnx
 
+    del model.graph.value_info[:]  # as _drop_value_info: ONNX Runtime infers them
     for p in (path, path.parent / f"{path.name}_data"):
         p.unlink(missing_ok=True)
     if external:

@@ -399,7 +399,6 @@ class OnnxRunner:
         feats = self.sessions["vision_encoder"].get_outputs()[0]
         k = feats.shape[1]
         self.n_image_tokens = int(k) if isinstance(k, int) else int(self.config.get("image_seq_length", 0))
-        self.hidden_size = int(inputs["inputs_embeds"].shape[2])
 
     def _stop_ids(self) -> set[int]:
         tok = self.prompts.tokenizer

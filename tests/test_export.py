@@ -245,6 +245,21 @@ def test_settings_come_from_the_recipe(tmp_path, onnx_student_dir, recipe_dict):
         ExportSettings.from_model_dir(folder, quantize="int3")
 
 
+def test_settings_use_the_recipes_eval_data_when_it_is_there(
+    tmp_path, onnx_student_dir, recipe_dict, shapes_dir
+):
+    from lsd_edge.config import parse_recipe
+
+    folder = tmp_path / "student"
+    shutil.copytree(onnx_student_dir, folder)
+    recipe_dict["data"]["root"] = str(shapes_dir)
+    (folder / "recipe.toml").write_text(parse_recipe(recipe_dict).to_toml())
+    s = ExportSettings.from_model_dir(folder)
+    assert (s.data, s.images, s.note) == (shapes_dir / "eval.json", shapes_dir / "images", None)
+    s = ExportSettings.from_model_dir(folder, data=tmp_path / "mine.json")
+    assert s.data == tmp_path / "mine.json" and s.images is None  # not the recipe's image folder
+
+
 def _fake_run(root: Path, name: str, student_src: Path) -> Path:
     run_dir = root / name
     shutil.copytree(student_src, run_dir / "student")
@@ -310,3 +325,65 @@ def test_cli_bad_input_is_one_red_line(tmp_path, monkeypatch, capsys, onnx_stude
     code, _, err = run(monkeypatch, capsys, *args)
     assert code == 1
     assert needle in _one_red_line(err)
+
+
+@pytest.mark.slow
+def test_llava15_style_model_exports(tmp_path, processor, shapes_dir):
+    """CLIP vision (CLS dropped, second-to-last layer, shortest-edge resize + center crop) and a Llama LLM."""
+    from PIL import Image
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from lsd_edge.models import num_image_tokens, save_model
+    from lsd_edge.onnx_runner import OnnxRunner
+
+    ip = CLIPImageProcessorPil(
+        size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, do_center_crop=True
+    )
+    proc = LlavaProcessor(
+        image_processor=ip,
+        tokenizer=processor.tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=processor.chat_template,
+        image_token="<image>",
+    )
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(proc.tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        image_token_index=proc.image_token_id,
+        image_seq_length=num_image_tokens(proc),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    save_model(LlavaForConditionalGeneration(cfg), proc, tmp_path / "llava15")
+    r = export(tmp_path / "llava15", tmp_path / "onnx", onnx_settings(shapes_dir))
+    assert r.report["gate"]["passed"] and r.report["parity"]["variants"]["fp32"]["vision_max_rel_diff"] < 1e-5
+    runner = OnnxRunner(r.output)
+    rng = np.random.default_rng(0)
+    for shape in [(37, 53, 3), (64, 20, 3), (10, 12, 3)]:  # wide, tall, upscaled
+        im = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+        want = proc.image_processor(images=[im], return_tensors="pt")["pixel_values"].numpy()
+        assert np.array_equal(runner.pixel_values(im), want)
