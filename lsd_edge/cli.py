@@ -422,6 +422,98 @@ def ablate(
         out.print(f"wrote {json_out}")
 
 
+@app.command("export")
+def export_(
+    model_dir: Annotated[
+        Path | None,
+        typer.Argument(help="A model folder (default: the student of the most recent run under runs/)."),
+    ] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Add int8 graphs (*_int8.onnx).")] = False,
+    int4: Annotated[bool, typer.Option("--int4", help="Add 4-bit weight-only graphs (*_q4.onnx).")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Add float16 graphs (*_fp16.onnx).")] = False,
+    fp32: Annotated[bool, typer.Option("--fp32", help="Write the fp32 graphs only.")] = False,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--target", help="cpu (dynamic int8) or cuda (MatMulNBits); default: the recipe's export.target."
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Export folder (default <run>/onnx, or <MODEL_DIR>-onnx).")
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="LLaVA-format eval JSON for the parity gate (default: the recipe's)."),
+    ] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="Image folder of --data.")] = None,
+    samples: Annotated[
+        int | None, typer.Option("--samples", min=1, help="Questions for the logit and greedy-token checks.")
+    ] = None,
+    eval_samples: Annotated[
+        int | None, typer.Option("--eval-samples", min=1, help="Questions for the accuracy comparison.")
+    ] = None,
+    opset: Annotated[int | None, typer.Option("--opset", min=17, max=23, help="ONNX opset.")] = None,
+) -> None:
+    """Export a student to ONNX (three graphs + a quantized variant), check parity with PyTorch, report sizes and speed."""
+    from lsd_edge.export import export
+
+    chosen = [name for name, on in (("int8", int8), ("int4", int4), ("fp16", fp16), ("none", fp32)) if on]
+    if len(chosen) > 1:
+        raise LsdEdgeError("pick one of --int8, --int4, --fp16, --fp32")
+    if target is not None and target not in ("cpu", "cuda"):
+        raise LsdEdgeError(f"--target {target}: choose cpu or cuda")
+    overrides = {
+        "quantize": chosen[0] if chosen else None,
+        "target": target,
+        "data": data,
+        "images": images,
+        "parity_samples": samples,
+        "eval_samples": eval_samples,
+        "opset": opset,
+    }
+    result = export(model_dir, output, overrides, _reporter())
+    print_export_report(result.report)
+
+
+def print_export_report(report: dict[str, Any]) -> None:
+    sizes = report["sizes_mb"]
+    variants = report["variants"]
+    latest = " (the most recent run's student)" if report["picked_latest_run"] else ""
+    out.print(f"model: {report['model_dir']}{latest}")
+    t = Table(title=f"lsd-edge export: {report['output']}")
+    t.add_column("graph")
+    for v in variants:
+        t.add_column(f"{v} MB", justify="right")
+    for g in ("vision_encoder", "embed_tokens", "decoder_model_merged", "total"):
+        cells = [f"{sizes[v][g]:.3f}" for v in variants]
+        if len(variants) > 1:
+            cells[-1] += f" ({100 * report['size_ratio'][g]:.0f}%)"
+        t.add_row(f"[bold]{g}" if g == "total" else g, *cells)
+    out.print(t)
+    p = report["parity"]
+
+    def acc(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    out.print(
+        f"parity on {p['variants']['fp32']['samples']} samples ({p['source']}): fp32 logits max rel diff "
+        f"{p['max_rel_logit_diff']:.1e}, greedy agreement {100 * p['greedy_agreement']:.0f}%; accuracy PyTorch "
+        f"{acc(p['accuracy_torch'])} vs ONNX {report['default_variant']} {acc(p['accuracy_onnx'])}"
+    )
+    tm = report["timing_s"]
+    line = f"export {tm['export']:.1f}s (trace {tm['trace']:.1f}s, quantize {tm['quantize']:.1f}s)"
+    speed = report.get("speed")
+    if speed:
+        v = report["default_variant"]
+        line += (
+            f"; decode {speed[f'onnx_{v}']['decode_tokens_per_s']:.0f} tok/s ONNX {v} vs "
+            f"{speed['torch']['decode_tokens_per_s']:.0f} tok/s PyTorch ({speed['onnx_vs_torch_decode']:.2f}x) "
+            f"on {speed['machine']}"
+        )
+    out.print(line)
+    out.print(f"[green]parity gate passed[/green]; report: {report['output']}/export_report.json")
+
+
 def main() -> None:
     try:
         app()

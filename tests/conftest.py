@@ -187,3 +187,43 @@ def standins(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("standins")
     generate(tmp / "shapes", seed=0, n_train=24, n_eval=8, image_size=IMAGE_SIZE, questions_per_image=2)
     return build_standins(tmp, tmp / "shapes")
+
+
+@pytest.fixture(scope="session")
+def onnx_student_dir(tmp_path_factory, tiny_teacher, processor) -> Path:
+    """A student wide enough that its weights, not graph structure, dominate the ONNX files' size."""
+    from lsd_edge.config import TinyConfig
+    from lsd_edge.models import build_tiny_model, save_model
+
+    cfg = TinyConfig(
+        hidden_size=96, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256, vision="teacher"
+    )
+    model = build_tiny_model(cfg, processor, vision_from=tiny_teacher, seed=2)
+    out = tmp_path_factory.mktemp("onnx_student")
+    save_model(model, processor, out)
+    return out
+
+
+def onnx_settings(shapes_dir: Path, **kw):
+    """Export settings small enough for tests: few parity samples, a short speed check."""
+    from lsd_edge.export import ExportSettings
+
+    base = dict(
+        quantize="int8",
+        data=shapes_dir / "eval.json",
+        images=shapes_dir / "images",
+        parity_samples=4,
+        max_new_tokens=4,
+        bench_tokens=8,
+        bench_repeats=1,
+    )
+    return ExportSettings(**{**base, **kw})
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(tmp_path_factory, onnx_student_dir, shapes_dir) -> Path:
+    """`onnx_student_dir` exported once (fp32 + int8), shared by the export and runner tests."""
+    from lsd_edge.export import export
+
+    out = tmp_path_factory.mktemp("exports") / "onnx"
+    return export(onnx_student_dir, out, onnx_settings(shapes_dir)).output
