@@ -659,6 +659,87 @@ def print_bench(result) -> None:
         out.print(f"[yellow]{note}[/yellow]")
 
 
+@app.command("demo")
+def demo_(
+    teacher: Annotated[
+        Path | None,
+        typer.Option("--teacher", help="Teacher model folder (default: the latest run's teacher/)."),
+    ] = None,
+    student: Annotated[
+        Path | None,
+        typer.Option(
+            "--student",
+            help="Student model folder or its ONNX export folder (default: the latest run's student/ and onnx/).",
+        ),
+    ] = None,
+    onnx: Annotated[
+        Path | None,
+        typer.Option(
+            "--onnx", help="The student's ONNX export (default: <run>/onnx or <student>-onnx if there)."
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to serve on; 127.0.0.1 keeps the page on this machine.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to serve on.")] = 7860,
+    share: Annotated[
+        bool,
+        typer.Option(
+            "--share", help="Also open a public *.gradio.live link (anyone with it can use the page)."
+        ),
+    ] = False,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    max_new_tokens: Annotated[
+        int,
+        typer.Option("--max-new-tokens", min=1, max=2048, help="The most new tokens a request may ask for."),
+    ] = 64,
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            "--concurrency", min=1, max=64, help="Requests answered at once (each runs both models)."
+        ),
+    ] = 2,
+    queue_size: Annotated[
+        int, typer.Option("--queue-size", min=1, help="Requests that may wait; more are refused.")
+    ] = 64,
+) -> None:
+    """Open the side-by-side page: teacher and student answer the same image and question, streaming."""
+    from demo.app import Limits, build_app, launch
+    from demo.loading import load_models, resolve_paths, shapes_examples
+
+    paths = resolve_paths(teacher, student, onnx)
+    examples = shapes_examples([paths.run, paths.student, paths.teacher])
+    teacher_runner, students = load_models(paths, device, examples, _reporter())
+    limits = Limits(
+        max_new_tokens=max_new_tokens,
+        default_new_tokens=min(24, max_new_tokens),
+        concurrency=concurrency,
+        queue_size=queue_size,
+    )
+    page = build_app(teacher_runner, students, examples, limits, paths.notes)
+    t = Table(title="lsd-edge demo")
+    for col in ("", "backend", "model", "parameters", "peak RSS MiB"):
+        t.add_column(col, justify="right" if col in ("parameters", "peak RSS MiB") else "left")
+    rows = [("teacher", "PyTorch" if teacher_runner.backend == "torch" else "ONNX", teacher_runner)]
+    rows += [("student", b, r) for b, r in students.items()]
+    for column, backend, runner in rows:
+        i = runner.info()
+        params = f"{i['params']:,}" if i.get("params") else "?"
+        t.add_row(column, backend, i["path"], params, f"{i['memory']['peak_rss_mib']:.1f}")
+    out.print(t)
+    for note in paths.notes:
+        out.print(f"[yellow]note: {note}[/yellow]")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        out.print(f"[yellow]serving on {host}: anyone who can reach this machine can use the page[/yellow]")
+    if share:
+        out.print(
+            "[yellow]--share: a public link through gradio.live; anyone with it can use the page[/yellow]"
+        )
+    for url in launch(page, host, port, share):
+        out.print(f"[green]serving the demo on {url}[/green] (Ctrl+C stops it)")
+    page.block_thread()
+
+
 def main() -> None:
     try:
         app()

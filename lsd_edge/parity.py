@@ -137,7 +137,7 @@ def compare(
 
 
 def onnx_accuracy(runner: OnnxRunner, items: list[ParityItem], max_new_tokens: int) -> float:
-    from lsd_edge.evaluate import normalize_answer
+    from lsd_edge.textgen import normalize_answer
 
     right = 0
     for it in items:
@@ -148,7 +148,8 @@ def onnx_accuracy(runner: OnnxRunner, items: list[ParityItem], max_new_tokens: i
 
 def torch_accuracy(model, processor, items: list[ParityItem], max_new_tokens: int) -> float:
     """Exact match of PyTorch's batched greedy answers: the number `lsd-edge eval` and distill report."""
-    from lsd_edge.evaluate import EvalItem, greedy_answers, normalize_answer
+    from lsd_edge.evaluate import EvalItem, greedy_answers
+    from lsd_edge.textgen import normalize_answer
 
     evs = [EvalItem(str(i), it.type, it.ids, it.images, it.answer or "") for i, it in enumerate(items)]
     answers = greedy_answers(model, processor, evs, max_new_tokens=max_new_tokens)
@@ -160,15 +161,23 @@ def torch_accuracy(model, processor, items: list[ParityItem], max_new_tokens: in
 # ---------------------------------------------------------------------------------------------- speed
 
 
-def decode_speed(runner, image, question: str, tokens: int, repeats: int) -> dict[str, float]:
-    """Best decode tokens/s of `repeats` runs after a warm-up, every run `tokens` long (stop tokens ignored)."""
-    runner.generate(image, question, min(tokens, 4), ignore_eos=True)
-    gens = [runner.generate(image, question, tokens, ignore_eos=True) for _ in range(repeats)]
+def decode_speed(runners: dict[str, Any], image, question: str, tokens: int, repeats: int) -> dict[str, dict]:
+    """Best decode tokens/s of each runner over `repeats` rounds after a warm-up, every run `tokens` long
+    (stop tokens ignored). Each round runs every runner once, so a busy machine slows them alike."""
+    for r in runners.values():
+        r.generate(image, question, min(tokens, 4), ignore_eos=True)
+    gens: dict[str, list] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, r in runners.items():
+            gens[name].append(r.generate(image, question, tokens, ignore_eos=True))
     return {
-        "decode_tokens_per_s": round(max(g.decode_tokens_per_s for g in gens), 1),
-        "ttft_ms": round(1000 * statistics.median(g.ttft_s for g in gens), 2),
-        "prompt_tokens": gens[0].prompt_tokens,
-        "new_tokens": gens[0].new_tokens,
+        name: {
+            "decode_tokens_per_s": round(max(g.decode_tokens_per_s for g in gs), 1),
+            "ttft_ms": round(1000 * statistics.median(g.ttft_s for g in gs), 2),
+            "prompt_tokens": gs[0].prompt_tokens,
+            "new_tokens": gs[0].new_tokens,
+        }
+        for name, gs in gens.items()
     }
 
 
@@ -226,10 +235,9 @@ def speed_report(
     torch_runner, folder: Path, variants: list[str], image, tokens: int, repeats: int
 ) -> dict[str, Any]:
     """Decode tokens/s of PyTorch and of each ONNX variant on one prompt, and the last variant's ratio."""
-    question = "describe the image ."
-    speed: dict[str, Any] = {"torch": decode_speed(torch_runner, image, question, tokens, repeats)}
-    for v in variants:  # fresh sessions, with ONNX Runtime's default threading
-        speed[f"onnx_{v}"] = decode_speed(OnnxRunner(folder, variant=v), image, question, tokens, repeats)
+    runners = {"torch": torch_runner}  # ONNX: fresh sessions, with ONNX Runtime's default threading
+    runners.update({f"onnx_{v}": OnnxRunner(folder, variant=v) for v in variants})
+    speed: dict[str, Any] = decode_speed(runners, image, "describe the image .", tokens, repeats)
     base = speed["torch"]["decode_tokens_per_s"] or float("nan")
     speed["onnx_vs_torch_decode"] = round(speed[f"onnx_{variants[-1]}"]["decode_tokens_per_s"] / base, 2)
     speed["machine"] = machine()
