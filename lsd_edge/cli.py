@@ -544,17 +544,28 @@ def bench_(
         typer.Option("--variant", help="ONNX variants to measure (repeatable; default: every one exported)."),
     ] = None,
     prompts: Annotated[
-        int | None, typer.Option("--prompts", help="Eval prompts (with an image) per repeat [default: 8].")
+        int | None,
+        typer.Option(
+            "--prompts",
+            help="Eval prompts (with an image) per repeat (default: the recipe's [bench], else 8).",
+        ),
     ] = None,
     max_new_tokens: Annotated[
         int | None,
-        typer.Option("--max-new-tokens", help="New tokens per generation, EOS ignored [default: 128]."),
+        typer.Option(
+            "--max-new-tokens",
+            help="New tokens per generation, EOS ignored (default: the recipe's [bench], else 128).",
+        ),
     ] = None,
     repeats: Annotated[
-        int | None, typer.Option("--repeats", help="Timed passes over the prompts [default: 3].")
+        int | None,
+        typer.Option(
+            "--repeats", help="Timed passes over the prompts (default: the recipe's [bench], else 3)."
+        ),
     ] = None,
     warmup: Annotated[
-        int | None, typer.Option("--warmup", help="Untimed generations first [default: 1].")
+        int | None,
+        typer.Option("--warmup", help="Untimed generations first (default: the recipe's [bench], else 1)."),
     ] = None,
     eval_samples: Annotated[
         int | None,
@@ -653,7 +664,8 @@ def print_bench(result) -> None:
         delta = "n/a" if q["accuracy_delta"] is None else f"{100 * q['accuracy_delta']:+.1f} points"
         out.print(
             f"{q['name']} vs {q['vs']}: decode [bold]{q['decode_speedup']:.2f}x[/bold], peak memory "
-            f"{q['memory_ratio']:.2f}x, size {q['size_ratio']:.3f}x, accuracy {delta}"
+            f"{q['memory_ratio']:.2f}x, size {q['size_ratio']:.3f}x, accuracy {delta}",
+            soft_wrap=True,
         )
     for note in result.notes:
         out.print(f"[yellow]{note}[/yellow]")
