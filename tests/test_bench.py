@@ -66,6 +66,7 @@ def tiny_bench(tmp_path_factory, teacher_dir, onnx_dir, shapes_dir):
     return out, json.loads((tmp / "b.json").read_text()), tmp / "b.png"
 
 
+@pytest.mark.slow  # two worker processes, each importing torch or onnxruntime
 def test_tiny_bench_json_schema_table_and_chart(tiny_bench):
     out, data, png = tiny_bench
     assert check_schema(data) == []
@@ -87,6 +88,7 @@ def test_tiny_bench_json_schema_table_and_chart(tiny_bench):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # two worker processes, each importing torch or onnxruntime
 def test_each_row_runs_in_its_own_process(tiny_bench):
     _, data, _ = tiny_bench
     teacher, onnx = data["results"]
