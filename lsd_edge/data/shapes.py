@@ -130,10 +130,14 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     for s in shapes:
         out["color"].append((f"what color is the shape in the {s.position} ?", s.color))
         out["shape"].append((f"what shape is in the {s.position} ?", s.kind))
-        if len(by_color[s.color]) == 1:
-            out["position"].append((f"where is the {s.color} shape ?", s.position))
-        if len(by_kind[s.kind]) == 1:
-            out["position"].append((f"where is the {s.kind} ?", s.position))
+        # Position, asked as a check of a named shape's place: the true cell or another one.
+        other = rng.choice([p for p in POSITIONS if p != s.position])
+        for pos in (s.position, other):
+            answer = "yes" if pos == s.position else "no"
+            if len(by_color[s.color]) == 1:
+                out["position"].append((f"is the {s.color} shape in the {pos} ?", answer))
+            if len(by_kind[s.kind]) == 1:
+                out["position"].append((f"is the {s.kind} in the {pos} ?", answer))
     out["count"].append(("how many shapes are there ?", NUMBERS[len(shapes)]))
     for cell, pos in enumerate(POSITIONS):
         out["existence"].append((f"is there a shape in the {pos} ?", "yes" if cell in by_cell else "no"))

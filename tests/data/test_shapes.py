@@ -98,14 +98,15 @@ def answer_from_pixels(question: str, seen: dict[int, tuple[str, str]]) -> str:
             return "yes" if cell in seen else "no"
     if q == "how many shapes are there":
         return NUMBERS[len(seen)]
-    for kind in ("circle", "square", "triangle"):
-        if q == f"where is the {kind}":
-            (cell,) = [k for k, v in seen.items() if v[1] == kind]
-            return POSITIONS[cell]
-    for color in COLORS:
-        if q == f"where is the {color} shape":
-            (cell,) = [k for k, v in seen.items() if v[0] == color]
-            return POSITIONS[cell]
+    for cell, pos in enumerate(POSITIONS):
+        for kind in ("circle", "square", "triangle"):
+            if q == f"is the {kind} in the {pos}":
+                (where,) = [k for k, v in seen.items() if v[1] == kind]
+                return "yes" if where == cell else "no"
+        for color in COLORS:
+            if q == f"is the {color} shape in the {pos}":
+                (where,) = [k for k, v in seen.items() if v[0] == color]
+                return "yes" if where == cell else "no"
     raise AssertionError(f"question not understood: {question!r}")
 
 
