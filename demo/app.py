@@ -24,9 +24,8 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from lsd_edge.errors import LsdEdgeError  # noqa: E402
-from lsd_edge.evaluate import normalize_answer  # noqa: E402
 from lsd_edge.infer import Runner  # noqa: E402
-from lsd_edge.textgen import Generation  # noqa: E402
+from lsd_edge.textgen import Generation, normalize_answer  # noqa: E402
 
 from .loading import Example  # noqa: E402
 

@@ -514,6 +514,163 @@ def print_export_report(report: dict[str, Any]) -> None:
     out.print(f"[green]parity gate passed[/green]; report: {report['output']}/export_report.json")
 
 
+@app.command("bench")
+def bench_(
+    teacher: Annotated[
+        Path | None, typer.Option("--teacher", help="Teacher model folder (default: the latest run's).")
+    ] = None,
+    student: Annotated[
+        Path | None, typer.Option("--student", help="Student model folder (default: the latest run's).")
+    ] = None,
+    onnx: Annotated[
+        list[Path] | None,
+        typer.Option("--onnx", help="ONNX export folder (repeatable; default: the latest run's onnx*/)."),
+    ] = None,
+    arch: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--arch",
+            help="Also measure a real architecture with random weights (repeatable): qwen0.5b, qwen1.8b "
+            "(students, with their ONNX int8 export), qwen4b, llava7b (bf16 teachers).",
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[
+        str,
+        typer.Option("--dtype", help="PyTorch rows: auto (bf16 on cuda, fp32 on cpu), float32, bfloat16."),
+    ] = "auto",
+    variant: Annotated[
+        list[str] | None,
+        typer.Option("--variant", help="ONNX variants to measure (repeatable; default: every one exported)."),
+    ] = None,
+    prompts: Annotated[
+        int | None,
+        typer.Option(
+            "--prompts",
+            help="Eval prompts (with an image) per repeat (default: the recipe's [bench], else 8).",
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--max-new-tokens",
+            help="New tokens per generation, EOS ignored (default: the recipe's [bench], else 128).",
+        ),
+    ] = None,
+    repeats: Annotated[
+        int | None,
+        typer.Option(
+            "--repeats", help="Timed passes over the prompts (default: the recipe's [bench], else 3)."
+        ),
+    ] = None,
+    warmup: Annotated[
+        int | None,
+        typer.Option("--warmup", help="Untimed generations first (default: the recipe's [bench], else 1)."),
+    ] = None,
+    eval_samples: Annotated[
+        int | None,
+        typer.Option("--eval-samples", help="Questions for accuracy (default: the recipe's eval split)."),
+    ] = None,
+    no_accuracy: Annotated[bool, typer.Option("--no-accuracy", help="Skip the accuracy column.")] = False,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="LLaVA-format eval JSON (default: the recipe's eval split).")
+    ] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="Image folder of --data.")] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="Threads per measured process (default: every core).")
+    ] = None,
+    copy_mb: Annotated[
+        int, typer.Option("--copy-mb", help="MiB copied to measure memory bandwidth (roofline).")
+    ] = 1024,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Write the results here (default: <run>/bench.json for a run)."),
+    ] = None,
+    plot_out: Annotated[Path | None, typer.Option("--plot", help="Write a PNG chart here.")] = None,
+    markdown_out: Annotated[
+        Path | None, typer.Option("--markdown", help="Write the table as Markdown here.")
+    ] = None,
+) -> None:
+    """Teacher vs student vs ONNX student: TTFT, tokens/s, memory, size, accuracy, against the roofline."""
+    from lsd_edge.bench import BenchSettings, bench, plot, to_markdown, write_result
+
+    settings = BenchSettings(
+        device=device,
+        dtype=dtype,
+        prompts=prompts,
+        max_new_tokens=max_new_tokens,
+        repeats=repeats,
+        warmup=warmup,
+        eval_samples=eval_samples,
+        accuracy=not no_accuracy,
+        data=data,
+        images=images,
+        variants=variant or None,
+        threads=threads,
+        copy_mb=copy_mb,
+    )
+    result = bench(
+        teacher, student, onnx, arch, settings, _reporter(), command="lsd-edge " + " ".join(sys.argv[1:])
+    )
+    print_bench(result)
+    json_out = json_out or (result.run / "bench.json" if result.run is not None else None)
+    if json_out:
+        out.print(f"wrote {write_result(result, json_out)}")
+    if plot_out:
+        out.print(f"wrote {plot(result, plot_out)}")
+    if markdown_out:
+        markdown_out.write_text(to_markdown(result), encoding="utf-8")
+        out.print(f"wrote {markdown_out}")
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def print_bench(result) -> None:
+    from lsd_edge.bench import fmt_percent
+
+    s = result.settings
+    t = Table(
+        title=f"lsd-edge bench: {result.source}",
+        box=box.SIMPLE_HEAD,
+        caption=f"{result.machine['label']}; bandwidth {result.machine['bandwidth_gb_s']:.1f} GB/s; "
+        f"{s['prompts']} prompts x {s['repeats']} repeats, {s['max_new_tokens']} new tokens, "
+        f"{s['threads']} thread(s) per process",
+    )
+    heads = ("model", "decode\ntok/s", "prefill\ntok/s", "TTFT ms\np50 / p90", "e2e\ntok/s", "peak\nMB")
+    for col in (*heads, "size\nMB", "params", "accuracy", "roof-\nline"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for r in result.results:
+        name = f"[bold]{r.name}[/bold]" if r.role == "teacher" else r.name
+        t.add_row(
+            f"{name}\n[dim]{r.backend} {r.precision}[/dim]",
+            f"{r.decode_tokens_per_s:,.1f}",
+            f"{r.prefill_tokens_per_s:,.0f}",
+            f"{r.ttft_ms_p50:,.1f} / {r.ttft_ms_p90:,.1f}",
+            f"{r.e2e_tokens_per_s:,.1f}",
+            f"{r.peak_mem_mb:,.0f}",
+            f"{r.size_mb:,.2f}",
+            _count(r.params),
+            fmt_percent(r.accuracy),
+            fmt_percent(r.roofline_fraction),
+        )
+    # Piped output has no terminal width, and rich would wrap the table into 80 columns.
+    (out if out.is_terminal else Console(width=160)).print(t)
+    for q in result.ratios:
+        delta = "n/a" if q["accuracy_delta"] is None else f"{100 * q['accuracy_delta']:+.1f} points"
+        out.print(
+            f"{q['name']} vs {q['vs']}: decode [bold]{q['decode_speedup']:.2f}x[/bold], peak memory "
+            f"{q['memory_ratio']:.2f}x, size {q['size_ratio']:.3f}x, accuracy {delta}",
+            soft_wrap=True,
+        )
+    for note in result.notes:
+        out.print(f"[yellow]{note}[/yellow]")
+
+
 @app.command("demo")
 def demo_(
     teacher: Annotated[

@@ -307,8 +307,10 @@ class EvalConfig(Strict):
 
 
 class BenchConfig(Strict):
+    """`lsd-edge bench` defaults: prompts per repeat, new tokens per generation (EOS ignored)."""
+
     prompts: PositiveInt = 8
-    max_new_tokens: PositiveInt = 32
+    max_new_tokens: PositiveInt = 128
     repeats: PositiveInt = 3
     warmup: NonNegInt = 1
 

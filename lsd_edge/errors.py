@@ -48,3 +48,7 @@ class ExportError(LsdEdgeError):
 
 class RuntimeModelError(LsdEdgeError):
     """An exported model that cannot be loaded or run."""
+
+
+class BenchError(LsdEdgeError):
+    """A benchmark that cannot run: bad settings, nothing to measure, or a row's worker failed."""

@@ -8,7 +8,6 @@ question `type` (ShapesVQA writes one per record).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,13 +24,7 @@ from lsd_edge.data.llava import (
     to_messages,
 )
 from lsd_edge.errors import DataError
-
-
-def normalize_answer(text: str) -> str:
-    text = text.strip().lower()
-    text = re.sub(r"\s+", " ", text)
-    text = re.sub(r"\s*[.!]+$", "", text)
-    return text.strip()
+from lsd_edge.textgen import normalize_answer  # torch-free: the ONNX runner scores with it too
 
 
 def default_image_dir(path: str | Path) -> Path:

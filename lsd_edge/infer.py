@@ -47,16 +47,29 @@ class TorchRunner:
     def __init__(
         self, model_dir: str | Path, device: str = "cpu", dtype: str = "auto", name: str | None = None
     ):
+        from lsd_edge.models import load_llava
+
+        model, processor = load_llava(str(model_dir), dtype=dtype, device=device)
+        self._attach(model, processor, Path(model_dir), name or Path(model_dir).name, device)
+
+    @classmethod
+    def from_model(cls, model, processor, name: str, device: str = "cpu") -> TorchRunner:
+        """A runner over a model already in memory (e.g. random weights at a real architecture's size)."""
+        runner = cls.__new__(cls)
+        runner._attach(model.to(device), processor, None, name, device)
+        return runner
+
+    def _attach(self, model, processor, path: Path | None, name: str, device: str) -> None:
         import torch
 
         from lsd_edge.data.llava import ChatEncoder
-        from lsd_edge.models import load_llava, stop_token_ids
+        from lsd_edge.models import stop_token_ids
 
         self.torch = torch
-        self.path = Path(model_dir)
-        self.name = name or self.path.name
+        self.path = path
+        self.name = name
         self.device = torch.device(device)
-        self.model, self.processor = load_llava(str(model_dir), dtype=dtype, device=device)
+        self.model, self.processor = model, processor
         self.model.eval()
         self.encoder = ChatEncoder(self.processor)
         self.stop_ids = set(stop_token_ids(self.processor, self.model))
@@ -65,12 +78,14 @@ class TorchRunner:
     def info(self) -> dict:
         from lsd_edge.models import count_params, dir_size_mb
 
+        weights_mb = sum(p.numel() * p.element_size() for p in self.model.parameters()) / 2**20
         return {
             "name": self.name,
             "backend": self.backend,
-            "path": str(self.path),
+            "path": None if self.path is None else str(self.path),
             "params": count_params(self.model)["total"],
-            "size_mb": round(dir_size_mb(self.path), 3),
+            # in memory only: what save_pretrained would write
+            "size_mb": round(weights_mb if self.path is None else dir_size_mb(self.path), 3),
             "device": str(self.device),
             "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
         }

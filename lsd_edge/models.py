@@ -38,6 +38,12 @@ GROUPS = ("vision", "projector", "llm")
 
 def build_tiny_processor(vision: VisionSize, words: list[str]):
     """A word-level tokenizer over `words`, a SigLIP-style image processor and a ChatML template."""
+    return word_level_processor(words, vision.image_size, vision.patch_size)
+
+
+def word_level_processor(words: list[str], image_size: int, patch_size: int):
+    """`build_tiny_processor` for any square image size, also one that is not a multiple of the patch
+    (SigLIP-so400m: 384 px, patch 14 -> 27 x 27 visual tokens)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlavaProcessor, PreTrainedTokenizerFast
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
@@ -50,7 +56,7 @@ def build_tiny_processor(vision: VisionSize, words: list[str]):
         tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>", bos_token=None
     )
     image_processor = SiglipImageProcessorPil(
-        size={"height": vision.image_size, "width": vision.image_size},
+        size={"height": image_size, "width": image_size},
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
         resample=3,
@@ -58,7 +64,7 @@ def build_tiny_processor(vision: VisionSize, words: list[str]):
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=fast,
-        patch_size=vision.patch_size,
+        patch_size=patch_size,
         vision_feature_select_strategy="full",
         chat_template=CHAT_TEMPLATE,
         image_token=IMAGE_TOKEN,

@@ -137,7 +137,7 @@ def compare(
 
 
 def onnx_accuracy(runner: OnnxRunner, items: list[ParityItem], max_new_tokens: int) -> float:
-    from lsd_edge.evaluate import normalize_answer
+    from lsd_edge.textgen import normalize_answer
 
     right = 0
     for it in items:
@@ -148,7 +148,8 @@ def onnx_accuracy(runner: OnnxRunner, items: list[ParityItem], max_new_tokens: i
 
 def torch_accuracy(model, processor, items: list[ParityItem], max_new_tokens: int) -> float:
     """Exact match of PyTorch's batched greedy answers: the number `lsd-edge eval` and distill report."""
-    from lsd_edge.evaluate import EvalItem, greedy_answers, normalize_answer
+    from lsd_edge.evaluate import EvalItem, greedy_answers
+    from lsd_edge.textgen import normalize_answer
 
     evs = [EvalItem(str(i), it.type, it.ids, it.images, it.answer or "") for i, it in enumerate(items)]
     answers = greedy_answers(model, processor, evs, max_new_tokens=max_new_tokens)

@@ -7,6 +7,7 @@ imported.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -43,6 +44,14 @@ class Generation:
     @property
     def e2e_tokens_per_s(self) -> float:
         return self.new_tokens / self.total_s if self.total_s > 0 else 0.0
+
+
+def normalize_answer(text: str) -> str:
+    """Exact-match normalisation: case, runs of spaces, a trailing period or exclamation mark."""
+    text = text.strip().lower()
+    text = re.sub(r"\s+", " ", text)
+    text = re.sub(r"\s*[.!]+$", "", text)
+    return text.strip()
 
 
 @dataclass

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
+from lsd_edge.archs import PATCH, interleave_qwen7b, llava_config, qwen2_config, qwen15_text, siglip_config
+
 IMAGE_SIZE = 30
-PATCH = 14
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 INTERLEAVE_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
@@ -81,58 +82,6 @@ def qwen_like_tokenizers(corpus: list[str]):
 
 def _padded(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
-
-
-def qwen2_config(
-    vocab: int, hidden: int, layers: int, heads: int, kv: int, tied: bool, intermediate: int | None = None
-):
-    from transformers import Qwen2Config
-
-    return Qwen2Config(
-        vocab_size=vocab,
-        # Qwen's MLPs are not a round multiple of the width
-        intermediate_size=intermediate or hidden * 2 + 8,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        max_position_embeddings=512,
-        rope_theta=1000000.0,
-        tie_word_embeddings=tied,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-
-
-def siglip_config(hidden: int, intermediate: int, layers: int, heads: int, image_size: int):
-    from transformers import SiglipVisionConfig
-
-    return SiglipVisionConfig(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        image_size=image_size,
-        patch_size=PATCH,
-        hidden_act="gelu_pytorch_tanh",
-        vision_use_head=False,
-    )
-
-
-def llava_config(vision, text, image_token: int, layer: int = -2):
-    """A LLaVA with 'full' feature selection (SigLIP has no CLS token to drop)."""
-    from transformers import LlavaConfig
-
-    return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=image_token,
-        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
-        vision_feature_layer=layer,
-        vision_feature_select_strategy="full",
-        projector_hidden_act="gelu",
-        tie_word_embeddings=text.tie_word_embeddings,
-    )
 
 
 def build_teacher(out: Path, teacher_tok, seed: int = 0) -> Path:
@@ -229,15 +178,10 @@ def build_standins(tmp: Path, shapes: Path) -> dict[str, Path]:
 # enough for `lsd_edge.memory` to estimate them offline, on the meta device.
 def write_real_configs(out: Path) -> dict[str, Path]:
     configs = {
-        # llava-hf/llava-interleave-qwen-7b-hf: SigLIP-so400m (26 of 27 layers) + Qwen1.5-7B-Chat
-        "llava-interleave-qwen-7b-hf": llava_config(
-            siglip_config(1152, 4304, 26, 16, 384),
-            qwen2_config(152000, 4096, 32, 32, 32, tied=False, intermediate=11008),
-            image_token=151646,
-            layer=-1,
-        ),
-        "Qwen1.5-0.5B-Chat": qwen2_config(151936, 1024, 24, 16, 16, tied=True, intermediate=2816),
-        "Qwen1.5-1.8B-Chat": qwen2_config(151936, 2048, 24, 16, 16, tied=False, intermediate=5504),
+        # SigLIP-so400m (26 of 27 layers) + Qwen1.5-7B-Chat
+        "llava-interleave-qwen-7b-hf": interleave_qwen7b(),
+        "Qwen1.5-0.5B-Chat": qwen15_text("0.5b"),
+        "Qwen1.5-1.8B-Chat": qwen15_text("1.8b"),
     }
     for name, cfg in configs.items():
         cfg.save_pretrained(out / name)
