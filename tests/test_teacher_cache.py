@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -156,11 +158,22 @@ def test_distill_with_a_cache_keeps_no_teacher_in_memory(recipe_dict, monkeypatc
     real_online = train.online_targets
     current = {"stage": None}
 
+    real_run_stage = train.run_stage
+    refs = []
+
     def spy_stage_teacher(self, stage):
         out = real_stage_teacher(self, stage)
         current["stage"] = stage.name
         seen[stage.name] = (type(out).__name__, self.teacher is None)
+        if self.teacher is not None:
+            refs.append(weakref.ref(self.teacher))
         return out
+
+    def spy_run_stage(job, reporter):
+        if job.key == "dft":
+            gc.collect()
+            assert refs and all(r() is None for r in refs), "the teacher model is still alive"
+        return real_run_stage(job, reporter)
 
     def spy_online(teacher, batch, need_hidden):
         assert current["stage"] != "dft", "the teacher ran during the cached stage"
@@ -168,6 +181,7 @@ def test_distill_with_a_cache_keeps_no_teacher_in_memory(recipe_dict, monkeypatc
 
     monkeypatch.setattr(train.Run, "stage_teacher", spy_stage_teacher)
     monkeypatch.setattr(train, "online_targets", spy_online)
+    monkeypatch.setattr(train, "run_stage", spy_run_stage)
     report = distill(r)
     assert seen["dpt"] == ("LlavaForConditionalGeneration", False)
     assert seen["dft"] == ("TeacherCache", True)

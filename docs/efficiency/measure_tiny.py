@@ -82,7 +82,9 @@ def main() -> None:
         row = {"dft": _stage(root, "dft")}
         if (root / "teacher-cache").exists():
             mf = read_json(root / "teacher-cache" / "dft" / "manifest.json")
-            row["cache"] = {k: mf[k] for k in ("top_k", "bytes", "bytes_per_position", "positions", "seconds")}
+            row["cache"] = {
+                k: mf[k] for k in ("top_k", "bytes", "bytes_per_position", "positions", "seconds")
+            }
         result[name] = row
     sft = next(i for i, s in enumerate(load_recipe(args.recipe).stages) if s.kind == "sft")
     _from(base, out / "regen-sft", ["teacher", "dpt"])
@@ -103,12 +105,18 @@ def main() -> None:
             "step_ms": c["step_ms"],
             "speedup_vs_online_mean": round(sum(online) / len(online) / c["step_ms"], 2),
             "accuracy_points_vs_online": round(
-                100 * (c["accuracy"] - sum(result[o]["dft"]["accuracy"] for o in ("online-2", "online-3")) / 2), 2
+                100
+                * (c["accuracy"] - sum(result[o]["dft"]["accuracy"] for o in ("online-2", "online-3")) / 2),
+                2,
             ),
         }
     summary["regen_sft_accuracy_points"] = {
-        "after_sft": round(100 * (result["regen-sft"]["sft"]["accuracy"] - result["online"]["sft"]["accuracy"]), 2),
-        "after_dft": round(100 * (result["regen-sft"]["dft"]["accuracy"] - result["online"]["dft"]["accuracy"]), 2),
+        "after_sft": round(
+            100 * (result["regen-sft"]["sft"]["accuracy"] - result["online"]["sft"]["accuracy"]), 2
+        ),
+        "after_dft": round(
+            100 * (result["regen-sft"]["dft"]["accuracy"] - result["online"]["dft"]["accuracy"]), 2
+        ),
     }
     result["summary"] = summary
     write_json(out / "efficiency.json", result)
