@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
@@ -105,6 +106,13 @@ def _tree(label: str, data: Any, tree: Tree | None = None) -> Tree:
 def validate(
     recipe: Annotated[Path, typer.Argument(help="A TOML recipe.")],
     set_: SetOpt = None,
+    memory: Annotated[
+        bool,
+        typer.Option(
+            "--memory/--no-memory",
+            help="Estimate each stage's peak memory per process (reads the models' config.json only).",
+        ),
+    ] = True,
 ) -> None:
     """Check a recipe and print it resolved (defaults filled in), or every problem in it."""
     from lsd_edge.config import load_recipe
@@ -114,6 +122,128 @@ def validate(
     out.print(
         f"[green]{recipe}: valid[/green] ({len(r.stages)} stages: {' -> '.join(s.name for s in r.stages)})"
     )
+    if memory:
+        from lsd_edge.memory import estimate_recipe
+
+        try:
+            rows = estimate_recipe(r)
+        except LsdEdgeError as e:  # the recipe is valid; only its models' configs are out of reach
+            out.print(f"[yellow]memory estimate unavailable: {e}[/yellow]")
+        else:
+            out.print(memory_table(rows))
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def memory_table(rows) -> Table:
+    first = rows[0]
+    unit, size = ("GiB", 2**30) if max(m.total for m in rows) >= 2**30 else ("MiB", 2**20)
+    where = "CUDA, bf16 autocast" if first.device == "cuda" else "CPU, fp32"
+    t = Table(
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        title=f"estimated peak memory per process, {unit} ({where})",
+        caption=f"stud/teach: weights; t.fwd: the teacher's forward. Worst case: every sample "
+        f"{first.seq_len} tokens, one image, all other tokens answers. *: activation checkpointing",
+    )
+    cols = {
+        "stud": "student_weights",
+        "grads": "gradients",
+        "adamw": "optimizer",
+        "teach": "teacher_weights",
+        "activ": "activations",
+        "logit": "logits",
+        "t.fwd": "teacher_forward",
+    }
+    t.add_column("stage")
+    t.add_column("batch", justify="right")
+    for c in list(cols) + ["total"]:
+        t.add_column(c, justify="right")
+    for m in rows:
+        t.add_row(
+            m.stage + ("*" if m.checkpointing else ""),
+            str(m.batch_size),
+            *(f"{getattr(m, f) / size:.2f}" for f in cols.values()),
+            f"[bold]{m.total / size:.2f}",
+        )
+    return t
+
+
+@app.command()
+def memory(
+    recipe: Annotated[Path, typer.Argument(help="A TOML recipe.")],
+    stage: Annotated[
+        str | None, typer.Option("--stage", help="Stage to measure (default: the last distilling one).")
+    ] = None,
+    measure: Annotated[
+        bool,
+        typer.Option(
+            "--measure", help="Also run steps on random weights at the recipe's sizes and measure them."
+        ),
+    ] = False,
+    steps: Annotated[
+        int, typer.Option("--steps", min=2, help="Steps to run; the last is measured (the others warm up).")
+    ] = 3,
+    seq_len: Annotated[
+        int | None, typer.Option("--seq-len", min=8, help="Tokens per sample (default data.max_length).")
+    ] = None,
+    peak_tflops: Annotated[
+        float | None,
+        typer.Option(
+            "--peak-tflops", help="The GPU's peak bf16 dense TFLOPS for MFU (known GPUs: automatic)."
+        ),
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Estimate each stage's peak memory; with --measure, measure one stage's step on random weights
+    (peak memory, step time, tokens/s, MFU) on the recipe's device."""
+    from lsd_edge.config import load_recipe
+    from lsd_edge.distributed import resolve_device
+    from lsd_edge.memory import estimate_recipe, measure_step
+
+    r = load_recipe(recipe, set_ or [])
+    device = resolve_device(r.run.device)
+    rows = estimate_recipe(r, seq_len=seq_len, device=device.type)
+    out.print(memory_table(rows))
+    result: dict[str, Any] = {"estimate": [m.as_dict() for m in rows]}
+    if measure:
+        names = [s.name for s in r.stages]
+        if stage is None:
+            distilling = [s for s in r.stages if s.distills]
+            chosen = (distilling or r.stages)[-1]
+        elif stage in names:
+            chosen = r.stages[names.index(stage)]
+        else:
+            raise LsdEdgeError(f"--stage {stage}: the recipe has no such stage; it has {', '.join(names)}")
+        est = rows[r.stages.index(chosen)]
+        m = measure_step(r, chosen, device=device, seq_len=seq_len, steps=steps, peak_tflops=peak_tflops)
+        t = Table(
+            title=f"measured: stage {chosen.name}, {m.device}, random weights, synthetic worst-case batches"
+        )
+        for col in ("peak memory", "estimate", "estimate / measured", "step", "tokens/s", "TFLOPS", "MFU"):
+            t.add_column(col, justify="right")
+        t.add_row(
+            fmt_bytes(m.peak_bytes),
+            fmt_bytes(est.total),
+            f"{est.total / m.peak_bytes:.2f}",
+            f"{m.step_seconds:.3f} s",
+            f"{m.tokens_per_s:,.0f}",
+            f"{m.tflops:.2f}",
+            "n/a" if m.mfu is None else f"{100 * m.mfu:.1f}%",
+        )
+        out.print(t)
+        result["measured"] = m.as_dict()
+    if json_out:
+        from lsd_edge.checkpoint import write_json
+
+        write_json(json_out, result)
+        out.print(f"wrote {json_out}")
 
 
 @data_app.command("shapes")
@@ -185,7 +315,8 @@ def distill(
         raise LsdEdgeError("--resume and --restart contradict each other; pick one")
     r = load_recipe(recipe, set_ or [])
     report = run_distill(r, DistillOptions(resume=resume, restart=restart), _reporter())
-    print_report(report)
+    if report:  # empty on every process but rank 0 of a multi-process launch
+        print_report(report)
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -394,6 +525,179 @@ def regenerate(
     )
     if not m["used_by_stage"]:
         out.print(f"[yellow]stage {stage} does not use it yet: set regenerate = true on it[/yellow]")
+
+
+@app.command("export")
+def export_(
+    model_dir: Annotated[
+        Path | None,
+        typer.Argument(help="A model folder (default: the student of the most recent run under runs/)."),
+    ] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Add int8 graphs (*_int8.onnx).")] = False,
+    int4: Annotated[bool, typer.Option("--int4", help="Add 4-bit weight-only graphs (*_q4.onnx).")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Add float16 graphs (*_fp16.onnx).")] = False,
+    fp32: Annotated[bool, typer.Option("--fp32", help="Write the fp32 graphs only.")] = False,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--target", help="cpu (dynamic int8) or cuda (MatMulNBits); default: the recipe's export.target."
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Export folder (default <run>/onnx, or <MODEL_DIR>-onnx).")
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="LLaVA-format eval JSON for the parity gate (default: the recipe's)."),
+    ] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="Image folder of --data.")] = None,
+    samples: Annotated[
+        int | None, typer.Option("--samples", min=1, help="Questions for the logit and greedy-token checks.")
+    ] = None,
+    eval_samples: Annotated[
+        int | None, typer.Option("--eval-samples", min=1, help="Questions for the accuracy comparison.")
+    ] = None,
+    opset: Annotated[int | None, typer.Option("--opset", min=17, max=23, help="ONNX opset.")] = None,
+) -> None:
+    """Export a student to ONNX (three graphs + a quantized variant), check parity with PyTorch, report sizes and speed."""
+    from lsd_edge.export import export
+
+    chosen = [name for name, on in (("int8", int8), ("int4", int4), ("fp16", fp16), ("none", fp32)) if on]
+    if len(chosen) > 1:
+        raise LsdEdgeError("pick one of --int8, --int4, --fp16, --fp32")
+    if target is not None and target not in ("cpu", "cuda"):
+        raise LsdEdgeError(f"--target {target}: choose cpu or cuda")
+    overrides = {
+        "quantize": chosen[0] if chosen else None,
+        "target": target,
+        "data": data,
+        "images": images,
+        "parity_samples": samples,
+        "eval_samples": eval_samples,
+        "opset": opset,
+    }
+    result = export(model_dir, output, overrides, _reporter())
+    print_export_report(result.report)
+
+
+def print_export_report(report: dict[str, Any]) -> None:
+    sizes = report["sizes_mb"]
+    variants = report["variants"]
+    latest = " (the most recent run's student)" if report["picked_latest_run"] else ""
+    out.print(f"model: {report['model_dir']}{latest}")
+    t = Table(title=f"lsd-edge export: {report['output']}")
+    t.add_column("graph")
+    for v in variants:
+        t.add_column(f"{v} MB", justify="right")
+    for g in ("vision_encoder", "embed_tokens", "decoder_model_merged", "total"):
+        cells = [f"{sizes[v][g]:.3f}" for v in variants]
+        if len(variants) > 1:
+            cells[-1] += f" ({100 * report['size_ratio'][g]:.0f}%)"
+        t.add_row(f"[bold]{g}" if g == "total" else g, *cells)
+    out.print(t)
+    p = report["parity"]
+
+    def acc(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    out.print(
+        f"parity on {p['variants']['fp32']['samples']} samples ({p['source']}): fp32 logits max rel diff "
+        f"{p['max_rel_logit_diff']:.1e}, greedy agreement {100 * p['greedy_agreement']:.0f}%; accuracy PyTorch "
+        f"{acc(p['accuracy_torch'])} vs ONNX {report['default_variant']} {acc(p['accuracy_onnx'])}"
+    )
+    tm = report["timing_s"]
+    line = f"export {tm['export']:.1f}s (trace {tm['trace']:.1f}s, quantize {tm['quantize']:.1f}s)"
+    speed = report.get("speed")
+    if speed:
+        v = report["default_variant"]
+        line += (
+            f"; decode {speed[f'onnx_{v}']['decode_tokens_per_s']:.0f} tok/s ONNX {v} vs "
+            f"{speed['torch']['decode_tokens_per_s']:.0f} tok/s PyTorch ({speed['onnx_vs_torch_decode']:.2f}x) "
+            f"on {speed['machine']}"
+        )
+    out.print(line)
+    out.print(f"[green]parity gate passed[/green]; report: {report['output']}/export_report.json")
+
+
+@app.command("demo")
+def demo_(
+    teacher: Annotated[
+        Path | None,
+        typer.Option("--teacher", help="Teacher model folder (default: the latest run's teacher/)."),
+    ] = None,
+    student: Annotated[
+        Path | None,
+        typer.Option(
+            "--student",
+            help="Student model folder or its ONNX export folder (default: the latest run's student/ and onnx/).",
+        ),
+    ] = None,
+    onnx: Annotated[
+        Path | None,
+        typer.Option(
+            "--onnx", help="The student's ONNX export (default: <run>/onnx or <student>-onnx if there)."
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to serve on; 127.0.0.1 keeps the page on this machine.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to serve on.")] = 7860,
+    share: Annotated[
+        bool,
+        typer.Option(
+            "--share", help="Also open a public *.gradio.live link (anyone with it can use the page)."
+        ),
+    ] = False,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    max_new_tokens: Annotated[
+        int,
+        typer.Option("--max-new-tokens", min=1, max=2048, help="The most new tokens a request may ask for."),
+    ] = 64,
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            "--concurrency", min=1, max=64, help="Requests answered at once (each runs both models)."
+        ),
+    ] = 2,
+    queue_size: Annotated[
+        int, typer.Option("--queue-size", min=1, help="Requests that may wait; more are refused.")
+    ] = 64,
+) -> None:
+    """Open the side-by-side page: teacher and student answer the same image and question, streaming."""
+    from demo.app import Limits, build_app, launch
+    from demo.loading import load_models, resolve_paths, shapes_examples
+
+    paths = resolve_paths(teacher, student, onnx)
+    examples = shapes_examples([paths.run, paths.student, paths.teacher])
+    teacher_runner, students = load_models(paths, device, examples, _reporter())
+    limits = Limits(
+        max_new_tokens=max_new_tokens,
+        default_new_tokens=min(24, max_new_tokens),
+        concurrency=concurrency,
+        queue_size=queue_size,
+    )
+    page = build_app(teacher_runner, students, examples, limits, paths.notes)
+    t = Table(title="lsd-edge demo")
+    for col in ("", "backend", "model", "parameters", "peak RSS MiB"):
+        t.add_column(col, justify="right" if col in ("parameters", "peak RSS MiB") else "left")
+    rows = [("teacher", "PyTorch" if teacher_runner.backend == "torch" else "ONNX", teacher_runner)]
+    rows += [("student", b, r) for b, r in students.items()]
+    for column, backend, runner in rows:
+        i = runner.info()
+        params = f"{i['params']:,}" if i.get("params") else "?"
+        t.add_row(column, backend, i["path"], params, f"{i['memory']['peak_rss_mib']:.1f}")
+    out.print(t)
+    for note in paths.notes:
+        out.print(f"[yellow]note: {note}[/yellow]")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        out.print(f"[yellow]serving on {host}: anyone who can reach this machine can use the page[/yellow]")
+    if share:
+        out.print(
+            "[yellow]--share: a public link through gradio.live; anyone with it can use the page[/yellow]"
+        )
+    for url in launch(page, host, port, share):
+        out.print(f"[green]serving the demo on {url}[/green] (Ctrl+C stops it)")
+    page.block_thread()
 
 
 def main() -> None:

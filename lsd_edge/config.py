@@ -54,6 +54,8 @@ class RunConfig(Strict):
     log_every: PositiveInt = 10
     checkpoint_every: NonNegInt = 50
     num_threads: NonNegInt = 0
+    # torch.compile the student's decoder layers (worth it on CUDA; the first steps compile).
+    compile: bool = False
 
 
 class ShapesConfig(Strict):

@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from lsd_edge.errors import RuntimeModelError
-from lsd_edge.textgen import Generation, SamplingParams, StreamDecoder, pick_token
+from lsd_edge.textgen import Generation, SamplingParams, StreamDecoder, decode_loop, pick_token
 
 
 @runtime_checkable
@@ -106,24 +106,32 @@ class TorchRunner:
             px = self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
             kwargs["pixel_values"] = px.to(self.device, dtype=next(self.model.parameters()).dtype)
         input_ids = torch.tensor([ids], device=self.device)
-        stopped = "length"
         with torch.inference_mode():
             out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **kwargs)
             cache = out.cache
             nxt = pick_token(out.logits[0, -1].float().cpu().numpy(), sampling, rng, self.vocab_rows)
             self._sync()
             ttft = time.perf_counter() - t0
-            for i in range(max_new_tokens):
-                if nxt in self.stop_ids and not ignore_eos:
-                    stopped = "stop"
-                    break
-                stream.push(nxt)
-                if i == max_new_tokens - 1:
-                    break
-                step = torch.tensor([[nxt]], device=self.device)
-                out = self.model(input_ids=step, cache=cache, use_cache=True)
+
+            def step(token: int) -> np.ndarray:
+                nonlocal cache
+                out = self.model(
+                    input_ids=torch.tensor([[token]], device=self.device), cache=cache, use_cache=True
+                )
                 cache = out.cache
-                nxt = pick_token(out.logits[0, -1].float().cpu().numpy(), sampling, rng, self.vocab_rows)
+                return out.logits[0, -1].float().cpu().numpy()
+
+            stopped = decode_loop(
+                nxt,
+                step,
+                max_new_tokens,
+                self.stop_ids,
+                stream,
+                sampling=sampling,
+                rng=rng,
+                vocab_rows=self.vocab_rows,
+                ignore_eos=ignore_eos,
+            )
             self._sync()
         total = time.perf_counter() - t0
         return Generation(stream.text(), list(stream.ids), len(ids), ttft, total, stopped)

@@ -167,34 +167,69 @@ def padded_vocab(n: int, multiple: int) -> int:
     return ((n + multiple - 1) // multiple) * multiple
 
 
+def tiny_llava_config(
+    tiny: TinyConfig, vocab_size: int, image_token: int, n_img: int, vision_from_config=None
+):
+    """The LlavaConfig of a tiny model; with `vision_from_config` (a LlavaConfig) the vision part is
+    that model's, as LLaVA-KD's student shares the teacher's encoder."""
+    from transformers import LlavaConfig
+
+    if tiny.vision == "teacher":
+        if vision_from_config is None:
+            raise ModelError("student.tiny.vision = 'teacher' needs the teacher built first")
+        vision_config = vision_from_config.vision_config
+        layer = vision_from_config.vision_feature_layer
+        strategy = vision_from_config.vision_feature_select_strategy
+    else:
+        vision_config = _siglip_vision_config(tiny.vision)
+        layer, strategy = -1, "full"
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=_qwen2_text_config(
+            tiny, padded_vocab(vocab_size, tiny.pad_vocab_to_multiple_of), max_positions=max(512, 4 * n_img)
+        ),
+        image_token_index=image_token,
+        image_seq_length=n_img,
+        vision_feature_layer=layer,
+        vision_feature_select_strategy=strategy,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=tiny.tie_word_embeddings,
+    )
+
+
+def composed_llava_config(spec: ModelConfig, vision_config, text_config, image_token: int, n_img: int):
+    """The LlavaConfig of a student composed from a LLaVA model's vision part and an LLM's config."""
+    from transformers import LlavaConfig
+
+    return LlavaConfig(
+        vision_config=vision_config.vision_config,
+        text_config=text_config,
+        image_token_index=image_token,
+        image_seq_length=n_img,
+        vision_feature_layer=spec.vision_feature_layer
+        if spec.vision_feature_layer is not None
+        else vision_config.vision_feature_layer,
+        vision_feature_select_strategy=spec.vision_feature_select_strategy
+        or vision_config.vision_feature_select_strategy,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    )
+
+
 def build_tiny_model(tiny: TinyConfig, processor, vision_from: nn.Module | None = None, seed: int = 0):
     """A tiny LlavaForConditionalGeneration with real transformers classes (SigLIP + Qwen2).
 
     With `vision_from`, the vision tower is that model's (config and weights), as LLaVA-KD's student
     shares the teacher's encoder.
     """
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
-    if tiny.vision == "teacher":
-        if vision_from is None:
-            raise ModelError("student.tiny.vision = 'teacher' needs the teacher built first")
-        vision_config = vision_from.config.vision_config
-        layer = vision_from.config.vision_feature_layer
-        strategy = vision_from.config.vision_feature_select_strategy
-    else:
-        vision_config = _siglip_vision_config(tiny.vision)
-        layer, strategy = -1, "full"
-    n_img = num_image_tokens(processor)
-    vocab = padded_vocab(len(processor.tokenizer), tiny.pad_vocab_to_multiple_of)
-    config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=_qwen2_text_config(tiny, vocab, max_positions=max(512, 4 * n_img)),
-        image_token_index=image_token_id(processor),
-        image_seq_length=n_img,
-        vision_feature_layer=layer,
-        vision_feature_select_strategy=strategy,
-        projector_hidden_act="gelu",
-        tie_word_embeddings=tiny.tie_word_embeddings,
+    config = tiny_llava_config(
+        tiny,
+        len(processor.tokenizer),
+        image_token_id(processor),
+        num_image_tokens(processor),
+        None if vision_from is None else vision_from.config,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -213,9 +248,10 @@ def _set_generation_config(model, processor) -> None:
     gc.bos_token_id = tok.bos_token_id
 
 
-def _torch_dtype(name: str, device: str):
+def torch_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """A recipe's dtype name on a device: 'auto' is bf16 on CUDA (any index), fp32 on CPU."""
     if name == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     return getattr(torch, name)
 
 
@@ -263,7 +299,7 @@ def load_llava(
     try:
         processor = AutoProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code)
         model = LlavaForConditionalGeneration.from_pretrained(
-            ref, dtype=_torch_dtype(dtype, device), use_safetensors=True, trust_remote_code=trust_remote_code
+            ref, dtype=torch_dtype(dtype, device), use_safetensors=True, trust_remote_code=trust_remote_code
         )
     except Exception as e:  # any failure to read a user's folder is a bad input, not a crash
         raise ModelError(
@@ -283,7 +319,7 @@ def compose_llava(spec: ModelConfig, teacher=None, teacher_processor=None, *, de
     The student speaks through the teacher's processor (image token, chat template), after a check
     that the LLM's own tokenizer has the teacher's vocabulary.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
 
     if spec.vision in (None, "teacher"):
         if teacher is None:
@@ -302,23 +338,10 @@ def compose_llava(spec: ModelConfig, teacher=None, teacher_processor=None, *, de
             f"cannot load student.llm '{spec.llm}': {_first_line(e)}; give a local folder"
         ) from None
     _check_llm_tokenizer(llm_tok, processor.tokenizer)
-    vcfg = vis_model.config
     text_config = llm.config
     img_id = image_token_id(processor)
     vocab = max(text_config.vocab_size, img_id + 1)
-    config = LlavaConfig(
-        vision_config=vcfg.vision_config,
-        text_config=text_config,
-        image_token_index=img_id,
-        image_seq_length=num_image_tokens(processor),
-        vision_feature_layer=spec.vision_feature_layer
-        if spec.vision_feature_layer is not None
-        else vcfg.vision_feature_layer,
-        vision_feature_select_strategy=spec.vision_feature_select_strategy
-        or vcfg.vision_feature_select_strategy,
-        projector_hidden_act="gelu",
-        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
-    )
+    config = composed_llava_config(spec, vis_model.config, text_config, img_id, num_image_tokens(processor))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
@@ -338,7 +361,9 @@ def compose_llava(spec: ModelConfig, teacher=None, teacher_processor=None, *, de
             nn.init.zeros_(proj.linear_2.bias)
     _set_generation_config(model, processor)
     del llm
-    return model.to(device), processor
+    # The vision config came from the teacher, with its dtype (bf16 for a bf16 teacher): the composed
+    # student starts in fp32 throughout.
+    return model.float().to(device), processor
 
 
 def _check_llm_tokenizer(llm_tok, llava_tok) -> None:
@@ -366,6 +391,45 @@ def set_trainable(model, groups: list[str] | tuple[str, ...]) -> dict[str, int]:
         for p in model.lm_head.parameters():
             p.requires_grad_(True)
     return counts
+
+
+def set_activation_checkpointing(model, on: bool) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them (non-reentrant,
+    so a frozen LLM still passes gradients back to the projector)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.24
+    disable = getattr(model, "activation_checkpointing_disable", None)
+    if on:
+        kwargs = {"use_reentrant": False}
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        return
+    (disable or model.gradient_checkpointing_disable)()
+    # Enabling also hooked the input embeddings to require grad; disabling leaves that hook in place.
+    model.disable_input_require_grads()
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The repeated blocks of a LLaVA model's LLM (where compute and activations are)."""
+    return model.model.language_model.layers
+
+
+def compile_layers(model, backend: str = "inductor") -> None:
+    """torch.compile each decoder layer in place: one graph reused by every layer (short compile), and
+    parameter names unchanged, so checkpoints and resume states stay the same. Shapes are dynamic:
+    batches differ in length."""
+    for layer in decoder_layers(model):
+        layer.compile(backend=backend, dynamic=True)
+
+
+def eager():
+    """A context in which compiled modules run uncompiled: generation (evaluation) would otherwise
+    compile a graph per decoding shape for a few calls."""
+    from contextlib import nullcontext
+
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance is not None else nullcontext()
 
 
 def group_modules(model) -> dict[str, nn.Module]:

@@ -83,6 +83,34 @@ def pick_token(
     return int(rng.choice(p.shape[0], p=p))
 
 
+def decode_loop(
+    first: int,
+    step: Callable[[int], np.ndarray],
+    max_new_tokens: int,
+    stop_ids: set[int],
+    stream: StreamDecoder,
+    *,
+    sampling: SamplingParams,
+    rng: np.random.Generator,
+    vocab_rows: int | None = None,
+    ignore_eos: bool = False,
+) -> str:
+    """The generation loop every runner shares, after the prefill picked `first`.
+
+    Pushes tokens to `stream` until a stop token (not pushed) or `max_new_tokens`; `step(token)` feeds
+    one token to the model and returns the next logits (V,). Returns "stop" or "length".
+    """
+    nxt = first
+    for i in range(max_new_tokens):
+        if nxt in stop_ids and not ignore_eos:
+            return "stop"
+        stream.push(nxt)
+        if i == max_new_tokens - 1:
+            break
+        nxt = pick_token(step(nxt), sampling, rng, vocab_rows)
+    return "length"
+
+
 class StreamDecoder:
     """Turns a growing list of token ids into text increments for streaming.
 

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,17 +40,22 @@ from lsd_edge.checkpoint import (
 )
 from lsd_edge.config import DISTILL_TERMS, DISTILLING_KINDS, Recipe, StageConfig
 from lsd_edge.data.llava import IGNORE_INDEX, BadSampleLog, Batch, BatchLoader, LlavaDataset
-from lsd_edge.errors import LsdEdgeError, TrainingError
+from lsd_edge.distributed import SINGLE, Dist, idle_forward, resolve_device, setup, shard_decoder_layers
+from lsd_edge.errors import DataError, LsdEdgeError, TrainingError
 from lsd_edge.models import (
     build_tiny_model,
     build_tiny_processor,
     check_tokenizers,
+    compile_layers,
     compose_llava,
     count_params,
     dir_size_mb,
+    eager,
     load_llava,
     model_folder,
+    set_activation_checkpointing,
     set_trainable,
+    torch_dtype,
 )
 from lsd_edge.progress import QuietReporter, Reporter
 from lsd_edge.regenerate import regenerate
@@ -59,14 +65,6 @@ TERMS = ("ce",) + DISTILL_TERMS
 
 
 # ------------------------------------------------------------------------------------------ environment
-
-
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise LsdEdgeError("run.device = 'cuda' but CUDA is not available here; use 'auto' or 'cpu'")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
 
 
 def autocast(device: torch.device, precision: str):
@@ -204,6 +202,7 @@ def forward(model, batch: Batch, hidden_states: bool = False) -> Forward:
         attention_mask=batch.attention_mask,
         pixel_values=None if batch.pixel_values is None else batch.pixel_values.to(model.dtype),
         output_hidden_states=hidden_states,
+        use_cache=False,  # training: a KV cache would only hold memory
         return_dict=True,
     )
     feats = None
@@ -369,6 +368,15 @@ def loss_terms(
     return terms
 
 
+def weighted_total(terms: dict[str, torch.Tensor], stage: StageConfig, lam: float) -> torch.Tensor:
+    """L = ce*L_reg + lambda * sum(weight * term) over the distillation terms present."""
+    total = stage.loss.ce * terms["ce"]
+    for t in DISTILL_TERMS:
+        if t in terms:
+            total = total + lam * stage.loss.weight(t) * terms[t]
+    return total
+
+
 # ------------------------------------------------------------------------------------------- stage loop
 
 
@@ -425,6 +433,8 @@ class StageJob:
     policy: str
     log_path: Path
     resume: bool
+    dist: Dist = SINGLE
+    checkpointing: bool = False  # activation checkpointing for the whole run (the model's setting)
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
@@ -449,13 +459,76 @@ def _truncate_log(log_path: Path, key: str, step: int) -> None:
     os.replace(tmp, log_path)
 
 
+def _step_batches(
+    job: StageJob, stream: IndexStream, loader: BatchLoader, position: int
+) -> list[Batch | None]:
+    """This process's micro-batches of the step whose samples start at stream `position`.
+
+    Micro-batch k of a step holds samples [position + k*B, position + (k+1)*B) of the one global
+    stream, whichever process runs it; None marks a slot with nothing to run (all bad, or past the
+    end of the step when processes do not divide grad_accum)."""
+    per_micro = job.stage.batch_size
+    out: list[Batch | None] = []
+    for k in job.dist.micro_batches(job.stage.grad_accum):
+        b = None if k is None else loader.batch(stream.take(position + k * per_micro, per_micro))
+        out.append(None if b is None else b.to(job.device))
+    return out
+
+
+def _global_counts(batches: list[Batch], n_img_tokens: int, dist: Dist, device) -> Counts:
+    c = Counts.of(batches, n_img_tokens)
+    if not dist.active:
+        return c
+    return Counts(*(int(v) for v in dist.sum_floats([c.response, c.visual, c.images, c.tokens], device)))
+
+
+def _merged_bad(dist: Dist, bad: BadSampleLog) -> dict[str, Any]:
+    """Bad samples met by all processes (each process sees only its own micro-batches)."""
+    parts = dist.gather(bad.as_dict())
+    if len(parts) == 1:
+        return parts[0]
+    merged = BadSampleLog()
+    for part in parts:
+        for kind, n in part["by_reason"].items():
+            merged.counts[kind] += n
+        for kind, ids in part["examples"].items():
+            ex = merged.examples.setdefault(kind, [])
+            ex.extend(ids[: max(0, 3 - len(ex))])
+    return merged.as_dict()
+
+
+def _restore(job: StageJob, model, latent, optimizer, scheduler, bad: BadSampleLog, reporter, steps: int):
+    """Load the stage's latest step state, if any; returns (step, stream position)."""
+    found = latest_step_state(job.state_dir)
+    if found is None:
+        return 0, 0
+    step, payload = found
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, v in payload["trainable"].items():
+            named[n].copy_(v)
+    if latent is not None and payload.get("latent") is not None:
+        latent.load_state_dict(payload["latent"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    set_rng_state(payload["rng"])
+    if job.dist.main:  # the saved counts are every process's; one process carries them on
+        for kind, n in payload.get("bad", {}).get("by_reason", {}).items():
+            bad.counts[kind] = n
+        bad.examples.update(payload.get("bad", {}).get("examples", {}))
+    reporter.message(f"[dim]{job.key}: resuming at step {step}/{steps}[/dim]")
+    return step, payload["position"]
+
+
 def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
     stage = job.stage
     model = job.model
+    dist = job.dist
     set_trainable(model, stage.trainable)
     model.train()
-    if stage.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    checkpointing = job.checkpointing or stage.gradient_checkpointing
+    if checkpointing:
+        set_activation_checkpointing(model, True)
     teacher = job.teacher if stage.distills else None
     if isinstance(teacher, nn.Module):
         teacher.eval()
@@ -481,69 +554,59 @@ def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
     n_img_tokens = loader.dataset.encoder.n_image_tokens
     step, position = 0, 0
     if job.resume:
-        found = latest_step_state(job.state_dir)
-        if found is not None:
-            step, payload = found
-            named = dict(model.named_parameters())
-            with torch.no_grad():
-                for n, v in payload["trainable"].items():
-                    named[n].copy_(v)
-            if latent is not None and payload.get("latent") is not None:
-                latent.load_state_dict(payload["latent"])
-            optimizer.load_state_dict(payload["optimizer"])
-            scheduler.load_state_dict(payload["scheduler"])
-            set_rng_state(payload["rng"])
-            position = payload["position"]
-            for kind, n in payload.get("bad", {}).get("by_reason", {}).items():
-                bad.counts[kind] = n
-            bad.examples.update(payload.get("bad", {}).get("examples", {}))
-            reporter.message(f"[dim]{job.key}: resuming at step {step}/{steps}[/dim]")
-    _truncate_log(job.log_path, job.key, step)
+        step, position = _restore(job, model, latent, optimizer, scheduler, bad, reporter, steps)
+    if dist.main:
+        _truncate_log(job.log_path, job.key, step)
     weights = {t: stage.loss.weight(t) for t in DISTILL_TERMS}
     reporter.task(job.key, steps)
     reporter.advance(step)
     started = time.perf_counter()
     tokens_seen = 0
     last: dict[str, float] = {}
-    per_micro = stage.batch_size
-    log = job.log_path.open("a", encoding="utf-8")
+    idle_teacher = dist.shard_teacher and isinstance(teacher, nn.Module)
+    log = job.log_path.open("a", encoding="utf-8") if dist.main else None
     try:
         while step < steps:
             t0 = time.perf_counter()
-            batches: list[Batch] = []
-            for _ in range(stage.grad_accum):
-                idx = stream.take(position, per_micro)
-                position += per_micro
-                b = loader.batch(idx)
-                if b is not None:
-                    batches.append(b.to(job.device))
-            if not batches:
+            slots, error = [], None
+            try:
+                slots = _step_batches(job, stream, loader, position)
+            except LsdEdgeError as e:  # a bad sample under bad_samples = 'error'
+                error = e
+            dist.raise_together(error)
+            position += stage.grad_accum * stage.batch_size
+            batches = [b for b in slots if b is not None]
+            counts = _global_counts(batches, n_img_tokens, dist, job.device)
+            if counts.tokens == 0:
                 raise TrainingError(
                     f"{job.key} step {step + 1}: every sample of the batch is bad ({bad.summary()}); check the data"
                 )
-            counts = Counts.of(batches, n_img_tokens)
             lam = stage.distill_schedule.factor(step, steps)
             sums = {t: 0.0 for t in TERMS}
-            for b in batches:
+            for b in slots:
+                if b is None:
+                    if idle_teacher:
+                        idle_forward(teacher, job.device)
+                    continue
                 with autocast(job.device, job.precision):
                     terms = loss_terms(model, teacher, b, stage, counts, vocab_rows, latent)
-                total = stage.loss.ce * terms["ce"]
-                for t in DISTILL_TERMS:
-                    if t in terms:
-                        total = total + lam * weights[t] * terms[t]
+                total = weighted_total(terms, stage, lam)
                 for name, value in terms.items():
-                    if not torch.isfinite(value):
-                        where = (
-                            job.state_dir
-                            if latest_step_state(job.state_dir)
-                            else "the previous stage's folder"
-                        )
-                        raise TrainingError(
-                            f"{job.key} step {step + 1}: loss term '{name}' is {value.item()}; the last good "
-                            f"checkpoint is kept ({where}); lower stages.lr or check the data"
-                        )
                     sums[name] += float(value.detach())
-                total.backward()
+                if total.requires_grad:  # a projector-only stage on a text-only batch has nothing to learn
+                    total.backward()
+            if dist.active:
+                sums = dict(zip(TERMS, dist.sum_floats([sums[t] for t in TERMS], job.device), strict=True))
+            for name in TERMS:
+                if not math.isfinite(sums[name]):
+                    where = (
+                        job.state_dir if latest_step_state(job.state_dir) else "the previous stage's folder"
+                    )
+                    raise TrainingError(
+                        f"{job.key} step {step + 1}: loss term '{name}' is {sums[name]}; the last good "
+                        f"checkpoint is kept ({where}); lower stages.lr or check the data"
+                    )
+            dist.sum_gradients(params)
             if stage.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm)
             optimizer.step()
@@ -565,34 +628,40 @@ def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
                 "tokens": counts.tokens,
                 "tokens_per_s": tok_s,
             }
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
+            if log is not None:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
             info = " ".join(f"{k}={v:.3f}" for k, v in last.items()) + f" {tok_s:,.0f} tok/s"
             reporter.advance(1, info)
             if job.checkpoint_every and step % job.checkpoint_every == 0 and step < steps:
-                save_step_state(
-                    job.state_dir,
-                    step,
-                    {
-                        "trainable": _trainable_state(model),
-                        "latent": None if latent is None else latent.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": rng_state(),
-                        "position": position,
-                        "bad": bad.as_dict(),
-                    },
-                )
+                bad_now = _merged_bad(dist, bad)
+                if dist.main:
+                    save_step_state(
+                        job.state_dir,
+                        step,
+                        {
+                            "trainable": _trainable_state(model),
+                            "latent": None if latent is None else latent.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "rng": rng_state(),
+                            "position": position,
+                            "bad": bad_now,
+                        },
+                    )
     finally:
-        log.close()
+        if log is not None:
+            log.close()
         reporter.done()
-    if stage.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+    if checkpointing:
+        set_activation_checkpointing(model, False)
     model.eval()
     seconds = time.perf_counter() - started
-    if bad.total:
-        reporter.message(f"[yellow]{job.key}: skipped {bad.total} bad sample(s): {bad.summary()}[/yellow]")
-    return StageResult(job.key, steps, seconds, last, bad.as_dict(), tokens_seen / max(seconds, 1e-9))
+    bad_all = _merged_bad(dist, bad)
+    if bad_all["total"]:
+        summary = BadSampleLog(Counter(bad_all["by_reason"]), bad_all["examples"]).summary()
+        reporter.message(f"[yellow]{job.key}: skipped {bad_all['total']} bad sample(s): {summary}[/yellow]")
+    return StageResult(job.key, steps, seconds, last, bad_all, tokens_seen / max(seconds, 1e-9))
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -658,6 +727,7 @@ class Run:
     student: Any = None
     student_processor: Any = None
     teacher_metrics: dict[str, Any] = field(default_factory=dict)
+    dist: Dist = SINGLE
     teacher_info: dict[str, Any] = field(default_factory=dict)  # params, size: kept when it leaves memory
     _teacher_hash: str | None = None
     _stage_data: dict[str, tuple[Path, Path | None]] = field(default_factory=dict)
@@ -665,23 +735,27 @@ class Run:
     # -- evaluation
 
     def eval_split(self, model, processor, label: str) -> dict[str, Any]:
-        from lsd_edge.evaluate import evaluate
+        from lsd_edge.data.llava import BadSampleLog
+        from lsd_edge.evaluate import greedy_answers, load_eval_items, score
 
-        if self.recipe.data.eval is None:
+        if self.recipe.data.eval is None or not self.dist.main:
             return {}
         path, images = self.recipe.data.resolve(self.recipe.data.eval)
         ev = self.recipe.eval
-        self.reporter.task(f"eval {label}", 1)
-        result = evaluate(
-            model,
-            processor,
-            path,
-            images,
-            max_samples=ev.max_samples,
-            max_new_tokens=ev.max_new_tokens,
-            batch_size=ev.batch_size,
-        )
-        self.reporter.advance(1, f"accuracy {result.accuracy:.3f}")
+        log = BadSampleLog()
+        items = load_eval_items(path, images, processor, ev.max_samples, log)
+        self.reporter.task(f"eval {label}", len(items))
+        done = [0]
+
+        def tick(n: int, total: int) -> None:
+            self.reporter.advance(n - done[0])
+            done[0] = n
+
+        with eager():
+            answers = greedy_answers(model, processor, items, ev.max_new_tokens, ev.batch_size, tick)
+        result = score(items, answers)
+        result.bad_samples = log.as_dict()
+        self.reporter.advance(0, f"accuracy {result.accuracy:.3f}")
         self.reporter.done()
         return result.as_dict()
 
@@ -697,6 +771,16 @@ class Run:
         )
 
     def get_teacher(self) -> None:
+        """Load (or train and cache) the teacher, frozen in the recipe's teacher dtype; under FSDP its
+        decoder layers are then sharded over the processes."""
+        self._load_or_train_teacher()
+        self.teacher = self.teacher.to(torch_dtype(self.recipe.teacher.dtype, self.device))
+        self.teacher.requires_grad_(False).eval()
+        if self.dist.shard_teacher:
+            n = shard_decoder_layers(self.teacher)
+            self.reporter.message(f"teacher: {n} decoder layers sharded over {self.dist.world} processes")
+
+    def _load_or_train_teacher(self) -> None:
         r = self.recipe
         tdir = self.options.teacher_dir or self.paths.teacher
         if r.teacher.tiny is None:
@@ -708,7 +792,6 @@ class Run:
                 device=str(self.device),
                 trust_remote_code=r.teacher.trust_remote_code,
             )
-            self.teacher.requires_grad_(False).eval()
             return
         fp = self.teacher_fingerprint()
         if is_complete(tdir):
@@ -729,7 +812,6 @@ class Run:
             self.teacher_metrics = read_json(tdir / "metrics.json")
         else:
             self.train_teacher(tdir, fp)
-        self.teacher.requires_grad_(False).eval()
 
     def train_teacher(self, tdir: Path, fp: str) -> None:
         r = self.recipe
@@ -742,7 +824,6 @@ class Run:
             raise LsdEdgeError(
                 "teacher.stages: a [teacher.tiny] teacher needs [[teacher.stages]] to train it"
             )
-        toml = r.to_toml()
         for i, stage in enumerate(r.teacher.stages):
             folder = self.paths.teacher_stages / stage.name
             key = f"teacher/{stage.name}"
@@ -750,12 +831,15 @@ class Run:
                 model, processor = load_llava(str(folder), what=key, device=str(self.device))
                 continue
             job = self._job(key, stage, i, model, processor, None, self.paths.state(f"teacher-{stage.name}"))
+            job.checkpointing = r.teacher.gradient_checkpointing
             res = run_stage(job, self.reporter)
-            save_checkpoint(folder, model, processor, toml, {"stage": key, "train": res.__dict__})
-            shutil.rmtree(job.state_dir, ignore_errors=True)
+            self.save(
+                folder, model, processor, {"stage": key, "train": res.__dict__}, state_dir=job.state_dir
+            )
         metrics = {"eval": self.eval_split(model, processor, "teacher"), "params": count_params(model)}
-        save_checkpoint(tdir, model, processor, toml, metrics, extra={"teacher.json": {"fingerprint": fp}})
-        shutil.rmtree(self.paths.teacher_stages, ignore_errors=True)
+        self.save(tdir, model, processor, metrics, extra={"teacher.json": {"fingerprint": fp}})
+        if self.dist.main:
+            shutil.rmtree(self.paths.teacher_stages, ignore_errors=True)
         self.teacher, self.processor = model, processor
         self.teacher_metrics = metrics
 
@@ -776,9 +860,26 @@ class Run:
             model, processor = load_llava(
                 spec.path, what="student.path", device="cpu", trust_remote_code=spec.trust_remote_code
             )
-        model = model.float().to(self.device)
         check_tokenizers(self.processor.tokenizer, processor.tokenizer)
-        self.student, self.student_processor = model, processor
+        self.student, self.student_processor = self.trainable_student(model), processor
+
+    def trainable_student(self, model):
+        """The student as stages train it: fp32 weights on the run's device, compiled if asked."""
+        model = model.float().to(self.device)
+        if self.recipe.run.compile:
+            compile_layers(model)
+        return model
+
+    def save(
+        self, folder: Path, model, processor, metrics, extra=None, state_dir: Path | None = None
+    ) -> None:
+        """Write a checkpoint folder (rank 0) and drop the stage's step states; every process waits
+        until it is in place, so none reads a folder still being written."""
+        if self.dist.main:
+            save_checkpoint(folder, model, processor, self.recipe.to_toml(), metrics, extra=extra)
+            if state_dir is not None:
+                shutil.rmtree(state_dir, ignore_errors=True)
+        self.dist.barrier()
 
     # -- the teacher's offline work: regenerated answers and top-k caches
 
@@ -799,6 +900,15 @@ class Run:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def refuse_multi_process(self, what: str, command: str, stage: str) -> None:
+        # Every process would write the same folder, and a sharded teacher needs all of them in each
+        # forward; one process makes it once, before the launch.
+        if self.dist.active:
+            raise LsdEdgeError(
+                f"{what} is missing or stale and a {self.dist.world}-process run does not make it; run "
+                f"`lsd-edge {command} RECIPE --stage {stage}` in one process first, then launch again"
+            )
 
     def teacher_hash(self) -> str:
         """A hash of the teacher's weight, config and tokenizer files: what caches are tied to."""
@@ -846,6 +956,7 @@ class Run:
                     f"{folder} holds answers regenerated with other settings ({', '.join(changed)} changed); "
                     f"make them again with `lsd-edge regenerate RECIPE --stage {stage.name}` or delete the folder"
                 )
+        self.refuse_multi_process(f"the regenerated data of stage '{stage.name}'", "regenerate", stage.name)
         self.ensure_teacher()
         with atomic_dir(folder) as tmp:
             summary = regenerate(
@@ -901,6 +1012,7 @@ class Run:
                 cache.check(identity, parts)
         elif not remake and stage.teacher_cache != "auto":
             raise missing_cache(stage)
+        self.refuse_multi_process(f"the teacher cache of stage '{stage.name}'", "cache-teacher", stage.name)
         self.ensure_teacher()
         teacher, precision = self.teacher, self.recipe.run.precision
 
@@ -960,6 +1072,8 @@ class Run:
             policy=r.data.bad_samples,
             log_path=self.paths.log,
             resume=True,  # a state folder exists only for a stage cut short; the caller checked --resume
+            dist=self.dist,
+            checkpointing=r.student.gradient_checkpointing,
         )
 
     def stages(self) -> list[StageConfig]:
@@ -1030,29 +1144,57 @@ def _check_output(
         )
 
 
+def check_data(recipe: Recipe, stages: list[StageConfig]) -> None:
+    """Every data file and image folder the run will read exists, before hours of training."""
+    used = {st.data for st in stages + list(recipe.teacher.stages)}
+    if recipe.data.eval is not None:
+        used.add("eval")
+    problems = []
+    for name in sorted(u for u in used if u):
+        ds = recipe.data.dataset(name)
+        path, images = recipe.data.resolve(ds)
+        if not path.is_file():
+            problems.append(f"data.{name}.path: {path} is not a file")
+        if images is not None and not images.is_dir():
+            problems.append(f"data.{name}.images: {images} is not a folder")
+    if problems:
+        raise DataError(
+            "; ".join(problems) + "; fix the paths (data.root is joined in front) or see the recipe's header"
+        )
+
+
 def distill(
     recipe: Recipe, options: DistillOptions | None = None, reporter: Reporter | None = None
 ) -> dict[str, Any]:
-    """Run a recipe end to end; returns the report (also written to <output>/report.json)."""
+    """Run a recipe end to end; returns the report (also written to <output>/report.json).
+
+    Launched on several processes (`accelerate launch -m lsd_edge distill`), every process trains
+    its share of each step and rank 0 writes; the other processes return an empty report."""
     options = options or DistillOptions()
     reporter = reporter or QuietReporter()
     if recipe.run.num_threads:
         torch.set_num_threads(recipe.run.num_threads)
     torch.manual_seed(recipe.run.seed)
-    device = resolve_device(recipe.run.device)
+    dist, device = setup(recipe.run.device)
+    if not dist.main:  # one process reports and writes; the others train beside it
+        reporter = QuietReporter()
     paths = RunPaths(recipe.output_dir)
-    run = Run(recipe, paths, device, reporter, options)
+    run = Run(recipe, paths, device, reporter, options, dist=dist)
     stage_names = [s.name for s in run.stages()]
-    _check_output(paths, stage_names, options, reporter)
-    _check_cache_paths(run.stages())
-    paths.root.mkdir(parents=True, exist_ok=True)
-    (paths.root / "recipe.toml").write_text(recipe.to_toml(), encoding="utf-8")
+
+    def set_up_output() -> None:
+        _check_output(paths, stage_names, options, reporter)
+        paths.root.mkdir(parents=True, exist_ok=True)
+        (paths.root / "recipe.toml").write_text(recipe.to_toml(), encoding="utf-8")
+        prepare_data(recipe, reporter)
+
     started = time.perf_counter()
-    prepare_data(recipe, reporter)
+    dist.on_main(set_up_output)
+    check_data(recipe, run.stages())
+    _check_cache_paths(run.stages())
     run.get_teacher()
     run.note_teacher()
     run.build_student()
-    toml = recipe.to_toml()
     fps = run.stage_fingerprints()
     stage_reports = []
     model, processor = run.student, run.student_processor
@@ -1071,7 +1213,7 @@ def distill(
                 )
             reporter.message(f"stage {stage.name}: done before, loading {folder}")
             model, _ = load_llava(str(folder), what=f"stage {stage.name}", device=str(device))
-            model = model.float()
+            model = run.trainable_student(model)
             stage_reports.append(read_json(folder / "metrics.json"))
             continue
         teacher = run.stage_teacher(stage)
@@ -1089,17 +1231,26 @@ def distill(
         }
         if options.evaluate_stages or i == len(fps) - 1:
             metrics["eval"] = run.eval_split(model, processor, stage.name)
-        save_checkpoint(folder, model, processor, toml, metrics, extra={"stage.json": {"fingerprint": fp}})
-        shutil.rmtree(job.state_dir, ignore_errors=True)
+        run.save(folder, model, processor, metrics, {"stage.json": {"fingerprint": fp}}, job.state_dir)
         stage_reports.append(metrics)
-    last = paths.stage(stage_names[-1])
+    report: dict[str, Any] = {}
+    if dist.main:  # the other processes return an empty report
+        report = _finish(run, model, stage_reports, time.perf_counter() - started)
+    dist.barrier()
+    return report
+
+
+def _finish(run: Run, model, stage_reports: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """Copy the last stage to student/, drop step states, write the report and the loss curve."""
+    paths, reporter = run.paths, run.reporter
+    last = paths.stage(run.stages()[-1].name)
     if paths.student.exists():
         shutil.rmtree(paths.student)
     with atomic_dir(paths.student) as tmp:
         for f in last.iterdir():
             shutil.copy2(f, tmp / f.name)
     shutil.rmtree(paths.root / "state", ignore_errors=True)
-    report = build_report(run, model, stage_reports, time.perf_counter() - started)
+    report = build_report(run, model, stage_reports, seconds)
     write_json(paths.report, report)
     try:
         plot_losses(paths.log, paths.root / "loss_curve.png")

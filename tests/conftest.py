@@ -15,13 +15,16 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the commands tests start (see set_num_threads below)
 
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tests run tiny ops, where a second thread only waits: on a shared 2-core machine at load 7, a
+# (60 x 48) @ (48 x 320) matmul took 0.05 ms on 1 thread and 5.5 ms on 2.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,3 +165,65 @@ def student_dir(tmp_path_factory, tiny_student, processor) -> Path:
     out = tmp_path_factory.mktemp("student")
     save_model(tiny_student, processor, out)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: skipped on machines without it."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def standins(tmp_path_factory) -> dict[str, Path]:
+    """Real-shaped tiny teacher, tied and untied student LLMs and LLaVA-layout data (tests/realshape.py)."""
+    from lsd_edge.data.shapes import generate
+
+    from .realshape import IMAGE_SIZE, build_standins
+
+    tmp = tmp_path_factory.mktemp("standins")
+    generate(tmp / "shapes", seed=0, n_train=24, n_eval=8, image_size=IMAGE_SIZE, questions_per_image=2)
+    return build_standins(tmp, tmp / "shapes")
+
+
+@pytest.fixture(scope="session")
+def onnx_student_dir(tmp_path_factory, tiny_teacher, processor) -> Path:
+    """A student wide enough that its weights, not graph structure, dominate the ONNX files' size."""
+    from lsd_edge.config import TinyConfig
+    from lsd_edge.models import build_tiny_model, save_model
+
+    cfg = TinyConfig(
+        hidden_size=96, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256, vision="teacher"
+    )
+    model = build_tiny_model(cfg, processor, vision_from=tiny_teacher, seed=2)
+    out = tmp_path_factory.mktemp("onnx_student")
+    save_model(model, processor, out)
+    return out
+
+
+def onnx_settings(shapes_dir: Path, **kw):
+    """Export settings small enough for tests: few parity samples, a short speed check."""
+    from lsd_edge.export import ExportSettings
+
+    base = dict(
+        quantize="int8",
+        data=shapes_dir / "eval.json",
+        images=shapes_dir / "images",
+        parity_samples=4,
+        max_new_tokens=4,
+        bench_tokens=8,
+        bench_repeats=1,
+    )
+    return ExportSettings(**{**base, **kw})
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(tmp_path_factory, onnx_student_dir, shapes_dir) -> Path:
+    """`onnx_student_dir` exported once (fp32 + int8), shared by the export and runner tests."""
+    from lsd_edge.export import export
+
+    out = tmp_path_factory.mktemp("exports") / "onnx"
+    return export(onnx_student_dir, out, onnx_settings(shapes_dir)).output

@@ -29,7 +29,7 @@ def run(monkeypatch, capsys, *args):
 def test_help_and_version(monkeypatch, capsys):
     code, out, _ = run(monkeypatch, capsys, "--help")
     assert code == 0
-    for cmd in ("validate", "distill", "eval", "info", "data", "ablate"):
+    for cmd in ("validate", "distill", "eval", "info", "data", "ablate", "export", "demo"):
         assert cmd in out
     code, out, _ = run(monkeypatch, capsys, "--version")
     assert code == 0 and __version__ in out

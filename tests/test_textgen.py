@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lsd_edge.textgen import Generation, SamplingParams, StreamDecoder, pick_token
+from lsd_edge.textgen import Generation, SamplingParams, StreamDecoder, decode_loop, pick_token
 
 
 def test_greedy_and_padded_rows():
@@ -50,3 +50,21 @@ def test_generation_rates():
         and g.prefill_tokens_per_s == 20.0
         and g.e2e_tokens_per_s == 2.0
     )
+
+
+def test_decode_loop_stops_before_a_stop_token_or_at_the_limit():
+    script = iter([5, 6, 2, 7])  # the model "predicts" these in turn; 2 is the stop token
+
+    def step(_token):
+        logits = np.zeros(10)
+        logits[next(script, 0)] = 1.0
+        return logits
+
+    stream = StreamDecoder(lambda ids: " ".join(map(str, ids)), None)
+    how = decode_loop(4, step, 10, {2}, stream, sampling=SamplingParams(), rng=np.random.default_rng(0))
+    assert how == "stop" and stream.ids == [4, 5, 6]
+    stream = StreamDecoder(lambda ids: "", None)
+    how = decode_loop(
+        2, step, 3, {2}, stream, sampling=SamplingParams(), rng=np.random.default_rng(0), ignore_eos=True
+    )
+    assert how == "length" and stream.ids == [2, 7, 0]  # the script is spent: token 0

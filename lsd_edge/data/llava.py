@@ -22,6 +22,8 @@ from lsd_edge.errors import DataError
 from lsd_edge.models import IMAGE_TOKEN, image_token_id, num_image_tokens
 
 IGNORE_INDEX = -100
+TEXT_CACHE_RECORDS = 200_000
+PIXEL_CACHE_BYTES = 1 << 29  # 512 MiB of decoded images; the embedded default needs about half
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -246,9 +248,12 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.image_processor = processor.image_processor
         self.max_length = max_length
         self.max_turns = max_turns
-        # Small data sets (the embedded default) are encoded once; big ones on every pass.
-        self.cache = len(self.records) <= 20000 if cache is None else cache
-        self._cache: dict[int, Encoded] = {}
+        # Small data sets (the embedded default) are encoded once: token ids per record, decoded
+        # pixels per image file, within a memory budget; big ones are encoded on every pass.
+        self.cache = len(self.records) <= TEXT_CACHE_RECORDS if cache is None else cache
+        self._text: dict[int, tuple[torch.Tensor, torch.Tensor, list[str]]] = {}
+        self._pixels: dict[str, torch.Tensor] = {}
+        self._pixel_bytes = 0
 
     def __len__(self) -> int:
         return len(self.records)
@@ -259,9 +264,25 @@ class LlavaDataset(torch.utils.data.Dataset):
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
+    def _image(self, name: str) -> torch.Tensor:
+        """(3, H, W) pixel values of one image file, cached within the budget."""
+        px = self._pixels.get(name)
+        if px is None:
+            px = self.pixel_values([load_image(self.image_dir / name)])[0]
+            if self.cache and self._pixel_bytes + px.numel() * px.element_size() <= PIXEL_CACHE_BYTES:
+                self._pixels[name] = px
+                self._pixel_bytes += px.numel() * px.element_size()
+        return px
+
     def __getitem__(self, index: int) -> Encoded:
-        if index in self._cache:
-            return self._cache[index]
+        if index not in self._text:
+            ids, labels, files = self._encode_text(index)
+        else:
+            ids, labels, files = self._text[index]
+        pixels = torch.stack([self._image(f) for f in files]) if files else None
+        return Encoded(self.sample_id(index), ids, labels, pixels, index)
+
+    def _encode_text(self, index: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         record = self.records[index]
         messages, n_used = to_messages(record, self.max_turns)
         files = record_images(record)
@@ -280,11 +301,10 @@ class LlavaDataset(torch.utils.data.Dataset):
             raise BadSample(f"too long: {len(ids)} tokens > data.max_length {self.max_length}")
         if all(lab == IGNORE_INDEX for lab in labels):
             raise BadSample("no answer tokens: every answer is empty")
-        pixels = self.pixel_values([load_image(self.image_dir / f) for f in files]) if files else None
-        enc = Encoded(self.sample_id(index), torch.tensor(ids), torch.tensor(labels), pixels, index)
+        out = (torch.tensor(ids), torch.tensor(labels), files)
         if self.cache:
-            self._cache[index] = enc
-        return enc
+            self._text[index] = out
+        return out
 
 
 @dataclass

@@ -106,7 +106,13 @@ def render(scene: Scene, image_size: int) -> Image.Image:
 
 
 def caption(scene: Scene) -> str:
-    parts = [f"a {s.size} {s.color} {s.kind} in the {s.position}" for s in scene.shapes]
+    """Every cell in reading order, then what is in it: "top left : a large red circle , top right :
+    nothing , ..." (position words first, so describing a cell means reading that cell)."""
+    by_cell = {s.cell: s for s in scene.shapes}
+    parts = []
+    for cell, pos in enumerate(POSITIONS):
+        s = by_cell.get(cell)
+        parts.append(f"{pos} : " + (f"a {s.size} {s.color} {s.kind}" if s else "nothing"))
     return " , ".join(parts) + " ."
 
 
@@ -117,28 +123,20 @@ def _plural(kind: str) -> str:
 def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     """Every question of every type this scene can answer without ambiguity: (type, question, answer)."""
     shapes = scene.shapes
+    by_cell = {s.cell: s for s in shapes}
     by_kind = {k: [s for s in shapes if s.kind == k] for k in KINDS}
     by_color = {c: [s for s in shapes if s.color == c] for c in COLORS}
     out: dict[str, list[tuple[str, str]]] = {t: [] for t in QUESTION_TYPES}
     for s in shapes:
         out["color"].append((f"what color is the shape in the {s.position} ?", s.color))
-        if len(by_kind[s.kind]) == 1:
-            out["color"].append((f"what color is the {s.kind} ?", s.color))
         out["shape"].append((f"what shape is in the {s.position} ?", s.kind))
         if len(by_color[s.color]) == 1:
-            out["shape"].append((f"what shape is {s.color} ?", s.kind))
-        same = [t for t in shapes if t.kind == s.kind and t.color == s.color]
-        if len(same) == 1:
-            out["position"].append((f"where is the {s.color} {s.kind} ?", s.position))
+            out["position"].append((f"where is the {s.color} shape ?", s.position))
+        if len(by_kind[s.kind]) == 1:
+            out["position"].append((f"where is the {s.kind} ?", s.position))
     out["count"].append(("how many shapes are there ?", NUMBERS[len(shapes)]))
-    for k in KINDS:
-        out["count"].append((f"how many {_plural(k)} are there ?", NUMBERS[len(by_kind[k])]))
-    present = {(s.color, s.kind) for s in shapes}
-    absent = [(c, k) for c in COLORS for k in KINDS if (c, k) not in present]
-    c, k = rng.choice(sorted(present))
-    out["existence"].append((f"is there a {c} {k} ?", "yes"))
-    c, k = rng.choice(absent)
-    out["existence"].append((f"is there a {c} {k} ?", "no"))
+    for cell, pos in enumerate(POSITIONS):
+        out["existence"].append((f"is there a shape in the {pos} ?", "yes" if cell in by_cell else "no"))
     return [(t, q, a) for t in QUESTION_TYPES for q, a in out[t]]
 
 
@@ -273,6 +271,6 @@ def vocabulary() -> list[str]:
     """Every word ShapesVQA text can contain, for the embedded default's word-level tokenizer."""
     words = set(CAPTION_PROMPT.split())
     words |= {"a", "in", "the", ",", ".", "?", "what", "color", "is", "shape", "how", "many", "shapes", "are"}
-    words |= {"there", "where", "yes", "no", "top", "bottom", "left", "right"}
+    words |= {"there", "where", "yes", "no", "top", "bottom", "left", "right", ":", "nothing"}
     words |= set(KINDS) | {_plural(k) for k in KINDS} | set(COLORS) | set(SIZES) | set(NUMBERS)
     return sorted(words)

@@ -94,25 +94,34 @@ def answer_from_pixels(question: str, seen: dict[int, tuple[str, str]]) -> str:
             return seen[cell][0]
         if q == f"what shape is in the {pos}":
             return seen[cell][1]
+        if q == f"is there a shape in the {pos}":
+            return "yes" if cell in seen else "no"
     if q == "how many shapes are there":
         return NUMBERS[len(seen)]
     for kind in ("circle", "square", "triangle"):
-        if q == f"how many {kind}s are there":
-            return NUMBERS[sum(1 for v in seen.values() if v[1] == kind)]
-        if q == f"what color is the {kind}":
-            (match,) = [v[0] for v in seen.values() if v[1] == kind]
-            return match
+        if q == f"where is the {kind}":
+            (cell,) = [k for k, v in seen.items() if v[1] == kind]
+            return POSITIONS[cell]
     for color in COLORS:
-        if q == f"what shape is {color}":
-            (match,) = [v[1] for v in seen.values() if v[0] == color]
-            return match
-        for kind in ("circle", "square", "triangle"):
-            if q == f"where is the {color} {kind}":
-                (cell,) = [k for k, v in seen.items() if v == (color, kind)]
-                return POSITIONS[cell]
-            if q == f"is there a {color} {kind}":
-                return "yes" if (color, kind) in seen.values() else "no"
+        if q == f"where is the {color} shape":
+            (cell,) = [k for k, v in seen.items() if v[0] == color]
+            return POSITIONS[cell]
     raise AssertionError(f"question not understood: {question!r}")
+
+
+def caption_from_pixels(seen: dict[int, tuple[str, str]], caption: str) -> bool:
+    """The caption names the right color and kind (or nothing) for every cell."""
+    parts = caption.rstrip(" .").split(" , ")
+    for cell, (pos, part) in enumerate(zip(POSITIONS, parts, strict=True)):
+        where, what = part.split(" : ")
+        if where != pos:
+            return False
+        if cell not in seen:
+            if what != "nothing":
+                return False
+        elif what.split()[-2:] != list(seen[cell]):
+            return False
+    return True
 
 
 @pytest.mark.parametrize("image_size", [32, 48])
@@ -128,6 +137,9 @@ def test_labels_are_true_of_the_pixels(tmp_path, image_size):
         assert answer_from_pixels(q, seen) == a, (rec["id"], q, a, seen)
         types.add(rec["type"])
     assert types == set(QUESTION_TYPES)
+    for rec in json.loads((tmp_path / "pretrain.json").read_text()):
+        seen = read_scene(Image.open(tmp_path / "images" / rec["image"]).convert("RGB"))
+        assert caption_from_pixels(seen, rec["conversations"][1]["value"]), rec
 
 
 def test_every_question_of_a_scene_is_answerable():
@@ -137,14 +149,12 @@ def test_every_question_of_a_scene_is_answerable():
         qs = shapes.questions(scene, rng)
         types = {t for t, _, _ in qs}
         assert {"color", "shape", "count", "existence"} <= types
-        unique = [
-            s
-            for s in scene.shapes
-            if sum(1 for o in scene.shapes if (o.kind, o.color) == (s.kind, s.color)) == 1
-        ]
-        assert ("position" in types) == bool(unique)
+        kinds = [s.kind for s in scene.shapes]
+        colors = [s.color for s in scene.shapes]
+        unique = any(kinds.count(k) == 1 for k in kinds) or any(colors.count(c) == 1 for c in colors)
+        assert ("position" in types) == unique
         ex = [a for t, _, a in qs if t == "existence"]
-        assert sorted(ex) == ["no", "yes"]
+        assert ex.count("yes") == len(scene.shapes) and len(ex) == 4
 
 
 def test_vocabulary_covers_all_text(shapes_dir):
