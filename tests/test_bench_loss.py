@@ -24,6 +24,9 @@ def test_bench_loss_measures_both_paths():
     assert d["max_rel_diff"] <= 1e-5 and d["settings"]["chunk"] == 7 and d["device"] == "cpu"
     with pytest.raises(LsdEdgeError, match="not a KL kind"):
         bench_loss(vocab=10, tokens=4, kind="nope")
+    for bad in (dict(vocab=0), dict(chunk=0), dict(temperature=0.0)):
+        with pytest.raises(LsdEdgeError, match="must be positive, --temperature > 0"):
+            bench_loss(tokens=4, **{"vocab": 10, **bad})
 
 
 def test_peak_memory_sees_a_large_tensor():

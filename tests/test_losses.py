@@ -364,6 +364,18 @@ def test_loss_terms_chunked_equals_plain(processor, shapes_dir, tiny_teacher, ti
     assert _rel(g_chunked, g_plain) <= 1e-5
 
 
+def test_chunked_refuses_an_lm_head_with_a_bias():
+    """The chunked path multiplies by lm_head.weight alone; a bias would be silently dropped."""
+    from types import SimpleNamespace
+
+    from lsd_edge.errors import TrainingError
+    from lsd_edge.train import output_weight
+
+    with pytest.raises(TrainingError, match="lm_head has a bias; set chunk_size = 0"):
+        output_weight(SimpleNamespace(lm_head=torch.nn.Linear(4, 9)))
+    assert output_weight(SimpleNamespace(lm_head=torch.nn.Linear(4, 9, bias=False))).shape == (9, 4)
+
+
 def test_stage_trained_chunked_gives_the_same_losses(tmp_path, recipe_dict):
     """A whole run with chunk_size set logs the same losses, step by step, as the plain run."""
     import json

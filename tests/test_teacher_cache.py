@@ -16,6 +16,7 @@ import torch
 from lsd_edge import losses, train
 from lsd_edge.config import StageConfig, dumps_toml, parse_recipe
 from lsd_edge.data.llava import BatchLoader, LlavaDataset
+from lsd_edge.distributed import Dist
 from lsd_edge.errors import LsdEdgeError, RecipeError, TrainingError
 from lsd_edge.teacher_cache import TeacherCache, build_cache, needed_parts
 from lsd_edge.train import Counts, DistillOptions, LatentProjector, distill, loss_terms
@@ -126,9 +127,39 @@ def test_stale_or_damaged_cache_is_refused(tmp_path, processor, shapes_dir, tiny
         cache.targets(batch)
     with pytest.raises(TrainingError, match="no teacher cache there"):
         TeacherCache(tmp_path / "nowhere")
+    ok = BatchLoader(_dataset(processor, shapes_dir), processor.tokenizer.pad_token_id).batch([0, 1])
+    ok.indices = [0, len(cache.index)]  # a data set longer than the one cached
+    with pytest.raises(TrainingError, match="fewer than the data set"):
+        cache.targets(ok)
+    ok.indices = [0, 1]
+    (cache.folder / "shard-00000" / "resp_logp.npy").write_bytes(b"cut short")
+    with pytest.raises(TrainingError, match=r"cannot read resp_logp.npy of shard 0 .*cache-teacher"):
+        TeacherCache(cache.folder).targets(ok)
+    manifest = json.loads((cache.folder / "manifest.json").read_text())
+    (cache.folder / "manifest.json").write_text(json.dumps({**manifest, "format": 0}))
+    with pytest.raises(TrainingError, match="teacher cache of another format"):
+        TeacherCache(cache.folder)
     (cache.folder / "index.npy").write_bytes(b"garbage")
     with pytest.raises(TrainingError, match="damaged teacher cache"):
         TeacherCache(cache.folder)
+
+
+def test_blank_teacher_cache_setting_is_refused(recipe_dict):
+    with pytest.raises(RecipeError, match=r"teacher_cache: give 'off', 'auto' or the folder"):
+        parse_recipe(recipe_dict, overrides=["stages[2].teacher_cache= "])
+
+
+def test_a_multi_process_run_does_not_make_caches_or_answers(recipe_dict, tmp_path, monkeypatch, processor):
+    """Each process would write the same folder (and a sharded teacher needs them all): refused."""
+    r = parse_recipe(recipe_dict, overrides=["stages[2].teacher_cache=auto", "stages[1].regenerate=true"])
+    opts = DistillOptions()
+    run_ = train.Run(r, train.RunPaths(tmp_path / "run"), torch.device("cpu"), None, opts, dist=Dist(0, 2))
+    monkeypatch.setattr(train, "files_hash", lambda path: "h")
+    run_._teacher_hash, run_.processor = "t", processor
+    with pytest.raises(LsdEdgeError, match=r"2-process run does not make it; run `lsd-edge cache-teacher"):
+        run_.teacher_cache(r.stages[2])
+    with pytest.raises(LsdEdgeError, match=r"regenerated data of stage 'sft' .* `lsd-edge regenerate"):
+        run_.regenerated(r.stages[1])
 
 
 def test_cache_needs_projector_pairs_only(recipe_dict):
