@@ -1,7 +1,10 @@
 """Measure the efficiency options on a recipe (default: the embedded one), in one command.
 
-    PYTHONPATH=. python docs/efficiency/measure_tiny.py --out /tmp/eff [--recipe recipes/tiny.toml]
-        [--data-root DIR] [--teacher DIR]
+    PYTHONPATH=. OMP_NUM_THREADS=1 python docs/efficiency/measure_tiny.py --out /tmp/effrun \
+        [--recipe recipes/tiny.toml] [--data-root DIR] [--teacher DIR] [--set KEY=VALUE ...]
+
+`--set` overrides go to every run (e.g. `stages[2].max_steps=60` for a short measurement); the
+figures in README's Efficiency section name the ones they used.
 
 `--teacher` copies a teacher this recipe already trained (its teacher.json fingerprint must match,
 i.e. same teacher/data/seed/eval settings, `--data-root` included) instead of training it again.
@@ -19,9 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shutil
 import time
 from pathlib import Path
+
+import torch
 
 from lsd_edge.checkpoint import read_json, write_json
 from lsd_edge.config import load_recipe
@@ -53,9 +60,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--data-root", help="data.root (default OUT/data)")
     ap.add_argument("--teacher", type=Path, help="a teacher folder made by this recipe, to copy")
+    ap.add_argument("--set", action="append", default=[], help="a recipe override for every run")
     args = ap.parse_args()
     out: Path = args.out
-    data = ["data.root=" + (args.data_root or str(out / "data"))]
+    data = ["data.root=" + (args.data_root or str(out / "data"))] + args.set
     if args.teacher and not (out / "online" / "teacher").exists():
         shutil.copytree(args.teacher, out / "online" / "teacher")
 
@@ -68,7 +76,12 @@ def main() -> None:
         return root
 
     base = run("online", [])
-    result: dict = {"recipe": args.recipe, "online": {"dft": _stage(base, "dft")}}
+    result: dict = {
+        "recipe": args.recipe,
+        "overrides": args.set,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+        "online": {"dft": _stage(base, "dft")},
+    }
     dft = len(load_recipe(args.recipe).stages) - 1
     plan = [
         ("online-2", []),
