@@ -84,6 +84,23 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+WEIGHT_FILES = ("config.json", "*.safetensors", "tokenizer.json")
+
+
+def files_hash(path: str | Path, patterns: tuple[str, ...] = WEIGHT_FILES) -> str:
+    """A short hash of file contents: one file, or the files of a folder matching `patterns` (a model
+    folder's weights, config and tokenizer), so a cache is tied to bytes, not to names or dates."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted({f for p in patterns for f in path.glob(p) if f.is_file()})
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            while block := fh.read(1 << 24):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
 # ------------------------------------------------------------------------------------------- step state
 
 

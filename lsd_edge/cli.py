@@ -78,6 +78,15 @@ def _reporter():
     return RichReporter(err)
 
 
+def _write_json(path: Path | None, data: Any) -> None:
+    """The `--json OUT` of a command: the result as JSON, when asked for."""
+    if path:
+        from lsd_edge.checkpoint import write_json
+
+        write_json(path, data)
+        out.print(f"wrote {path}")
+
+
 def _tree(label: str, data: Any, tree: Tree | None = None) -> Tree:
     tree = tree or Tree(f"[bold]{label}")
     if isinstance(data, dict):
@@ -381,11 +390,7 @@ def eval_(
         err.print(
             f"[yellow]skipped {res.bad_samples['total']} bad sample(s): {res.bad_samples['by_reason']}[/yellow]"
         )
-    if json_out:
-        from lsd_edge.checkpoint import write_json
-
-        write_json(json_out, res.as_dict())
-        out.print(f"wrote {json_out}")
+    _write_json(json_out, res.as_dict())
 
 
 @app.command()
@@ -415,11 +420,111 @@ def ablate(
     t.add_row("teacher", f"{100 * result['teacher']['accuracy']:.1f}%", "")
     out.print(t)
     out.print(f"chart: {result['chart']}")
-    if json_out:
-        from lsd_edge.checkpoint import write_json
+    _write_json(json_out, result)
 
-        write_json(json_out, result)
-        out.print(f"wrote {json_out}")
+
+@app.command("bench-loss")
+def bench_loss(
+    vocab: Annotated[int, typer.Option("--vocab", min=1, help="Vocabulary rows.")] = 151936,
+    tokens: Annotated[int, typer.Option("--tokens", min=1, help="Positions (B x T) in the batch.")] = 4096,
+    student_hidden: Annotated[int, typer.Option("--student-hidden", min=1)] = 896,
+    teacher_hidden: Annotated[int, typer.Option("--teacher-hidden", min=1)] = 2048,
+    chunk: Annotated[int, typer.Option("--chunk", min=1, help="Positions per chunk.")] = 256,
+    kind: Annotated[str, typer.Option("--kind", help="forward, reverse, jsd or skew.")] = "forward",
+    temperature: Annotated[float, typer.Option("--temperature", min=0.01)] = 1.0,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Timed runs of each path.")] = 3,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the result as JSON here.")] = None,
+) -> None:
+    """Plain vs chunked response KL (forward + backward): peak memory, time, and their difference."""
+    from lsd_edge.bench_loss import bench_loss as run_bench
+
+    res = run_bench(
+        vocab,
+        tokens,
+        student_hidden,
+        teacher_hidden,
+        chunk,
+        kind,
+        temperature,
+        repeats,
+        device,
+        0,
+        _reporter(),
+    )
+    t = Table(title=f"KL loss, {tokens:,} positions x {vocab:,} rows, on {res.device}")
+    t.add_column("path")
+    t.add_column("peak MB", justify="right")
+    t.add_column("ms", justify="right")
+    t.add_row("plain", f"{res.plain['peak_mb']:,.0f}", f"{res.plain['ms']:,.0f}")
+    t.add_row(f"chunked ({chunk})", f"{res.chunked['peak_mb']:,.0f}", f"{res.chunked['ms']:,.0f}")
+    out.print(t)
+    out.print(
+        f"chunked / plain: memory {res.chunked['peak_mb'] / max(res.plain['peak_mb'], 1e-9):.1%}, "
+        f"time {res.chunked['ms'] / max(res.plain['ms'], 1e-9):.2f}x; max relative difference "
+        f"{res.max_rel_diff:.1e} (loss and gradients)"
+    )
+    _write_json(json_out, res.as_dict())
+
+
+@app.command("cache-teacher")
+def cache_teacher(
+    recipe: Annotated[Path, typer.Argument(help="A TOML recipe.")],
+    stage: Annotated[
+        str, typer.Option("--stage", help="The (distilling) stage whose data to cache.")
+    ] = "dft",
+    top_k: Annotated[
+        int | None,
+        typer.Option(
+            "--top-k", min=1, help="Log-probs kept per position (default: the stage's teacher_cache_top_k)."
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Make it again even if it is up to date.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Run the teacher once over a stage's data and store its top-k log-probs and features."""
+    from lsd_edge.config import load_recipe
+    from lsd_edge.train import cache_teacher as run_cache
+
+    r = load_recipe(recipe, set_ or [])
+    m = run_cache(r, stage, top_k, force, _reporter())
+    pos = m["positions"]
+    verb = "made" if m["built"] else "up to date"
+    out.print(
+        f"[green]teacher cache {verb}[/green]: {m['folder']} — {m['samples']:,} samples, "
+        f"{pos['response']:,} response + {pos['visual']:,} visual positions, {m['images']:,} images, "
+        f"top-{m['top_k']} ({', '.join(m['parts'])})"
+    )
+    out.print(
+        f"{m['bytes'] / 2**20:,.1f} MB on disk, {m['bytes_per_position']:,.0f} bytes per cached position "
+        f"({m['topk_bytes_per_position']} for the top-k and tail), made in {m['seconds']:.1f}s"
+    )
+    if not m["used_by_stage"]:
+        out.print(f"[yellow]stage {stage} does not use it yet: set teacher_cache = 'auto' on it[/yellow]")
+
+
+@app.command()
+def regenerate(
+    recipe: Annotated[Path, typer.Argument(help="A TOML recipe.")],
+    stage: Annotated[
+        str, typer.Option("--stage", help="The stage whose questions the teacher answers.")
+    ] = "sft",
+    force: Annotated[bool, typer.Option("--force", help="Make it again even if it is up to date.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Have the teacher answer a stage's questions and write them as a new LLaVA-format JSON (LLaVADI)."""
+    from lsd_edge.config import load_recipe
+    from lsd_edge.train import regenerate_data
+
+    r = load_recipe(recipe, set_ or [])
+    m = regenerate_data(r, stage, force, _reporter())
+    verb = "wrote" if m["built"] else "up to date:"
+    out.print(
+        f"[green]{verb} {m['path']}[/green]: {m['answers']:,} answers to {m['records']:,} records, "
+        f"{m['changed']:,} differ from the reference, {m['kept_reference']:,} empty kept the reference"
+    )
+    if not m["used_by_stage"]:
+        out.print(f"[yellow]stage {stage} does not use it yet: set regenerate = true on it[/yellow]")
 
 
 @app.command("export")

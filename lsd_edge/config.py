@@ -116,6 +116,9 @@ class LossConfig(Strict):
         ("projector", "projector"),
         (-1, -1),
     ]
+    # Response and visual logit losses from hidden states and lm_head weights, this many positions at
+    # a time, so B x T x V logits are never whole in memory; 0 = the plain path (whole logits).
+    chunk_size: NonNegInt = 0
 
     def weight(self, term: str) -> float:
         value = getattr(self, term)
@@ -167,6 +170,15 @@ class StageConfig(Strict):
     loss: LossConfig = LossConfig()
     distill_schedule: DistillSchedule = DistillSchedule()
     gradient_checkpointing: bool = False
+    # Distil from a top-k teacher cache instead of running the teacher: "off" (online teacher), "auto"
+    # (<output_dir>/teacher-cache/<stage>, made on first use) or the folder of a cache made by
+    # `lsd-edge cache-teacher`. A stage with a cache trains with no teacher in memory.
+    teacher_cache: str = "off"
+    teacher_cache_top_k: PositiveInt = 64
+    # Train on the teacher's own answers to the stage's questions (LLaVADI): written once to
+    # <output_dir>/regenerated/<stage>/ by greedy decoding, then used instead of the reference answers.
+    regenerate: bool = False
+    regenerate_max_new_tokens: PositiveInt = 64
 
     @model_validator(mode="before")
     @classmethod
@@ -200,7 +212,24 @@ class StageConfig(Strict):
                 )
         elif self.loss.ce == 0 and all(self.loss.weight(t) == 0 for t in DISTILL_TERMS):
             raise ValueError("loss: every weight is 0, so the stage would learn nothing")
+        if not self.teacher_cache.strip():
+            raise ValueError("teacher_cache: give 'off', 'auto' or the folder of a teacher cache")
+        if self.cached:
+            if self.kind not in DISTILLING_KINDS:
+                raise ValueError(
+                    f"teacher_cache: a '{self.kind}' stage does not use the teacher; remove it or set 'off'"
+                )
+            layers = [p for p in self.loss.latent_pairs if p[0] != "projector"]
+            if self.loss.weight("latent") > 0 and layers:
+                raise ValueError(
+                    f"loss.latent_pairs: a teacher cache stores projector features only, not layer {layers[0]}; "
+                    "keep ['projector', 'projector'] pairs, set loss.latent = 0, or teacher_cache = 'off'"
+                )
         return self
+
+    @property
+    def cached(self) -> bool:
+        return self.teacher_cache != "off"
 
     @property
     def distills(self) -> bool:
@@ -358,6 +387,8 @@ def cross_check(recipe: Recipe) -> list[str]:
             problems.append(f"teacher.stages[{i}].data: '{st.data}' needs a [data.{st.data}] section")
         if st.distills:
             problems.append(f"teacher.stages[{i}].kind: the teacher trains with pt/sft stages only")
+        if st.regenerate:
+            problems.append(f"teacher.stages[{i}].regenerate: the teacher trains on the reference answers")
     if recipe.teacher.stages and recipe.teacher.tiny is None:
         problems.append("teacher.stages: only a [teacher.tiny] teacher is trained by the recipe")
     if recipe.teacher.tiny is not None and not recipe.teacher.stages:

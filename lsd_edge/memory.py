@@ -4,7 +4,9 @@
 hub is in reach), builds each model on the meta device to count its parameters, and returns one
 `StepMemory` per stage: fp32 student weights, fp32 gradients and AdamW states of the trainable
 groups, teacher weights in their dtype, saved activations (with or without activation
-checkpointing) and the logits the losses hold at response and visual positions. The sequence is the
+checkpointing) and the logits the losses hold at response and visual positions (one chunk at a time
+with `loss.chunk_size`; a stage with a teacher cache holds no teacher weights, forward or logits). The
+sequence is the
 worst case: every sample `data.max_length` tokens long with one image, every other token an answer.
 
 `measure_step(...)` runs real steps on random weights and synthetic worst-case batches (profiler
@@ -155,6 +157,28 @@ def logits_bytes(
     return held + max(resp_peak, vis_peak)
 
 
+def chunked_logits_bytes(
+    vocab_s: int,
+    vocab_t: int,
+    hidden_s: int,
+    n_resp: int,
+    n_vis: int,
+    chunk: int,
+    e_s: int,
+    e_t: int,
+    response_kl: bool,
+    visual_kl: bool,
+    head_trains: bool,
+) -> int:
+    """Bytes of the chunked logit losses (`loss.chunk_size`): one chunk's logits and softmax buffers
+    at a time, plus what each output (CE, response KL, visual KL) keeps until backward: the gradient
+    to its hidden states (N, Ds) and, when the lm_head trains, to its weight (Vs, Ds) in fp32."""
+    outs = [(n_resp, 1 + response_kl), (n_vis, int(visual_kl))]
+    kept = sum(k * (n * hidden_s * e_s + (4 * vocab_s * hidden_s if head_trains else 0)) for n, k in outs)
+    rows = min(chunk, max(n_resp, n_vis if visual_kl else 0))
+    return kept + rows * (vocab_s * e_s + vocab_t * e_t + vocab_s * 20)
+
+
 def estimate_step(
     student: ModelShape,
     teacher: ModelShape | None,
@@ -176,11 +200,14 @@ def estimate_step(
     K = min(student.image_tokens, T - 1)
     n_vis, n_resp = B * K, B * (T - K)
     distills = teacher is not None and stage.distills
+    cached = distills and stage.cached  # the teacher is released; its targets are read from the cache
     w = {t: stage.loss.weight(t) for t in DISTILL_TERMS}
     t_bytes = torch.finfo(teacher_dtype).bits // 8
     e_t = 2 if autocast else t_bytes
     teacher_fwd = 0
-    if distills:
+    if cached:
+        e_t = 0  # top-k targets: a few bytes per position, no teacher logits
+    elif distills:
         hidden_kept = B * T * teacher.hidden * e_t
         if w["latent"] > 0 and any(isinstance(p[0], int) for p in stage.loss.latent_pairs):
             hidden_kept *= teacher.layers + 1
@@ -188,6 +215,17 @@ def estimate_step(
     # Gradients reach the projector through the LLM, so its activations are kept whenever anything
     # before the LLM's head trains.
     activations = activation_bytes(student, B * T, autocast, checkpointing) if trainable else 0
+    vocab_t = teacher.vocab if teacher is not None else student.vocab
+    response_kl = distills and w["response_kl"] > 0
+    visual_kl = distills and w["visual_kl"] > 0 and K > 0
+    if stage.loss.chunk_size:
+        head_trains = "llm" in stage.trainable
+        logits = chunked_logits_bytes(
+            student.vocab, vocab_t, student.hidden, n_resp, n_vis, stage.loss.chunk_size,
+            e_act, e_t, response_kl, visual_kl, head_trains,
+        )  # fmt: skip
+    else:
+        logits = logits_bytes(student.vocab, vocab_t, n_resp, n_vis, e_act, e_t, response_kl, visual_kl)
     return StepMemory(
         stage=stage.name,
         kind=stage.kind,
@@ -198,18 +236,9 @@ def estimate_step(
         student_weights=4 * student.params["total"],
         gradients=4 * trainable,
         optimizer=8 * trainable,
-        teacher_weights=t_bytes * teacher.params["total"] if teacher is not None else 0,
+        teacher_weights=t_bytes * teacher.params["total"] if teacher is not None and not cached else 0,
         activations=activations,
-        logits=logits_bytes(
-            student.vocab,
-            teacher.vocab if teacher is not None else student.vocab,
-            n_resp,
-            n_vis,
-            e_act,
-            e_t,
-            distills and w["response_kl"] > 0,
-            distills and w["visual_kl"] > 0 and K > 0,
-        ),
+        logits=logits,
         teacher_forward=teacher_fwd,
     )
 

@@ -280,6 +280,21 @@ def _check_ref(ref: str, what: str) -> str:
     return ref
 
 
+def model_folder(ref: str, what: str = "model") -> Path:
+    """The local folder of a model: the folder itself, or a hub id's snapshot in the local HF cache."""
+    ref = _check_ref(ref, what)
+    if Path(ref).is_dir():
+        return Path(ref)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref, local_files_only=True))
+    except Exception as e:  # not downloaded, or a broken cache: the user can point at a folder
+        raise ModelError(
+            f"{what} '{ref}': not in the local Hugging Face cache ({_first_line(e)}); give a local folder"
+        ) from None
+
+
 def load_llava(
     ref: str, *, what: str = "model", dtype: str = "auto", device: str = "cpu", trust_remote_code=False
 ):

@@ -9,6 +9,7 @@ separate from the loop, so every formula can be traced to `losses.py`.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from torch import nn
 from lsd_edge import losses
 from lsd_edge.checkpoint import (
     atomic_dir,
+    files_hash,
     fingerprint,
     is_complete,
     latest_step_state,
@@ -36,9 +38,9 @@ from lsd_edge.checkpoint import (
     set_rng_state,
     write_json,
 )
-from lsd_edge.config import DISTILL_TERMS, Recipe, StageConfig
+from lsd_edge.config import DISTILL_TERMS, DISTILLING_KINDS, Recipe, StageConfig
 from lsd_edge.data.llava import IGNORE_INDEX, BadSampleLog, Batch, BatchLoader, LlavaDataset
-from lsd_edge.distributed import SINGLE, Dist, idle_forward, setup, shard_decoder_layers
+from lsd_edge.distributed import SINGLE, Dist, idle_forward, resolve_device, setup, shard_decoder_layers
 from lsd_edge.errors import DataError, LsdEdgeError, TrainingError
 from lsd_edge.models import (
     build_tiny_model,
@@ -50,11 +52,14 @@ from lsd_edge.models import (
     dir_size_mb,
     eager,
     load_llava,
+    model_folder,
     set_activation_checkpointing,
     set_trainable,
     torch_dtype,
 )
 from lsd_edge.progress import QuietReporter, Reporter
+from lsd_edge.regenerate import regenerate
+from lsd_edge.teacher_cache import TeacherCache, build_cache, needed_parts
 
 TERMS = ("ce",) + DISTILL_TERMS
 
@@ -137,8 +142,11 @@ def corpus_words(recipe: Recipe) -> list[str]:
     return sorted(words)
 
 
-def open_dataset(recipe: Recipe, stage: StageConfig, processor) -> LlavaDataset:
-    path, images = recipe.data.resolve(recipe.data.dataset(stage.data))
+def open_dataset(
+    recipe: Recipe, stage: StageConfig, processor, data: tuple[Path, Path | None] | None = None
+) -> LlavaDataset:
+    """The stage's data set; `data` (JSON, image folder) replaces the recipe's file (regenerated data)."""
+    path, images = data or recipe.data.resolve(recipe.data.dataset(stage.data))
     return LlavaDataset(
         path,
         images,
@@ -234,6 +242,64 @@ class LatentProjector(nn.Module):
         self.maps = nn.ModuleList(nn.Linear(student_dim, teacher_dim) for _ in self.pairs)
 
 
+def output_weight(model) -> torch.Tensor:
+    """The lm_head weight (V, D) the chunked losses multiply by themselves."""
+    head = model.lm_head
+    if getattr(head, "bias", None) is not None:
+        raise TrainingError("loss.chunk_size: this model's lm_head has a bias; set chunk_size = 0")
+    return head.weight
+
+
+def online_targets(teacher, batch: Batch, need_hidden: bool) -> losses.TeacherTargets:
+    """The teacher side of a micro-batch from a forward pass of the teacher (no graph)."""
+    with torch.no_grad():
+        t = forward(teacher, batch, hidden_states=need_hidden)
+    resp = batch.labels[:, 1:] != IGNORE_INDEX
+    vis = batch.visual_mask
+    weight = teacher.lm_head.weight
+    n_img = t.image_features.shape[0] if t.image_features is not None else 0
+    return losses.TeacherTargets(
+        response=losses.DenseTargets(t.hidden[:, :-1][resp], weight),
+        visual=losses.DenseTargets(t.hidden[vis], weight),
+        visual_tokens=t.hidden[vis].view(n_img, -1, t.hidden.shape[-1]),
+        image_features=t.image_features,
+        hidden_states=t.hidden_states,
+    )
+
+
+def teacher_targets(teacher, batch: Batch, need_hidden: bool) -> losses.TeacherTargets:
+    """From the teacher model run now, or from a teacher cache (anything with `targets(batch)`)."""
+    if isinstance(teacher, nn.Module):
+        return online_targets(teacher, batch, need_hidden)
+    return teacher.targets(batch)
+
+
+def teacher_width(teacher) -> int:
+    if isinstance(teacher, nn.Module):
+        return teacher.config.text_config.hidden_size
+    return teacher.teacher_hidden
+
+
+def logit_sums(student, hidden, lc, vocab_rows, *, targets=None, teacher=None):
+    """(CE sum, KD sum) at gathered positions: hidden (N, Ds), targets (N,) for CE, `teacher` targets
+    for KD; whole logits, or `lc.chunk_size` positions at a time (same values and gradients)."""
+    kl = dict(
+        kind=lc.kl,
+        temperature=lc.temperature,
+        jsd_beta=lc.jsd_beta,
+        skew_lambda=lc.skew_lambda,
+        vocab_rows=vocab_rows,
+    )
+    if lc.chunk_size:
+        return losses.chunked_logit_sums(
+            hidden, output_weight(student), targets=targets, teacher=teacher, chunk=lc.chunk_size, **kl
+        )
+    logits = student.lm_head(hidden)  # (N, Vs)
+    ce = None if targets is None else losses.cross_entropy_sum(logits, targets, vocab_rows)
+    kd = None if teacher is None else losses.divergence_sum(logits, teacher, **kl)
+    return ce, kd
+
+
 def loss_terms(
     student,
     teacher,
@@ -246,7 +312,8 @@ def loss_terms(
     """Every loss term of one micro-batch, each normalised by its count in the accumulated batch.
 
     L = ce*L_reg + lambda * (alpha*L_res + beta*L_vis + gamma*L_rel + delta*L_lat); the weights are
-    applied by the caller. Terms with weight 0 are not computed.
+    applied by the caller. Terms with weight 0 are not computed. `teacher` is the teacher model or a
+    teacher cache.
     """
     lc = stage.loss
     w = {t: lc.weight(t) for t in DISTILL_TERMS}
@@ -255,36 +322,33 @@ def loss_terms(
     s = forward(student, batch, hidden_states=need_hidden)
     resp = batch.labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t+1
     s_resp_h = s.hidden[:, :-1][resp]  # (N, Ds)
-    s_resp_logits = student.lm_head(s_resp_h)  # (N, Vs)
     targets = batch.labels[:, 1:][resp]  # (N,)
-    terms: dict[str, torch.Tensor] = {}
-    terms["ce"] = losses.cross_entropy_sum(s_resp_logits, targets, vocab_rows) / max(1, counts.response)
-    if not need_teacher:
-        return terms
-    kl_kw = dict(
-        kind=lc.kl,
-        temperature=lc.temperature,
-        jsd_beta=lc.jsd_beta,
-        skew_lambda=lc.skew_lambda,
-        vocab_rows=vocab_rows,
+    t = teacher_targets(teacher, batch, need_hidden) if need_teacher else None
+    ce, kd = logit_sums(
+        student,
+        s_resp_h,
+        lc,
+        vocab_rows,
+        targets=targets,
+        teacher=t.response if t is not None and w["response_kl"] > 0 else None,
     )
-    with torch.no_grad():
-        t = forward(teacher, batch, hidden_states=need_hidden)
-    if w["response_kl"] > 0:
-        with torch.no_grad():
-            t_resp_logits = teacher.lm_head(t.hidden[:, :-1][resp])
-        terms["response_kl"] = losses.kd_sum(s_resp_logits, t_resp_logits, **kl_kw) / max(1, counts.response)
+    terms: dict[str, torch.Tensor] = {"ce": ce / max(1, counts.response)}
+    if t is None:
+        return terms
+    if kd is not None:
+        terms["response_kl"] = kd / max(1, counts.response)
     vis = batch.visual_mask
     if w["visual_kl"] > 0 and counts.visual > 0:
-        with torch.no_grad():
-            t_vis_logits = teacher.lm_head(t.hidden[vis])
-        s_vis_logits = student.lm_head(s.hidden[vis])
-        terms["visual_kl"] = losses.kd_sum(s_vis_logits, t_vis_logits, **kl_kw) / max(1, counts.visual)
+        _, kd = logit_sums(student, s.hidden[vis], lc, vocab_rows, teacher=t.visual)
+        terms["visual_kl"] = kd / max(1, counts.visual)
     if w["relation"] > 0 and counts.images > 0:
         n_img = s.image_features.shape[0] if s.image_features is not None else 0
         sv = s.hidden[vis].view(n_img, -1, s.hidden.shape[-1])
-        tv = t.hidden[vis].view(n_img, -1, t.hidden.shape[-1])
-        terms["relation"] = losses.relation_sum(sv, tv) / max(1, counts.images)
+        if t.relation is not None:
+            rel = losses.relation_sum_to(sv, t.relation)
+        else:
+            rel = losses.relation_sum(sv, t.visual_tokens)
+        terms["relation"] = rel / max(1, counts.images)
     if w["latent"] > 0 and latent is not None:
         total = s.hidden.new_zeros(())
         valid = batch.attention_mask.bool()
@@ -466,7 +530,7 @@ def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
     if checkpointing:
         set_activation_checkpointing(model, True)
     teacher = job.teacher if stage.distills else None
-    if teacher is not None:
+    if isinstance(teacher, nn.Module):
         teacher.eval()
     vocab_rows = len(job.processor.tokenizer)
     with torch.random.fork_rng(devices=[]):
@@ -476,7 +540,7 @@ def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
             latent = LatentProjector(
                 stage.loss.latent_pairs,
                 model.config.text_config.hidden_size,
-                teacher.config.text_config.hidden_size,
+                teacher_width(teacher),
             ).to(job.device)
     params = [p for p in model.parameters() if p.requires_grad]
     if latent is not None:
@@ -499,7 +563,7 @@ def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
     started = time.perf_counter()
     tokens_seen = 0
     last: dict[str, float] = {}
-    idle_teacher = dist.shard_teacher and teacher is not None
+    idle_teacher = dist.shard_teacher and isinstance(teacher, nn.Module)
     log = job.log_path.open("a", encoding="utf-8") if dist.main else None
     try:
         while step < steps:
@@ -621,6 +685,12 @@ class RunPaths:
     def teacher_stages(self) -> Path:
         return self.root / "teacher-stages"
 
+    def teacher_cache(self, stage: str) -> Path:
+        return self.root / "teacher-cache" / stage
+
+    def regenerated(self, stage: str) -> Path:
+        return self.root / "regenerated" / stage
+
     @property
     def student(self) -> Path:
         return self.root / "student"
@@ -658,6 +728,9 @@ class Run:
     student_processor: Any = None
     teacher_metrics: dict[str, Any] = field(default_factory=dict)
     dist: Dist = SINGLE
+    teacher_info: dict[str, Any] = field(default_factory=dict)  # params, size: kept when it leaves memory
+    _teacher_hash: str | None = None
+    _stage_data: dict[str, tuple[Path, Path | None]] = field(default_factory=dict)
 
     # -- evaluation
 
@@ -808,6 +881,178 @@ class Run:
                 shutil.rmtree(state_dir, ignore_errors=True)
         self.dist.barrier()
 
+    # -- the teacher's offline work: regenerated answers and top-k caches
+
+    def note_teacher(self) -> None:
+        t = self.teacher
+        size = sum(p.numel() * p.element_size() for p in t.parameters()) / 2**20
+        self.teacher_info = {"params": count_params(t)["total"], "size_mb": size}
+
+    def ensure_teacher(self) -> None:
+        if self.teacher is None:
+            self.get_teacher()
+
+    def release_teacher(self) -> None:
+        """Drop the teacher from memory: a stage distilling from a cache does not need it."""
+        if self.teacher is None:
+            return
+        self.teacher = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def refuse_multi_process(self, what: str, command: str, stage: str) -> None:
+        # Every process would write the same folder, and a sharded teacher needs all of them in each
+        # forward; one process makes it once, before the launch.
+        if self.dist.active:
+            raise LsdEdgeError(
+                f"{what} is missing or stale and a {self.dist.world}-process run does not make it; run "
+                f"`lsd-edge {command} RECIPE --stage {stage}` in one process first, then launch again"
+            )
+
+    def teacher_hash(self) -> str:
+        """A hash of the teacher's weight, config and tokenizer files: what caches are tied to."""
+        if self._teacher_hash is None:
+            r = self.recipe
+            if r.teacher.tiny is not None:
+                folder = self.options.teacher_dir or self.paths.teacher
+            else:
+                folder = model_folder(r.teacher.path, "teacher.path")
+            self._teacher_hash = files_hash(folder)
+        return self._teacher_hash
+
+    def source_data(self, stage: StageConfig) -> tuple[Path, Path | None]:
+        return self.recipe.data.resolve(self.recipe.data.dataset(stage.data))
+
+    def stage_data(self, stage: StageConfig) -> tuple[Path, Path | None]:
+        """The data a stage trains on: the recipe's file, or the teacher's answers to it (made once)."""
+        if not stage.regenerate:
+            return self.source_data(stage)
+        # Checked once per run (it hashes the data); only student stages regenerate, so names are unique.
+        if stage.name not in self._stage_data:
+            self._stage_data[stage.name] = (Path(self.regenerated(stage)["path"]), self.source_data(stage)[1])
+        return self._stage_data[stage.name]
+
+    def regenerated(self, stage: StageConfig, remake: bool = False, force: bool = False) -> dict[str, Any]:
+        """The manifest of the stage's regenerated data, made when missing. A folder made with other
+        settings is refused, or made again when `remake` (the `regenerate` command); `force` remakes any."""
+        folder = self.paths.regenerated(stage.name)
+        src, images = self.source_data(stage)
+        identity = {
+            "teacher": self.teacher_hash(),
+            "data": files_hash(src),
+            "images": str(images),
+            "max_samples": stage.max_samples,
+            "max_turns": stage.max_turns,
+            "max_new_tokens": stage.regenerate_max_new_tokens,
+        }
+        if (folder / "manifest.json").is_file() and not force:
+            made = read_json(folder / "manifest.json")
+            changed = [k for k, v in identity.items() if made.get("identity", {}).get(k) != v]
+            if not changed:
+                return {**made, "path": str(folder / "data.json"), "built": False}
+            if not remake:
+                raise LsdEdgeError(
+                    f"{folder} holds answers regenerated with other settings ({', '.join(changed)} changed); "
+                    f"make them again with `lsd-edge regenerate RECIPE --stage {stage.name}` or delete the folder"
+                )
+        self.refuse_multi_process(f"the regenerated data of stage '{stage.name}'", "regenerate", stage.name)
+        self.ensure_teacher()
+        with atomic_dir(folder) as tmp:
+            summary = regenerate(
+                self.teacher,
+                self.processor,
+                src,
+                images,
+                tmp / "data.json",
+                max_samples=stage.max_samples,
+                max_turns=stage.max_turns,
+                max_new_tokens=stage.regenerate_max_new_tokens,
+                batch_size=self.recipe.eval.batch_size,
+                reporter=self.reporter,
+            )
+            made = {"stage": stage.name, "source": str(src), "identity": identity, **summary.as_dict()}
+            write_json(tmp / "manifest.json", made)
+        self._stage_data.pop(stage.name, None)
+        return {**made, "path": str(folder / "data.json"), "built": True}
+
+    def cache_folder(self, stage: StageConfig) -> Path:
+        if stage.teacher_cache in ("off", "auto"):
+            return self.paths.teacher_cache(stage.name)
+        return Path(stage.teacher_cache)
+
+    def cache_identity(self, stage: StageConfig) -> dict[str, Any]:
+        """Everything that decides a cache's content apart from k: teacher, data, positions, T."""
+        data, images = self.stage_data(stage)
+        return {
+            "teacher": self.teacher_hash(),
+            "data": files_hash(data),
+            "images": str(images),
+            "max_length": self.recipe.data.max_length,
+            "max_samples": stage.max_samples,
+            "max_turns": stage.max_turns,
+            "temperature": stage.loss.temperature,
+            "vocab_rows": len(self.processor.tokenizer),
+        }
+
+    def teacher_cache(
+        self, stage: StageConfig, remake: bool = False, top_k: int | None = None, force: bool = False
+    ) -> tuple[TeacherCache, bool]:
+        """The stage's teacher cache and whether it was made now. Distilling (`remake` False) makes a
+        missing 'auto' cache and refuses a stale one; the `cache-teacher` command (`remake`) makes a
+        missing or stale one again, or one with another k when `top_k` is given; `force` always."""
+        folder = self.cache_folder(stage)
+        identity, parts = self.cache_identity(stage), needed_parts(stage)
+        if (folder / "manifest.json").is_file() and not force:
+            cache = TeacherCache(folder)
+            fresh = not cache.problems(identity, parts)
+            if fresh and (top_k is None or min(top_k, identity["vocab_rows"]) == cache.top_k):
+                return cache, False
+            if not remake:
+                cache.check(identity, parts)
+        elif not remake and stage.teacher_cache != "auto":
+            raise missing_cache(stage)
+        self.refuse_multi_process(f"the teacher cache of stage '{stage.name}'", "cache-teacher", stage.name)
+        self.ensure_teacher()
+        teacher, precision = self.teacher, self.recipe.run.precision
+
+        def online(batch: Batch) -> losses.TeacherTargets:
+            with autocast(self.device, precision):
+                return online_targets(teacher, batch, need_hidden=False)
+
+        build_cache(
+            folder,
+            open_dataset(self.recipe, stage, self.processor, self.stage_data(stage)),
+            online,
+            stage=stage.name,
+            identity=identity,
+            parts=parts,
+            top_k=top_k or stage.teacher_cache_top_k,
+            temperature=stage.loss.temperature,
+            vocab_rows=identity["vocab_rows"],
+            teacher_hidden=teacher_width(teacher),
+            device=self.device,
+            batch_size=stage.batch_size,
+            policy=self.recipe.data.bad_samples,
+            reporter=self.reporter,
+        )
+        return TeacherCache(folder), True
+
+    def stage_teacher(self, stage: StageConfig):
+        """What a stage distils from: the teacher model, or its cache (and then the teacher leaves memory)."""
+        if not stage.distills:
+            return self.teacher
+        if not stage.cached:
+            self.ensure_teacher()
+            return self.teacher
+        cache, _ = self.teacher_cache(stage)
+        self.release_teacher()
+        self.reporter.message(
+            f"stage {stage.name}: distilling from the teacher cache {cache.folder} (top-{cache.top_k}); "
+            "the teacher is not in memory"
+        )
+        return cache
+
     def _job(self, key, stage, index, model, processor, teacher, state_dir) -> StageJob:
         r = self.recipe
         return StageJob(
@@ -817,7 +1062,7 @@ class Run:
             model=model,
             processor=processor,
             teacher=teacher,
-            dataset=open_dataset(r, stage, processor),
+            dataset=open_dataset(r, stage, processor, self.stage_data(stage)),
             state_dir=state_dir,
             seed=r.run.seed,
             device=self.device,
@@ -847,6 +1092,24 @@ class Run:
             base.append(st.model_dump(mode="json"))
             out.append(fingerprint(*base, r.run.seed))
         return out
+
+
+def missing_cache(stage: StageConfig) -> LsdEdgeError:
+    return LsdEdgeError(
+        f"stage '{stage.name}': teacher_cache = '{stage.teacher_cache}' holds no teacher cache; make it "
+        f"with `lsd-edge cache-teacher RECIPE --stage {stage.name}` or set teacher_cache = 'auto'"
+    )
+
+
+def _check_cache_paths(stages: list[StageConfig]) -> None:
+    """A cache folder named in the recipe must be there before hours of earlier stages run."""
+    for st in stages:
+        if (
+            st.cached
+            and st.teacher_cache != "auto"
+            and not (Path(st.teacher_cache) / "manifest.json").is_file()
+        ):
+            raise missing_cache(st)
 
 
 def _existing_work(paths: RunPaths, stage_names: list[str]) -> list[str]:
@@ -928,7 +1191,9 @@ def distill(
     started = time.perf_counter()
     dist.on_main(set_up_output)
     check_data(recipe, run.stages())
+    _check_cache_paths(run.stages())
     run.get_teacher()
+    run.note_teacher()
     run.build_student()
     fps = run.stage_fingerprints()
     stage_reports = []
@@ -951,7 +1216,8 @@ def distill(
             model = run.trainable_student(model)
             stage_reports.append(read_json(folder / "metrics.json"))
             continue
-        job = run._job(stage.name, stage, i, model, processor, run.teacher, paths.state(stage.name))
+        teacher = run.stage_teacher(stage)
+        job = run._job(stage.name, stage, i, model, processor, teacher, paths.state(stage.name))
         res = run_stage(job, reporter)
         metrics: dict[str, Any] = {
             "stage": stage.name,
@@ -961,6 +1227,7 @@ def distill(
             "tokens_per_s": round(res.tokens_per_s, 1),
             "last_losses": res.last_terms,
             "bad_samples": res.bad_samples,
+            **offline_facts(stage, teacher, job.dataset),
         }
         if options.evaluate_stages or i == len(fps) - 1:
             metrics["eval"] = run.eval_split(model, processor, stage.name)
@@ -992,6 +1259,16 @@ def _finish(run: Run, model, stage_reports: list[dict[str, Any]], seconds: float
     return report
 
 
+def offline_facts(stage: StageConfig, teacher, dataset: LlavaDataset) -> dict[str, Any]:
+    """For a stage's metrics: where its teacher targets and its data came from."""
+    out: dict[str, Any] = {}
+    if isinstance(teacher, TeacherCache) and stage.distills:
+        out["teacher_cache"] = {"path": str(teacher.folder), "top_k": teacher.top_k}
+    if stage.regenerate:
+        out["regenerated_data"] = str(dataset.path)
+    return out
+
+
 def _acc(metrics: dict[str, Any]) -> float | None:
     ev = metrics.get("eval") or {}
     return ev.get("accuracy")
@@ -1003,14 +1280,14 @@ def build_report(run: Run, student, stage_reports: list[dict[str, Any]], seconds
         t_size = dir_size_mb(tdir)
         t_acc = _acc(run.teacher_metrics)
     else:
-        t_size = sum(p.numel() * p.element_size() for p in run.teacher.parameters()) / 2**20
+        t_size = run.teacher_info["size_mb"]
         t_acc = _acc(run.teacher_metrics) if run.teacher_metrics else None
     return {
         "recipe": run.recipe.run.name,
         "output_dir": str(run.paths.root),
         "teacher": {
             "accuracy": t_acc,
-            "params": count_params(run.teacher)["total"],
+            "params": run.teacher_info["params"],
             "size_mb": round(t_size, 3),
         },
         "student": {
@@ -1062,3 +1339,58 @@ def plot_losses(log_path: Path, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------- the teacher's offline work
+
+
+def find_stage(recipe: Recipe, name: str) -> StageConfig:
+    for st in recipe.stages:
+        if st.name == name:
+            return st
+    raise LsdEdgeError(
+        f"--stage {name}: the recipe has no such stage; its stages are {', '.join(s.name for s in recipe.stages)}"
+    )
+
+
+def offline_run(recipe: Recipe, reporter: Reporter | None = None) -> Run:
+    """A run set up for work on the teacher's side only: data prepared, teacher loaded (or trained)."""
+    reporter = reporter or QuietReporter()
+    if recipe.run.num_threads:
+        torch.set_num_threads(recipe.run.num_threads)
+    torch.manual_seed(recipe.run.seed)
+    run = Run(
+        recipe, RunPaths(recipe.output_dir), resolve_device(recipe.run.device), reporter, DistillOptions()
+    )
+    run.paths.root.mkdir(parents=True, exist_ok=True)
+    prepare_data(recipe, reporter)
+    run.get_teacher()
+    return run
+
+
+def cache_teacher(
+    recipe: Recipe,
+    stage_name: str,
+    top_k: int | None = None,
+    force: bool = False,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """`lsd-edge cache-teacher`: make (or find up to date) a stage's top-k teacher cache."""
+    stage = find_stage(recipe, stage_name)
+    if stage.kind not in DISTILLING_KINDS or not stage.distills:
+        raise LsdEdgeError(
+            f"--stage {stage_name}: a '{stage.kind}' stage does no distillation, so it has no use for a "
+            "teacher cache; pick a dpt or dft stage"
+        )
+    run = offline_run(recipe, reporter)
+    cache, built = run.teacher_cache(stage, remake=True, top_k=top_k, force=force)
+    return {"folder": str(cache.folder), "built": built, "used_by_stage": stage.cached, **cache.manifest}
+
+
+def regenerate_data(
+    recipe: Recipe, stage_name: str, force: bool = False, reporter: Reporter | None = None
+) -> dict[str, Any]:
+    """`lsd-edge regenerate`: make (or find up to date) a stage's teacher-answered data."""
+    stage = find_stage(recipe, stage_name)
+    run = offline_run(recipe, reporter)
+    return {"used_by_stage": stage.regenerate, **run.regenerated(stage, remake=True, force=force)}

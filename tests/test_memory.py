@@ -42,6 +42,7 @@ def _recipe(folder, *sets):
         (1, []),  # SFT: no teacher terms, checkpointed student
         (2, []),  # DFT as the recipe has it: bf16 teacher, checkpointed student
         (0, []),  # DPT: projector only, gradients through the frozen LLM
+        (2, ["stages[2].loss.chunk_size=16"]),  # DFT with chunked logit losses
     ],
 )
 def test_estimate_matches_measured_peak_on_cpu(tmp_path, stage, sets):
@@ -52,6 +53,19 @@ def test_estimate_matches_measured_peak_on_cpu(tmp_path, stage, sets):
     measured = measure_step(recipe, recipe.stages[stage], device=torch.device("cpu"), steps=2)
     ratio = est.total / measured.peak_bytes
     assert 0.85 < ratio < 1.2, (est.as_dict(), measured.peak_bytes)
+
+
+def test_estimate_follows_chunked_losses_and_a_teacher_cache(tmp_path):
+    """The chunked path keeps an lm_head-sized gradient per output, so it pays off at real batch sizes:
+    8 samples of 512 tokens here (4,096 positions)."""
+    folder = write_small_configs(tmp_path, 192, 256, 4096)
+    size = ["stages[2].batch_size=8", "data.max_length=512"]
+    plain = estimate_recipe(_recipe(folder, *size))[2]
+    chunked = estimate_recipe(_recipe(folder, *size, "stages[2].loss.chunk_size=256"))[2]
+    cached = estimate_recipe(_recipe(folder, *size, "stages[2].teacher_cache=auto"))[2]
+    assert chunked.logits < plain.logits / 4 and chunked.teacher_weights == plain.teacher_weights > 0
+    assert cached.teacher_weights == cached.teacher_forward == 0 < plain.teacher_forward
+    assert cached.logits < plain.logits and cached.activations == plain.activations
 
 
 def test_estimate_parts_follow_the_recipe(tmp_path):

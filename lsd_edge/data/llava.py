@@ -37,6 +37,7 @@ class Encoded:
     input_ids: torch.Tensor  # (T,) long, visual tokens expanded
     labels: torch.Tensor  # (T,) long, -100 outside assistant answers
     pixel_values: torch.Tensor | None  # (n_images, 3, H, W)
+    index: int = -1  # position in its data set (what a teacher cache is keyed by)
 
 
 @dataclass
@@ -279,7 +280,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         else:
             ids, labels, files = self._text[index]
         pixels = torch.stack([self._image(f) for f in files]) if files else None
-        return Encoded(self.sample_id(index), ids, labels, pixels)
+        return Encoded(self.sample_id(index), ids, labels, pixels, index)
 
     def _encode_text(self, index: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         record = self.records[index]
@@ -314,6 +315,7 @@ class Batch:
     labels: torch.Tensor  # (B, T), -100 where no loss
     pixel_values: torch.Tensor | None  # (n_images, 3, H, W), images in sample order
     visual_mask: torch.Tensor  # (B, T) bool, True at visual-token positions
+    indices: list[int] = field(default_factory=list)  # each sample's position in its data set
 
     def to(self, device) -> Batch:
         return Batch(
@@ -323,6 +325,7 @@ class Batch:
             self.labels.to(device),
             None if self.pixel_values is None else self.pixel_values.to(device),
             self.visual_mask.to(device),
+            self.indices,
         )
 
     @property
@@ -344,7 +347,15 @@ def collate(samples: list[Encoded], pad_id: int, image_id: int) -> Batch:
         attention[i, :n] = 1
     pix = [s.pixel_values for s in samples if s.pixel_values is not None]
     pixel_values = torch.cat(pix) if pix else None
-    return Batch([s.id for s in samples], input_ids, attention, labels, pixel_values, input_ids == image_id)
+    return Batch(
+        [s.id for s in samples],
+        input_ids,
+        attention,
+        labels,
+        pixel_values,
+        input_ids == image_id,
+        [s.index for s in samples],
+    )
 
 
 class BatchLoader:
