@@ -763,12 +763,7 @@ class Run:
 
     def teacher_fingerprint(self) -> str:
         r = self.recipe
-        return fingerprint(
-            r.teacher.model_dump(mode="json"),
-            r.data.model_dump(mode="json"),
-            r.run.seed,
-            r.eval.model_dump(mode="json"),
-        )
+        return fingerprint(settings(r.teacher), settings(r.data), r.run.seed, settings(r.eval))
 
     def get_teacher(self) -> None:
         """Load (or train and cache) the teacher, frozen in the recipe's teacher dtype; under FSDP its
@@ -1083,15 +1078,21 @@ class Run:
         """Each stage's identity: its settings, every stage before it, the student and the teacher."""
         r = self.recipe
         base = [
-            r.student.model_dump(mode="json"),
+            settings(r.student),
             self.teacher_fingerprint() if r.teacher.tiny else r.teacher.path,
         ]
-        base.append(r.data.model_dump(mode="json"))
+        base.append(settings(r.data))
         out = []
         for st in self.stages():
-            base.append(st.model_dump(mode="json"))
+            base.append(settings(st))
             out.append(fingerprint(*base, r.run.seed))
         return out
+
+
+def settings(section: Any) -> dict[str, Any]:
+    """A recipe section as it identifies a cached teacher or a finished stage: only what differs from
+    the defaults, so a release that adds an option (with a default) keeps earlier caches valid."""
+    return section.model_dump(mode="json", exclude_defaults=True)
 
 
 def missing_cache(stage: StageConfig) -> LsdEdgeError:

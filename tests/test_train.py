@@ -184,6 +184,20 @@ def test_teacher_is_cached_and_reused(recipe_dict):
         distill(changed, DistillOptions(restart=True))
 
 
+def test_settings_identity_leaves_out_defaults():
+    # A cached teacher or finished stage is identified by the options that differ from the
+    # defaults, so a release adding an option (with its default) does not invalidate earlier runs.
+    from lsd_edge.config import StageConfig
+    from lsd_edge.train import settings
+
+    stage = StageConfig(name="sft", kind="sft", max_steps=10, lr=1e-3)
+    ident = settings(stage)
+    assert ident["lr"] == 1e-3 and ident["max_steps"] == 10
+    assert not {"teacher_cache", "regenerate", "weight_decay", "schedule"} & set(ident)
+    assert "chunk_size" not in ident.get("loss", {})
+    assert settings(stage.model_copy(update={"lr": 1e-4})) != ident
+
+
 def test_existing_run_needs_resume_or_restart(recipe_dict):
     r = _recipe(recipe_dict)
     distill(r)
