@@ -256,6 +256,9 @@ def data_shapes(
         int, typer.Option("--image-size", min=16, max=1024, help="Image side in pixels.")
     ] = 48,
     questions_per_image: Annotated[int, typer.Option("--questions-per-image", min=1, max=10)] = 4,
+    jitter: Annotated[
+        int, typer.Option(min=0, max=64, help="Largest offset of a shape from its cell's centre, in pixels.")
+    ] = 1,
 ) -> None:
     """Generate ShapesVQA: rendered shapes with captions and questions (LLaVA-format JSON)."""
     from lsd_edge.data.shapes import generate
@@ -268,7 +271,9 @@ def data_shapes(
         rep.advance(i - done[0])
         done[0] = i
 
-    s = generate(out_dir, seed, n_train, n_eval, image_size, questions_per_image, progress=tick)
+    s = generate(
+        out_dir, seed, n_train, n_eval, image_size, questions_per_image, progress=tick, jitter=jitter
+    )
     rep.done()
     out.print(
         f"[green]wrote ShapesVQA to {s.out_dir}[/green]: {s.n_pretrain} captions (pretrain.json), "

@@ -66,6 +66,8 @@ class ShapesConfig(Strict):
     n_eval: PositiveInt = 300
     image_size: Annotated[int, Field(ge=16, le=1024)] = 48
     questions_per_image: Annotated[int, Field(ge=1, le=10)] = 4
+    # Largest offset of a shape from its cell's centre, in pixels (lsd_edge.data.shapes.JITTER).
+    jitter: Annotated[int, Field(ge=0, le=64)] = 1
 
 
 class DatasetConfig(Strict):
@@ -153,6 +155,8 @@ class StageConfig(Strict):
     data: Literal["pretrain", "instruct"] | None = None
     trainable: list[Group] | None = None
     lr: PositiveFloat = 1e-4
+    # Learning-rate multipliers per model group, e.g. {vision = 4.0}: a group not named trains at lr.
+    lr_scale: dict[Group, PositiveFloat] = {}
     weight_decay: NonNegFloat = 0.0
     warmup_steps: NonNegInt = 0
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0

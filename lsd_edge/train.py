@@ -51,6 +51,7 @@ from lsd_edge.models import (
     count_params,
     dir_size_mb,
     eager,
+    group_modules,
     load_llava,
     model_folder,
     set_activation_checkpointing,
@@ -82,14 +83,17 @@ def prepare_data(recipe: Recipe, reporter: Reporter) -> None:
     if shapes is None:
         return
     root = Path(recipe.data.root)
+    from lsd_edge.data.shapes import FORMAT, generate
+
     marker = root / "shapes.json"
-    wanted = shapes.model_dump()
+    wanted = shapes.model_dump() | {"format": FORMAT}
     if marker.is_file():
         have = read_json(marker)
-        if {k: have.get(k) for k in wanted} == wanted:
+        differ = [f"{k} = {have.get(k)!r}, not {v!r}" for k, v in wanted.items() if have.get(k) != v]
+        if not differ:
             return
         raise LsdEdgeError(
-            f"{root} holds ShapesVQA made with other settings ({ {k: have.get(k) for k in wanted} }); "
+            f"{root} holds ShapesVQA made with other settings ({'; '.join(differ)}); "
             "delete it or point data.root elsewhere"
         )
     if root.exists() and any(root.iterdir()):
@@ -97,8 +101,6 @@ def prepare_data(recipe: Recipe, reporter: Reporter) -> None:
             f"data.root {root} holds files not made by ShapesVQA; point data.root to a new folder, "
             "or remove [data.shapes] to use the files there"
         )
-    from lsd_edge.data.shapes import generate
-
     reporter.task("ShapesVQA", shapes.n_train + shapes.n_eval)
     last = [0]
 
@@ -115,6 +117,7 @@ def prepare_data(recipe: Recipe, reporter: Reporter) -> None:
             image_size=shapes.image_size,
             questions_per_image=shapes.questions_per_image,
             progress=tick,
+            jitter=shapes.jitter,
         )
         # The summary names the temporary folder; point it at the final one.
         summary = read_json(tmp / "shapes.json")
@@ -520,6 +523,26 @@ def _restore(job: StageJob, model, latent, optimizer, scheduler, bad: BadSampleL
     return step, payload["position"]
 
 
+def param_groups(model, latent: nn.Module | None, stage: StageConfig) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: one at stage.lr, or one per model group when the stage
+    scales a group's learning rate (`lr_scale`); the latent projections train at stage.lr."""
+    extra = [] if latent is None else list(latent.parameters())
+    if not stage.lr_scale:
+        return [{"params": [p for p in model.parameters() if p.requires_grad] + extra}]
+    groups = []
+    for name, module in group_modules(model).items():
+        own = [p for p in module.parameters() if p.requires_grad]
+        if own:
+            groups.append({"params": own, "lr": stage.lr * stage.lr_scale.get(name, 1.0)})
+    if extra:
+        groups.append({"params": extra, "lr": stage.lr})
+    grouped = {id(p) for g in groups for p in g["params"]}
+    assert all(id(p) in grouped for p in model.parameters() if p.requires_grad), (
+        "a trainable parameter outside the groups"
+    )
+    return groups
+
+
 def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
     stage = job.stage
     model = job.model
@@ -545,7 +568,9 @@ def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
     params = [p for p in model.parameters() if p.requires_grad]
     if latent is not None:
         params += list(latent.parameters())
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(
+        param_groups(model, latent, stage), lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.999)
+    )
     steps = total_steps(stage, len(job.dataset))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage, steps))
     stream = IndexStream(len(job.dataset), job.seed * 31 + job.index)
@@ -763,7 +788,10 @@ class Run:
 
     def teacher_fingerprint(self) -> str:
         r = self.recipe
-        return fingerprint(settings(r.teacher), settings(r.data), r.run.seed, settings(r.eval))
+        from lsd_edge.data.shapes import FORMAT
+
+        data = settings(r.data) | ({"shapes_format": FORMAT} if r.data.shapes else {})
+        return fingerprint(settings(r.teacher), data, r.run.seed, settings(r.eval))
 
     def get_teacher(self) -> None:
         """Load (or train and cache) the teacher, frozen in the recipe's teacher dtype; under FSDP its

@@ -100,9 +100,12 @@ def test_data_shapes_info_eval(tmp_path, monkeypatch, capsys, teacher_dir):
         "4",
         "--image-size",
         "16",
+        "--jitter",
+        "0",
     )
     assert code == 0 and "wrote ShapesVQA" in out
     assert len(json.loads((tmp_path / "s" / "eval.json").read_text())) == 4
+    assert json.loads((tmp_path / "s" / "shapes.json").read_text())["jitter"] == 0
     code, out, _ = run(monkeypatch, capsys, "info", str(teacher_dir))
     assert code == 0 and "vision" in out and "projector" in out and "MB" in out
     res = tmp_path / "res.json"

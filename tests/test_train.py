@@ -26,6 +26,7 @@ from lsd_edge.train import (
     distill,
     loss_terms,
     lr_lambda,
+    param_groups,
     total_steps,
 )
 
@@ -167,6 +168,26 @@ def test_frozen_parameters_stay_bitwise(recipe_dict):
     assert any(not torch.equal(student[k], init_sd[k]) for k in proj)
 
 
+def test_lr_scale_gives_a_group_its_own_rate(tiny_teacher):
+    from lsd_edge.models import group_modules, set_trainable
+
+    model = copy.deepcopy(tiny_teacher)
+    set_trainable(model, ["vision", "llm"])
+    plain = param_groups(model, None, StageConfig(name="s", kind="pt", lr=1e-3, max_steps=1))
+    assert len(plain) == 1 and "lr" not in plain[0]
+    latent = LatentProjector([(0, 0)], 8, 8)
+    groups = param_groups(
+        model, latent, StageConfig(name="s", kind="pt", lr=1e-3, max_steps=1, lr_scale={"vision": 4})
+    )
+    by_id = {id(p): g["lr"] for g in groups for p in g["params"]}
+    mods = group_modules(model)
+    assert all(by_id[id(p)] == pytest.approx(4e-3) for p in mods["vision"].parameters())
+    assert all(by_id[id(p)] == pytest.approx(1e-3) for p in mods["llm"].parameters())
+    assert all(by_id[id(p)] == pytest.approx(1e-3) for p in latent.parameters())
+    assert not any(id(p) in by_id for p in mods["projector"].parameters())  # frozen: in no group
+    assert sum(len(g["params"]) for g in groups) == len(by_id)
+
+
 def test_teacher_is_cached_and_reused(recipe_dict):
     r = _recipe(recipe_dict)
     distill(r)
@@ -196,6 +217,39 @@ def test_settings_identity_leaves_out_defaults():
     assert not {"teacher_cache", "regenerate", "weight_decay", "schedule"} & set(ident)
     assert "chunk_size" not in ident.get("loss", {})
     assert settings(stage.model_copy(update={"lr": 1e-4})) != ident
+
+
+def test_data_root_made_with_other_settings_is_refused(recipe_dict):
+    from lsd_edge.progress import QuietReporter
+    from lsd_edge.train import prepare_data
+
+    r = _recipe(recipe_dict)
+    prepare_data(r, QuietReporter())
+    marker = Path(r.data.root) / "shapes.json"
+    summary = json.loads(marker.read_text())
+    assert summary["jitter"] == r.data.shapes.jitter and summary["out_dir"] == r.data.root
+    before = marker.stat().st_mtime_ns
+    prepare_data(r, QuietReporter())  # the same settings: kept as they are
+    assert marker.stat().st_mtime_ns == before
+    with pytest.raises(LsdEdgeError, match=r"other settings \(jitter = 1, not 3\); delete it"):
+        prepare_data(_recipe(recipe_dict, **{"data.shapes.jitter": 3}), QuietReporter())
+    # data an older generator made (no format in its summary) is not taken for today's
+    del summary["format"]
+    marker.write_text(json.dumps(summary))
+    with pytest.raises(LsdEdgeError, match=r"format = None, not 2"):
+        prepare_data(r, QuietReporter())
+
+
+def test_data_root_with_other_files_is_refused(recipe_dict):
+    from lsd_edge.progress import QuietReporter
+    from lsd_edge.train import prepare_data
+
+    root = Path(recipe_dict["data"]["root"])
+    root.mkdir(parents=True)
+    (root / "notes.txt").write_text("mine")
+    with pytest.raises(LsdEdgeError, match="holds files not made by ShapesVQA"):
+        prepare_data(_recipe(recipe_dict), QuietReporter())
+    assert (root / "notes.txt").read_text() == "mine"
 
 
 def test_existing_run_needs_resume_or_restart(recipe_dict):

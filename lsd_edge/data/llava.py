@@ -9,6 +9,7 @@ token). Bad samples are skipped and counted, or stop the run, by the recipe's po
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from lsd_edge.models import IMAGE_TOKEN, image_token_id, num_image_tokens
 IGNORE_INDEX = -100
 TEXT_CACHE_RECORDS = 200_000
 PIXEL_CACHE_BYTES = 1 << 29  # 512 MiB of decoded images; the embedded default needs about half
+TEXT_CACHE_BYTES = 1 << 28  # 256 MiB of token ids and labels; the embedded default needs about 60
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -154,6 +156,50 @@ def load_image(path: Path) -> Image.Image:
         raise BadSample(f"corrupt image: {path.name} ({type(e).__name__})") from None
 
 
+class SharedCache:
+    """Decoded data shared by every data set of a process, within a byte budget.
+
+    A run's stages (the teacher's PT and SFT, the student's DPT, SFT and DFT) read the same files, so
+    each image is decoded, and each record rendered and tokenized, once per run rather than once per
+    stage. Keys name the file by path, size and modification time, and the processor by its
+    settings, so an edited file or another processor is decoded again.
+    """
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.used = 0
+        self._items: dict[tuple, Any] = {}
+
+    def get(self, key: tuple | None) -> Any:
+        return None if key is None else self._items.get(key)
+
+    def put(self, key: tuple | None, value: Any, size: int) -> None:
+        if key is not None and key not in self._items and self.used + size <= self.budget:
+            self._items[key] = value
+            self.used += size
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.used = 0
+
+
+def file_key(path: Path) -> tuple | None:
+    """A file as a cache key names it: resolved path, size, modification time (None if unreadable)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+SHARED_PIXELS = SharedCache(PIXEL_CACHE_BYTES)
+SHARED_TEXT = SharedCache(TEXT_CACHE_BYTES)
+
+
 class ChatEncoder:
     """Turns messages into token ids and labels with the processor's chat template."""
 
@@ -167,6 +213,16 @@ class ChatEncoder:
             raise DataError(
                 f"the tokenizer does not keep {IMAGE_TOKEN} as one token; use the LLaVA processor's"
             )
+
+    @property
+    def key(self) -> str:
+        """What the encoding of a record depends on: the tokenizer, the chat template, the number
+        of visual tokens per image."""
+        tok = self.tokenizer
+        backend = getattr(tok, "backend_tokenizer", None)
+        vocab = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+        template = getattr(self.processor, "chat_template", None) or getattr(tok, "chat_template", None)
+        return _digest(f"{vocab}\0{template}\0{self.n_image_tokens}\0{self.image_id}")
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self.processor.apply_chat_template(
@@ -251,9 +307,10 @@ class LlavaDataset(torch.utils.data.Dataset):
         # Small data sets (the embedded default) are encoded once: token ids per record, decoded
         # pixels per image file, within a memory budget; big ones are encoded on every pass.
         self.cache = len(self.records) <= TEXT_CACHE_RECORDS if cache is None else cache
-        self._text: dict[int, tuple[torch.Tensor, torch.Tensor, list[str]]] = {}
-        self._pixels: dict[str, torch.Tensor] = {}
-        self._pixel_bytes = 0
+        if self.cache:
+            self._file = file_key(self.path)
+            self._text_key = self.encoder.key
+            self._pixel_key = _digest(json.dumps(self.image_processor.to_dict(), sort_keys=True, default=str))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -265,20 +322,33 @@ class LlavaDataset(torch.utils.data.Dataset):
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
     def _image(self, name: str) -> torch.Tensor:
-        """(3, H, W) pixel values of one image file, cached within the budget."""
-        px = self._pixels.get(name)
+        """(3, H, W) pixel values of one image file, from the process's cache when this data set is
+        small enough to cache."""
+        path = self.image_dir / name
+        where = file_key(path) if self.cache else None
+        key = None if where is None else (where, self._pixel_key)
+        px = SHARED_PIXELS.get(key)
         if px is None:
-            px = self.pixel_values([load_image(self.image_dir / name)])[0]
-            if self.cache and self._pixel_bytes + px.numel() * px.element_size() <= PIXEL_CACHE_BYTES:
-                self._pixels[name] = px
-                self._pixel_bytes += px.numel() * px.element_size()
+            px = self.pixel_values([load_image(path)])[0]
+            SHARED_PIXELS.put(key, px, px.numel() * px.element_size())
         return px
 
     def __getitem__(self, index: int) -> Encoded:
-        if index not in self._text:
-            ids, labels, files = self._encode_text(index)
-        else:
-            ids, labels, files = self._text[index]
+        # Token ids and labels of a record depend on the file, the record, max_turns and the encoder
+        # (not max_length: that is checked here, on every read).
+        key = (
+            None
+            if not self.cache or self._file is None
+            else (self._file, index, self.max_turns, self._text_key)
+        )
+        text = SHARED_TEXT.get(key)
+        if text is None:
+            text = self._encode_text(index)
+            ids, labels, _ = text
+            SHARED_TEXT.put(key, text, (ids.numel() + labels.numel()) * 8 + 512)
+        ids, labels, files = text
+        if len(ids) > self.max_length:
+            raise BadSample(f"too long: {len(ids)} tokens > data.max_length {self.max_length}")
         pixels = torch.stack([self._image(f) for f in files]) if files else None
         return Encoded(self.sample_id(index), ids, labels, pixels, index)
 
@@ -297,14 +367,9 @@ class LlavaDataset(torch.utils.data.Dataset):
             )
         files = files[:n_used]
         ids, labels = self.encoder.encode(messages)
-        if len(ids) > self.max_length:
-            raise BadSample(f"too long: {len(ids)} tokens > data.max_length {self.max_length}")
         if all(lab == IGNORE_INDEX for lab in labels):
             raise BadSample("no answer tokens: every answer is empty")
-        out = (torch.tensor(ids), torch.tensor(labels), files)
-        if self.cache:
-            self._text[index] = out
-        return out
+        return torch.tensor(ids), torch.tensor(labels), files
 
 
 @dataclass

@@ -1,12 +1,14 @@
 """ShapesVQA: a synthetic visual question answering set, rendered with PIL, deterministic per seed.
 
 A scene holds 1-4 shapes, each in its own cell of a 2x2 grid (so "top left" always names one cell),
-with a kind, a color and a size, jittered inside the cell. From a scene come a caption (for
-pre-training) and questions of five types with short exact-match answers: color, shape, count,
-position and existence. `generate(out_dir, ...)` writes LLaVA-format JSON:
+with a kind, a color and a size, near the cell's centre (at most `JITTER` pixels off). From a
+scene come a caption (for pre-training) and questions of five types with short exact-match answers:
+color, shape, count, position and existence. `generate(out_dir, ...)` writes LLaVA-format JSON:
 
 - `pretrain.json`: one caption conversation per training scene;
-- `instruct.json`: `questions_per_image` question/answer turns per training scene, one conversation;
+- `instruct.json`: `questions_per_image` single-turn questions per training scene (its scene is in
+  `pretrain.json`), the first question of every scene first (so `max_samples = n_train` asks one
+  question of every image);
 - `eval.json`: one question per sample, on scenes never used in training, with a `type` field;
 - `images/`: the PNG files the JSON names.
 
@@ -35,6 +37,14 @@ SIZES = ("small", "large")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 NUMBERS = ("zero", "one", "two", "three", "four")
 BACKGROUND = (245, 245, 245)
+# Largest offset of a shape's centre from its cell's centre, in pixels. A shape centred on its cell
+# straddles the same 2x2 patches of a patch-8 vision tower every time; with a 3-pixel jitter the tiny
+# default's tower needed several times the pre-training to tell the shapes apart (README).
+JITTER = 1
+# The generator's version, kept in shapes.json: data, and teachers trained on data, made by another
+# version are not taken for this one's. 2: shapes jitter by at most JITTER pixels; instruct records
+# carry no scene.
+FORMAT = 2
 QUESTION_TYPES = ("color", "shape", "count", "position", "existence")
 CAPTION_PROMPT = "describe the image ."
 
@@ -67,14 +77,16 @@ class Scene:
     shapes: tuple[Shape, ...]
 
 
-def random_scene(rng: random.Random, image_size: int) -> Scene:
+def random_scene(rng: random.Random, image_size: int, jitter: int = JITTER) -> Scene:
+    """1-4 shapes in distinct cells; each centre moves up to `jitter` pixels from its cell's centre
+    (less where the shape would leave its cell)."""
     n = rng.randint(1, 4)
     cells = sorted(rng.sample(range(4), n))
     shapes = []
     for cell in cells:
         size = rng.choice(SIZES)
         r = round((image_size // 2) * (0.22 if size == "small" else 0.38))
-        slack = max(0, (image_size // 2) // 2 - r - 1)
+        slack = min(jitter, max(0, (image_size // 2) // 2 - r - 1))
         shapes.append(
             Shape(
                 kind=rng.choice(KINDS),
@@ -175,6 +187,8 @@ class ShapesSummary:
     seed: int
     questions_per_image: int
     by_type: dict[str, int]
+    jitter: int = JITTER
+    format: int = FORMAT
 
 
 def generate(
@@ -185,6 +199,7 @@ def generate(
     image_size: int = 48,
     questions_per_image: int = 4,
     progress=None,
+    jitter: int = JITTER,
 ) -> ShapesSummary:
     """Write ShapesVQA to `out_dir`; `progress(done, total)` is called as images are written."""
     out = Path(out_dir)
@@ -200,7 +215,7 @@ def generate(
     by_type = {t: 0 for t in QUESTION_TYPES}
     i = 0
     while i < total:
-        scene = random_scene(rng, image_size)
+        scene = random_scene(rng, image_size, jitter)
         split = "train" if i < n_train else "eval"
         # Held out means held out: no eval scene shows the same shapes in the same cells as a
         # training scene (jitter aside).
@@ -231,7 +246,7 @@ def generate(
                         "image": name,
                         "conversations": [_turn("human", f"<image>\n{q}"), _turn("gpt", a)],
                         "type": qtype,
-                        "scene": meta,
+                        # no "scene": pretrain.json's record of the same image holds it once
                     }
                 )
         else:
@@ -266,6 +281,7 @@ def generate(
         seed=seed,
         questions_per_image=questions_per_image,
         by_type=by_type,
+        jitter=jitter,
     )
     (out / "shapes.json").write_text(json.dumps(asdict(summary), indent=1) + "\n", encoding="utf-8")
     return summary

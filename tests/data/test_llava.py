@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -261,3 +262,38 @@ def test_batch_with_text_only_and_image_samples(tmp_path, img_dir, processor, ti
     assert b.pixel_values.shape[0] == 1 and b.visual_mask[1].sum() == 0
     out = tiny_teacher(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values)
     assert torch.isfinite(out.logits).all()
+
+
+def test_pixels_and_text_are_decoded_once_per_process(tmp_path, img_dir, processor, monkeypatch):
+    """Data sets over the same files share decoded pixels and encoded text; an edited file is read
+    again, and a cached record is still checked against each data set's max_length."""
+    import lsd_edge.data.llava as llava
+
+    monkeypatch.setattr(llava, "SHARED_PIXELS", llava.SharedCache(llava.PIXEL_CACHE_BYTES))
+    monkeypatch.setattr(llava, "SHARED_TEXT", llava.SharedCache(llava.TEXT_CACHE_BYTES))
+    opened, encoded = [], []
+    real_load, real_encode = llava.load_image, llava.ChatEncoder.encode
+    monkeypatch.setattr(llava, "load_image", lambda path: opened.append(path.name) or real_load(path))
+    monkeypatch.setattr(
+        llava.ChatEncoder, "encode", lambda self, messages: encoded.append(1) or real_encode(self, messages)
+    )
+    conv = [{"from": "human", "value": "<image>\nis it red ?"}, {"from": "gpt", "value": "yes"}]
+    data = _write(tmp_path, [{"id": "a", "image": "rgb.png", "conversations": conv}], "a.json")
+    first = LlavaDataset(data, img_dir, processor)[0]
+    second = LlavaDataset(data, img_dir, processor, max_samples=1)[0]
+    assert opened == ["rgb.png"] and len(encoded) == 1
+    assert torch.equal(first.pixel_values, second.pixel_values) and torch.equal(
+        first.input_ids, second.input_ids
+    )
+    with pytest.raises(BadSample, match="too long"):
+        LlavaDataset(data, img_dir, processor, max_length=len(first.input_ids) - 1)[0]
+    assert len(encoded) == 1
+    Image.new("RGB", (20, 12), (10, 10, 200)).save(img_dir / "rgb.png")
+    os.utime(img_dir / "rgb.png", ns=(0, 1))  # a new modification time, whatever the clock's resolution
+    conv[1]["value"] = "no"
+    data = _write(tmp_path, [{"id": "a", "image": "rgb.png", "conversations": conv}], "a.json")
+    os.utime(data, ns=(0, 1))
+    third = LlavaDataset(data, img_dir, processor)[0]
+    assert opened == ["rgb.png", "rgb.png"] and len(encoded) == 2
+    assert not torch.equal(first.pixel_values, third.pixel_values)
+    assert not torch.equal(first.labels, third.labels)

@@ -165,3 +165,22 @@ def test_vocabulary_covers_all_text(shapes_dir):
             for turn in rec["conversations"]:
                 words = turn["value"].replace("<image>", " ").split()
                 assert set(words) <= vocab, set(words) - vocab
+
+
+@pytest.mark.parametrize("jitter", [0, 1, 3])
+def test_jitter_bounds_the_offset_from_the_cell_centre(jitter):
+    rng = random.Random(5)
+    offsets = set()
+    for _ in range(300):
+        for s in shapes.random_scene(rng, 32, jitter).shapes:
+            assert abs(s.dx) <= jitter and abs(s.dy) <= jitter
+            offsets |= {s.dx, s.dy}
+    assert max(abs(o) for o in offsets) == jitter  # the bound is reached: shapes do move
+
+
+def test_summary_names_jitter_and_format(tmp_path):
+    s = shapes.generate(tmp_path, seed=0, n_train=4, n_eval=2, image_size=32, jitter=0)
+    marker = json.loads((tmp_path / "shapes.json").read_text())
+    assert marker["jitter"] == s.jitter == 0 and marker["format"] == shapes.FORMAT
+    for rec in json.loads((tmp_path / "pretrain.json").read_text()):
+        assert all(sh["dx"] == sh["dy"] == 0 for sh in rec["scene"]["shapes"])
