@@ -565,12 +565,9 @@ def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
                 model.config.text_config.hidden_size,
                 teacher_width(teacher),
             ).to(job.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if latent is not None:
-        params += list(latent.parameters())
-    optimizer = torch.optim.AdamW(
-        param_groups(model, latent, stage), lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.999)
-    )
+    groups = param_groups(model, latent, stage)
+    params = [p for g in groups for p in g["params"]]  # every trained parameter, for clipping and sync
+    optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.999))
     steps = total_steps(stage, len(job.dataset))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage, steps))
     stream = IndexStream(len(job.dataset), job.seed * 31 + job.index)

@@ -68,6 +68,9 @@ BROKEN = [
     ("bad policy", lambda d: d["data"].update(bad_samples="ignore"), "data.bad_samples"),
     ("duplicate stage", lambda d: d["stages"][1].update(name="dpt"), "stages"),
     ("unknown data set", lambda d: d["data"].pop("pretrain"), "stages[0].data"),
+    ("lr_scale of no group", lambda d: d["stages"][0].update(lr_scale={"eyes": 2.0}), "stages[0].lr_scale"),
+    ("lr_scale zero", lambda d: d["stages"][0].update(lr_scale={"vision": 0}), "stages[0].lr_scale.vision"),
+    ("negative jitter", lambda d: d["data"]["shapes"].update(jitter=-1), "data.shapes.jitter"),
     (
         "temperature zero",
         lambda d: d["stages"][2].update(loss={"temperature": 0}),

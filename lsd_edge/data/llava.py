@@ -178,10 +178,6 @@ class SharedCache:
             self._items[key] = value
             self.used += size
 
-    def clear(self) -> None:
-        self._items.clear()
-        self.used = 0
-
 
 def file_key(path: Path) -> tuple | None:
     """A file as a cache key names it: resolved path, size, modification time (None if unreadable)."""
