@@ -77,3 +77,14 @@ class RichReporter:
 
     def message(self, text: str) -> None:
         self.console.print(text)
+
+
+def ticker(reporter: Reporter):
+    """A `progress(done, total)` callback that advances the reporter's current bar to `done`."""
+    last = [0]
+
+    def tick(done: int, total: int) -> None:
+        reporter.advance(done - last[0])
+        last[0] = done
+
+    return tick

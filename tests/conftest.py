@@ -19,89 +19,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the commands tests start (s
 
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from .helpers import TINY_VISION, onnx_settings, tiny_recipe_dict  # noqa: E402
+
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 
 # Tests run tiny ops, where a second thread only waits: on a shared 2-core machine at load 7, a
 # (60 x 48) @ (48 x 320) matmul took 0.05 ms on 1 thread and 5.5 ms on 2.
 torch.set_num_threads(1)
-
-REPO = Path(__file__).resolve().parents[1]
-
-TINY_VISION = {
-    "hidden_size": 32,
-    "num_layers": 1,
-    "num_heads": 2,
-    "intermediate_size": 64,
-    "patch_size": 8,
-    "image_size": 16,
-}
-
-
-def tiny_recipe_dict(data_root: str, output_dir: str) -> dict:
-    """A recipe small enough to run end to end in seconds."""
-    return {
-        "run": {"name": "test", "output_dir": output_dir, "seed": 0, "checkpoint_every": 2},
-        "data": {
-            "root": data_root,
-            "max_length": 64,
-            "shapes": {"seed": 0, "n_train": 32, "n_eval": 8, "image_size": 16, "questions_per_image": 2},
-            "pretrain": {"path": "pretrain.json", "images": "images"},
-            "instruct": {"path": "instruct.json", "images": "images"},
-            "eval": {"path": "eval.json", "images": "images"},
-        },
-        "teacher": {
-            "tiny": {
-                "hidden_size": 32,
-                "num_layers": 2,
-                "num_heads": 2,
-                "num_kv_heads": 1,
-                "intermediate_size": 64,
-                "vision": dict(TINY_VISION),
-            },
-            "stages": [
-                {
-                    "name": "pt",
-                    "kind": "pt",
-                    "trainable": ["vision", "projector", "llm"],
-                    "lr": 3e-3,
-                    "max_steps": 3,
-                    "batch_size": 8,
-                },
-                {
-                    "name": "sft",
-                    "kind": "sft",
-                    "trainable": ["vision", "projector", "llm"],
-                    "lr": 3e-3,
-                    "max_steps": 3,
-                    "batch_size": 8,
-                },
-            ],
-        },
-        "student": {
-            "tiny": {
-                "hidden_size": 16,
-                "num_layers": 1,
-                "num_heads": 2,
-                "num_kv_heads": 1,
-                "intermediate_size": 32,
-                "vision": "teacher",
-            }
-        },
-        "stages": [
-            {
-                "name": "dpt",
-                "kind": "dpt",
-                "trainable": ["projector", "llm"],
-                "lr": 3e-3,
-                "max_steps": 3,
-                "batch_size": 8,
-            },
-            {"name": "sft", "kind": "sft", "lr": 3e-3, "max_steps": 3, "batch_size": 8},
-            {"name": "dft", "kind": "dft", "lr": 3e-3, "max_steps": 4, "batch_size": 8, "grad_accum": 2},
-        ],
-        "eval": {"max_new_tokens": 3, "batch_size": 16},
-    }
 
 
 @pytest.fixture
@@ -120,17 +45,17 @@ def shapes_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def processor(shapes_dir):
-    from lsd_edge.config import VisionSize
     from lsd_edge.data.shapes import vocabulary
-    from lsd_edge.models import build_tiny_processor
+    from lsd_edge.models.build import build_tiny_processor
+    from lsd_edge.recipe.schema import VisionSize
 
     return build_tiny_processor(VisionSize(**TINY_VISION), vocabulary())
 
 
 @pytest.fixture(scope="session")
 def tiny_teacher(processor):
-    from lsd_edge.config import TinyConfig
-    from lsd_edge.models import build_tiny_model
+    from lsd_edge.models.build import build_tiny_model
+    from lsd_edge.recipe.schema import TinyConfig
 
     cfg = TinyConfig(
         hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, vision=TINY_VISION
@@ -140,8 +65,8 @@ def tiny_teacher(processor):
 
 @pytest.fixture(scope="session")
 def tiny_student(processor, tiny_teacher):
-    from lsd_edge.config import TinyConfig
-    from lsd_edge.models import build_tiny_model
+    from lsd_edge.models.build import build_tiny_model
+    from lsd_edge.recipe.schema import TinyConfig
 
     cfg = TinyConfig(
         hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32, vision="teacher"
@@ -151,7 +76,7 @@ def tiny_student(processor, tiny_teacher):
 
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory, tiny_teacher, processor) -> Path:
-    from lsd_edge.models import save_model
+    from lsd_edge.models.load import save_model
 
     out = tmp_path_factory.mktemp("teacher")
     save_model(tiny_teacher, processor, out)
@@ -160,7 +85,7 @@ def teacher_dir(tmp_path_factory, tiny_teacher, processor) -> Path:
 
 @pytest.fixture(scope="session")
 def student_dir(tmp_path_factory, tiny_student, processor) -> Path:
-    from lsd_edge.models import save_model
+    from lsd_edge.models.load import save_model
 
     out = tmp_path_factory.mktemp("student")
     save_model(tiny_student, processor, out)
@@ -192,8 +117,9 @@ def standins(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def onnx_student_dir(tmp_path_factory, tiny_teacher, processor) -> Path:
     """A student wide enough that its weights, not graph structure, dominate the ONNX files' size."""
-    from lsd_edge.config import TinyConfig
-    from lsd_edge.models import build_tiny_model, save_model
+    from lsd_edge.models.build import build_tiny_model
+    from lsd_edge.models.load import save_model
+    from lsd_edge.recipe.schema import TinyConfig
 
     cfg = TinyConfig(
         hidden_size=96, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256, vision="teacher"
@@ -204,26 +130,10 @@ def onnx_student_dir(tmp_path_factory, tiny_teacher, processor) -> Path:
     return out
 
 
-def onnx_settings(shapes_dir: Path, **kw):
-    """Export settings small enough for tests: few parity samples, a short speed check."""
-    from lsd_edge.export import ExportSettings
-
-    base = dict(
-        quantize="int8",
-        data=shapes_dir / "eval.json",
-        images=shapes_dir / "images",
-        parity_samples=4,
-        max_new_tokens=4,
-        bench_tokens=8,
-        bench_repeats=1,
-    )
-    return ExportSettings(**{**base, **kw})
-
-
 @pytest.fixture(scope="session")
 def onnx_dir(tmp_path_factory, onnx_student_dir, shapes_dir) -> Path:
     """`onnx_student_dir` exported once (fp32 + int8), shared by the export and runner tests."""
-    from lsd_edge.export import export
+    from lsd_edge.export.pipeline import export
 
     out = tmp_path_factory.mktemp("exports") / "onnx"
     return export(onnx_student_dir, out, onnx_settings(shapes_dir)).output

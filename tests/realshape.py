@@ -23,7 +23,14 @@ from pathlib import Path
 
 import torch
 
-from lsd_edge.archs import PATCH, interleave_qwen7b, llava_config, qwen2_config, qwen15_text, siglip_config
+from lsd_edge.models.archs import (
+    PATCH,
+    interleave_qwen7b,
+    llava_config,
+    qwen2_config,
+    qwen15_text,
+    siglip_config,
+)
 
 IMAGE_SIZE = 30
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from lsd_edge.checkpoint import read_json, write_json
-from lsd_edge.config import load_recipe
+from lsd_edge.files import read_json, write_json
 from lsd_edge.progress import QuietReporter
-from lsd_edge.train import DistillOptions, distill
+from lsd_edge.recipe.load import load_recipe
+from lsd_edge.train.pipeline import DistillOptions, distill
 
 
 def _stage(root: Path, name: str) -> dict:

@@ -1,1 +1,1 @@
-"""Data: the ShapesVQA generator, LLaVA-format loading, chat templating, masks and collation."""
+"""Data: LLaVA-format records, chat encoding, the data set and its batches, sampling, ShapesVQA, eval questions."""

@@ -39,7 +39,7 @@ NUMBERS = ("zero", "one", "two", "three", "four")
 BACKGROUND = (245, 245, 245)
 # Largest offset of a shape's centre from its cell's centre, in pixels. A shape centred on its cell
 # straddles the same 2x2 patches of a patch-8 vision tower every time; with a 3-pixel jitter the tiny
-# default's tower needed several times the pre-training to tell the shapes apart (README).
+# default's tower needed several times the pre-training to tell the shapes apart (docs/EMBEDDED_DEFAULT.md).
 JITTER = 1
 # The generator's version, kept in shapes.json: data, and teachers trained on data, made by another
 # version are not taken for this one's. 2: shapes jitter by at most JITTER pixels; instruct records
@@ -191,6 +191,46 @@ class ShapesSummary:
     format: int = FORMAT
 
 
+def _train_records(i: int, name: str, scene: Scene, rng: random.Random, n_questions: int):
+    """A training scene's caption record, and its `n_questions` question records (in slot order)."""
+    meta = {"shapes": [dict(vars(s)) for s in scene.shapes]}  # flat fields: no deep asdict
+    caption_record = {
+        "id": f"cap-{i:06d}",
+        "image": name,
+        "conversations": [_turn("human", f"<image>\n{CAPTION_PROMPT}"), _turn("gpt", caption(scene))],
+        "scene": meta,
+    }
+    questions_ = [
+        {
+            "id": f"qa-{i:06d}-{k}",
+            "image": name,
+            "conversations": [_turn("human", f"<image>\n{q}"), _turn("gpt", a)],
+            "type": qtype,
+            # no "scene": pretrain.json's record of the same image holds it once
+        }
+        for k, (qtype, q, a) in enumerate(pick_questions(scene, rng, n_questions))
+    ]
+    return caption_record, questions_
+
+
+def _eval_record(i: int, name: str, scene: Scene, rng: random.Random) -> dict:
+    qtype, q, a = pick_questions(scene, rng, 1)[0]
+    return {
+        "id": f"eval-{i:06d}",
+        "image": name,
+        "conversations": [_turn("human", f"<image>\n{q}"), _turn("gpt", a)],
+        "type": qtype,
+        "scene": {"shapes": [dict(vars(s)) for s in scene.shapes]},
+    }
+
+
+def _write_records(path: Path, rows: list[dict]) -> None:
+    # One record per line: readable, and written by json's C encoder (an indent makes it fall
+    # back to the pure-Python one, several times slower on 100,000 records).
+    lines = ",\n".join(json.dumps(r, sort_keys=True) for r in rows)
+    path.write_text(f"[\n{lines}\n]\n", encoding="utf-8")
+
+
 def generate(
     out_dir: str | Path,
     seed: int = 0,
@@ -212,7 +252,6 @@ def generate(
     instruct: list[list[dict]] = [[] for _ in range(questions_per_image)]
     seen: set[tuple] = set()
     total = n_train + n_eval
-    by_type = {t: 0 for t in QUESTION_TYPES}
     i = 0
     while i < total:
         scene = random_scene(rng, image_size, jitter)
@@ -226,41 +265,13 @@ def generate(
             continue
         name = f"{split}_{i:06d}.png"
         render(scene, image_size).save(images / name, format="PNG", optimize=False)
-        meta = {"shapes": [dict(vars(s)) for s in scene.shapes]}  # flat fields: no deep asdict
         if split == "train":
-            pretrain.append(
-                {
-                    "id": f"cap-{i:06d}",
-                    "image": name,
-                    "conversations": [
-                        _turn("human", f"<image>\n{CAPTION_PROMPT}"),
-                        _turn("gpt", caption(scene)),
-                    ],
-                    "scene": meta,
-                }
-            )
-            for k, (qtype, q, a) in enumerate(pick_questions(scene, rng, questions_per_image)):
-                instruct[k].append(
-                    {
-                        "id": f"qa-{i:06d}-{k}",
-                        "image": name,
-                        "conversations": [_turn("human", f"<image>\n{q}"), _turn("gpt", a)],
-                        "type": qtype,
-                        # no "scene": pretrain.json's record of the same image holds it once
-                    }
-                )
+            caption_record, questions_ = _train_records(i, name, scene, rng, questions_per_image)
+            pretrain.append(caption_record)
+            for k, record in enumerate(questions_):
+                instruct[k].append(record)
         else:
-            qtype, q, a = pick_questions(scene, rng, 1)[0]
-            by_type[qtype] += 1
-            evaluation.append(
-                {
-                    "id": f"eval-{i:06d}",
-                    "image": name,
-                    "conversations": [_turn("human", f"<image>\n{q}"), _turn("gpt", a)],
-                    "type": qtype,
-                    "scene": meta,
-                }
-            )
+            evaluation.append(_eval_record(i, name, scene, rng))
         i += 1
         if progress is not None:
             progress(i, total)
@@ -270,10 +281,8 @@ def generate(
         ("instruct.json", instruct_rows),
         ("eval.json", evaluation),
     ):
-        # One record per line: readable, and written by json's C encoder (an indent makes it fall
-        # back to the pure-Python one, several times slower on 100,000 records).
-        lines = ",\n".join(json.dumps(r, sort_keys=True) for r in rows)
-        (out / fname).write_text(f"[\n{lines}\n]\n", encoding="utf-8")
+        _write_records(out / fname, rows)
+    by_type = {t: sum(r["type"] == t for r in evaluation) for t in QUESTION_TYPES}
     summary = ShapesSummary(
         out_dir=str(out),
         n_train=n_train,

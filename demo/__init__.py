@@ -1,1 +1,0 @@
-"""The Gradio side-by-side demo (teacher vs student)."""

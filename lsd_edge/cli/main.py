@@ -1,0 +1,41 @@
+"""`lsd-edge`: the commands, and the one place an `LsdEdgeError` is caught.
+
+It becomes one red line and exit status 1 (`--debug` or LSD_EDGE_DEBUG=1 shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Importing a command module registers its commands; --help lists the panels in this order (the flow).
+# isort: off
+from lsd_edge.cli import recipe_commands  # noqa: F401
+from lsd_edge.cli import train_commands  # noqa: F401
+from lsd_edge.cli import deploy_commands  # noqa: F401
+
+# isort: on
+from lsd_edge.cli.app import app, err
+from lsd_edge.errors import LsdEdgeError, RecipeError
+
+
+def main() -> None:
+    try:
+        app()
+    except LsdEdgeError as e:
+        if os.environ.get("LSD_EDGE_DEBUG") == "1":
+            raise
+        lines = e.lines() if isinstance(e, RecipeError) else [str(e)]
+        err.print(f"[bold red]error:[/bold red] {lines[0]}", highlight=False, soft_wrap=True)
+        for line in lines[1:]:
+            err.print(f"[red]{line}[/red]", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print(
+            "[bold red]interrupted[/bold red]: what was finished is kept; `lsd-edge distill --resume` continues a run"
+        )
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

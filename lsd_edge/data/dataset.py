@@ -1,0 +1,262 @@
+"""A LLaVA-format data set encoded lazily, its decode caches, and collation into padded batches.
+
+`LlavaDataset[i]` is one encoded sample (token ids, labels, pixel values) or raises `BadSample`;
+`BatchLoader` turns a list of indices into a `Batch`, skipping or refusing bad samples. The order
+of indices is the trainer's (`lsd_edge.data.sampling`), so a batch is a pure function of it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from lsd_edge.data.chat import ChatEncoder, text_digest
+from lsd_edge.data.records import (
+    BadSample,
+    BadSampleLog,
+    load_image,
+    read_records,
+    record_images,
+    to_messages,
+)
+from lsd_edge.errors import DataError
+from lsd_edge.models.tokens import IGNORE_INDEX, IMAGE_TOKEN
+
+TEXT_CACHE_RECORDS = 200_000
+PIXEL_CACHE_BYTES = 1 << 29  # 512 MiB of decoded images; the embedded default needs about half
+TEXT_CACHE_BYTES = 1 << 28  # 256 MiB of token ids and labels; the embedded default needs about 60
+
+
+@dataclass
+class Encoded:
+    id: str
+    input_ids: torch.Tensor  # (T,) long, visual tokens expanded
+    labels: torch.Tensor  # (T,) long, -100 outside assistant answers
+    pixel_values: torch.Tensor | None  # (n_images, 3, H, W)
+    index: int = -1  # position in its data set (what a teacher cache is keyed by)
+
+
+class SharedCache:
+    """Decoded data shared by every data set of a process, within a byte budget.
+
+    A run's stages (the teacher's PT and SFT, the student's DPT, SFT and DFT) read the same files, so
+    each image is decoded, and each record rendered and tokenized, once per run rather than once per
+    stage. Keys name the file by path, size and modification time, and the processor by its
+    settings, so an edited file or another processor is decoded again.
+    """
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.used = 0
+        self._items: dict[tuple, Any] = {}
+
+    def get(self, key: tuple | None) -> Any:
+        return None if key is None else self._items.get(key)
+
+    def put(self, key: tuple | None, value: Any, size: int) -> None:
+        if key is not None and key not in self._items and self.used + size <= self.budget:
+            self._items[key] = value
+            self.used += size
+
+
+def file_key(path: Path) -> tuple | None:
+    """A file as a cache key names it: resolved path, size, modification time (None if unreadable)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+SHARED_PIXELS = SharedCache(PIXEL_CACHE_BYTES)
+SHARED_TEXT = SharedCache(TEXT_CACHE_BYTES)
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """LLaVA-format records, encoded lazily; `__getitem__` returns an `Encoded` or raises `BadSample`."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        image_dir: str | Path | None,
+        processor,
+        *,
+        max_length: int = 2048,
+        max_samples: int | None = None,
+        max_turns: int | None = None,
+        cache: bool | None = None,
+    ):
+        self.path = Path(path)
+        self.records = read_records(self.path)
+        if max_samples is not None:
+            self.records = self.records[:max_samples]
+        if not self.records:
+            raise DataError(f"{self.path}: no records; the data set is empty")
+        self.image_dir = Path(image_dir) if image_dir is not None else self.path.parent
+        self.encoder = ChatEncoder(processor)
+        self.image_processor = processor.image_processor
+        self.max_length = max_length
+        self.max_turns = max_turns
+        # Small data sets (the embedded default) are encoded once: token ids per record, decoded
+        # pixels per image file, within a memory budget; big ones are encoded on every pass.
+        self.cache = len(self.records) <= TEXT_CACHE_RECORDS if cache is None else cache
+        if self.cache:
+            self._file = file_key(self.path)
+            self._text_key = self.encoder.key
+            self._pixel_key = text_digest(
+                json.dumps(self.image_processor.to_dict(), sort_keys=True, default=str)
+            )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def sample_id(self, index: int) -> str:
+        return str(self.records[index].get("id", f"#{index}"))
+
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def _image(self, name: str) -> torch.Tensor:
+        """(3, H, W) pixel values of one image file, from the process's cache when this data set is
+        small enough to cache."""
+        path = self.image_dir / name
+        where = file_key(path) if self.cache else None
+        key = None if where is None else (where, self._pixel_key)
+        px = SHARED_PIXELS.get(key)
+        if px is None:
+            px = self.pixel_values([load_image(path)])[0]
+            SHARED_PIXELS.put(key, px, px.numel() * px.element_size())
+        return px
+
+    def __getitem__(self, index: int) -> Encoded:
+        # Token ids and labels of a record depend on the file, the record, max_turns and the encoder
+        # (not max_length: that is checked here, on every read).
+        key = (
+            None
+            if not self.cache or self._file is None
+            else (self._file, index, self.max_turns, self._text_key)
+        )
+        text = SHARED_TEXT.get(key)
+        if text is None:
+            text = self._encode_text(index)
+            ids, labels, _ = text
+            SHARED_TEXT.put(key, text, (ids.numel() + labels.numel()) * 8 + 512)
+        ids, labels, files = text
+        if len(ids) > self.max_length:
+            raise BadSample(f"too long: {len(ids)} tokens > data.max_length {self.max_length}")
+        pixels = torch.stack([self._image(f) for f in files]) if files else None
+        return Encoded(self.sample_id(index), ids, labels, pixels, index)
+
+    def _encode_text(self, index: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        record = self.records[index]
+        messages, n_used = to_messages(record, self.max_turns)
+        files = record_images(record)
+        n_placeholders = sum(
+            1
+            for turn in record.get("conversations", [])
+            for _ in range(str(turn.get("value", "")).count(IMAGE_TOKEN))
+        )
+        if n_placeholders != len(files):
+            raise BadSample(
+                f"image count mismatch: {n_placeholders} <image> placeholder(s) but {len(files)} image(s)"
+            )
+        files = files[:n_used]
+        ids, labels = self.encoder.encode(messages)
+        if all(lab == IGNORE_INDEX for lab in labels):
+            raise BadSample("no answer tokens: every answer is empty")
+        return torch.tensor(ids), torch.tensor(labels), files
+
+
+@dataclass
+class Batch:
+    ids: list[str]
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T), -100 where no loss
+    pixel_values: torch.Tensor | None  # (n_images, 3, H, W), images in sample order
+    visual_mask: torch.Tensor  # (B, T) bool, True at visual-token positions
+    indices: list[int] = field(default_factory=list)  # each sample's position in its data set
+
+    def to(self, device) -> Batch:
+        return Batch(
+            self.ids,
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.labels.to(device),
+            None if self.pixel_values is None else self.pixel_values.to(device),
+            self.visual_mask.to(device),
+            self.indices,
+        )
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate(samples: list[Encoded], pad_id: int, image_id: int) -> Batch:
+    """Right-pad a list of samples into a batch."""
+    T = max(len(s.input_ids) for s in samples)
+    B = len(samples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((B, T), dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s.input_ids)
+        input_ids[i, :n] = s.input_ids
+        labels[i, :n] = s.labels
+        attention[i, :n] = 1
+    pix = [s.pixel_values for s in samples if s.pixel_values is not None]
+    pixel_values = torch.cat(pix) if pix else None
+    return Batch(
+        [s.id for s in samples],
+        input_ids,
+        attention,
+        labels,
+        pixel_values,
+        input_ids == image_id,
+        [s.index for s in samples],
+    )
+
+
+class BatchLoader:
+    """Yields batches of a data set in a given order of indices, skipping or refusing bad samples.
+
+    The order is passed in (the trainer owns shuffling and the resume position), so a batch is a
+    pure function of (order, position).
+    """
+
+    def __init__(
+        self, dataset: LlavaDataset, pad_id: int, policy: str = "skip", log: BadSampleLog | None = None
+    ):
+        self.dataset = dataset
+        self.pad_id = pad_id
+        self.image_id = dataset.encoder.image_id
+        self.policy = policy
+        self.log = log if log is not None else BadSampleLog()
+        self._bad: set[int] = set()
+
+    def get(self, index: int) -> Encoded | None:
+        if index in self._bad:
+            return None
+        try:
+            return self.dataset[index]
+        except BadSample as e:
+            sid = self.dataset.sample_id(index)
+            if self.policy == "error":
+                raise DataError(
+                    f"sample {sid} in {self.dataset.path}: {e}; fix the sample or set data.bad_samples = 'skip'"
+                ) from None
+            self._bad.add(index)
+            self.log.add(sid, str(e))
+            return None
+
+    def batch(self, indices: list[int]) -> Batch | None:
+        samples = [s for s in (self.get(i) for i in indices) if s is not None]
+        if not samples:
+            return None
+        return collate(samples, self.pad_id, self.image_id)

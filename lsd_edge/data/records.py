@@ -1,0 +1,140 @@
+"""LLaVA-format records: reading the file, turning conversations into chat messages, opening images.
+
+A record is `{"id", "image"?: str | [str], "conversations": [{"from": "human"|"gpt"|"system",
+"value": str}, ...]}` with `<image>` placeholders in the text (JSON list or JSONL). A sample that
+cannot be used raises `BadSample` with the reason; `BadSampleLog` counts them by reason, so a run
+skips and reports them (or stops, by the recipe's policy).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from lsd_edge.errors import DataError
+from lsd_edge.models.tokens import IMAGE_TOKEN
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; the reason says why."""
+
+
+@dataclass
+class BadSampleLog:
+    """Bad samples met so far: counted by reason, with a few ids of each to show."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, sample_id: str, reason: str) -> None:
+        kind = reason.split(":")[0]
+        self.counts[kind] += 1
+        ex = self.examples.setdefault(kind, [])
+        if len(ex) < 3:
+            ex.append(sample_id)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        return "; ".join(
+            f"{n} {kind} (e.g. {', '.join(self.examples[kind])})" for kind, n in self.counts.items()
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "by_reason": dict(self.counts), "examples": self.examples}
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Read a LLaVA-format JSON list or JSONL file; a broken file is one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file; check the recipe's data paths (or generate ShapesVQA)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); fix the file") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise DataError(
+            f"{path}: expected a list of records with 'conversations'; got {type(records).__name__}"
+        )
+    return records
+
+
+def record_images(record: dict[str, Any]) -> list[str]:
+    img = record.get("image")
+    if img is None:
+        return []
+    return [img] if isinstance(img, str) else list(img)
+
+
+def to_messages(record: dict[str, Any], max_turns: int | None = None) -> tuple[list[dict], int]:
+    """LLaVA conversations -> chat-template messages; returns them and the number of images they use."""
+    conv = record.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise BadSample("empty conversation: no turns")
+    messages: list[dict] = []
+    n_images = 0
+    answers = 0
+    for turn in conv:
+        if not isinstance(turn, dict) or "value" not in turn or turn.get("from") not in ROLES:
+            raise BadSample("malformed turn: each turn needs 'from' (human/gpt/system) and 'value'")
+        role = ROLES[turn["from"]]
+        value = str(turn["value"])
+        if role == "assistant":
+            if IMAGE_TOKEN in value:
+                raise BadSample("image in an answer: <image> may appear in human turns only")
+            if max_turns is not None and answers >= max_turns:
+                # The kept turns must end with an answer; drop the dangling question too.
+                if messages and messages[-1]["role"] == "user":
+                    n_images -= sum(1 for c in messages[-1]["content"] if c["type"] == "image")
+                    messages.pop()
+                break
+            answers += 1
+            messages.append({"role": role, "content": [{"type": "text", "text": value}]})
+            continue
+        content = []
+        pieces = value.split(IMAGE_TOKEN)
+        for j, piece in enumerate(pieces):
+            if j > 0:
+                content.append({"type": "image"})
+                n_images += 1
+                piece = piece.lstrip("\n")
+            piece = piece.strip("\n") if j == 0 else piece
+            if piece.strip():
+                content.append({"type": "text", "text": piece.strip()})
+        messages.append({"role": role, "content": content})
+    if answers == 0:
+        raise BadSample("no answer: the conversation has no gpt turn")
+    if messages and messages[-1]["role"] == "user":
+        n_images -= sum(1 for c in messages[-1]["content"] if c["type"] == "image")
+        messages.pop()
+    return messages, n_images
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open an image as RGB; grayscale, palette and RGBA images are converted (alpha over white)."""
+    if not path.is_file():
+        raise BadSample(f"missing image: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(bg, rgba).convert("RGB")
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadSample(f"corrupt image: {path.name} ({type(e).__name__})") from None

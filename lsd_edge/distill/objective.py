@@ -1,0 +1,158 @@
+"""A stage's objective on one micro-batch: every loss term of METHOD.md, normalised and weighted.
+
+L = ce*L_reg + lambda * (alpha*L_res + beta*L_vis + gamma*L_rel + delta*L_lat). Each term is a sum
+from `lsd_edge.distill.losses` divided by its count over the whole accumulated batch (`Counts`, summed
+over processes too), so any split of a step into micro-batches and processes trains the same step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lsd_edge.data.dataset import Batch
+from lsd_edge.distill import losses
+from lsd_edge.distill.forward import Forward, forward, output_weight
+from lsd_edge.distill.teacher import Teacher
+from lsd_edge.models.tokens import IGNORE_INDEX
+from lsd_edge.recipe.schema import DISTILL_TERMS, StageConfig
+
+TERMS = ("ce",) + DISTILL_TERMS
+
+
+@dataclass
+class Counts:
+    """Valid items in a whole accumulated batch: the denominators of every term."""
+
+    response: int = 0
+    visual: int = 0
+    images: int = 0
+    tokens: int = 0
+
+    @staticmethod
+    def of(batches: list[Batch], n_image_tokens: int) -> Counts:
+        c = Counts()
+        for b in batches:
+            c.response += int((b.labels[:, 1:] != IGNORE_INDEX).sum())
+            c.visual += int(b.visual_mask.sum())
+            c.images += int(b.visual_mask.sum()) // max(1, n_image_tokens)
+            c.tokens += b.n_tokens
+        return c
+
+
+class LatentProjector(nn.Module):
+    """Trainable linear maps from student hidden size to teacher hidden size, one per latent pair.
+
+    Part of training only: never saved with the student (METHOD.md)."""
+
+    def __init__(self, pairs, student_dim: int, teacher_dim: int):
+        super().__init__()
+        self.pairs = [tuple(p) for p in pairs]
+        self.maps = nn.ModuleList(nn.Linear(student_dim, teacher_dim) for _ in self.pairs)
+
+
+def logit_sums(student, hidden, lc, vocab_rows, *, targets=None, teacher=None):
+    """(CE sum, KD sum) at gathered positions: hidden (N, Ds), targets (N,) for CE, `teacher` targets
+    for KD; whole logits, or `lc.chunk_size` positions at a time (same values and gradients)."""
+    kl = dict(
+        kind=lc.kl,
+        temperature=lc.temperature,
+        jsd_beta=lc.jsd_beta,
+        skew_lambda=lc.skew_lambda,
+        vocab_rows=vocab_rows,
+    )
+    if lc.chunk_size:
+        return losses.chunked_logit_sums(
+            hidden, output_weight(student), targets=targets, teacher=teacher, chunk=lc.chunk_size, **kl
+        )
+    logits = student.lm_head(hidden)  # (N, Vs)
+    ce = None if targets is None else losses.cross_entropy_sum(logits, targets, vocab_rows)
+    kd = None if teacher is None else losses.divergence_sum(logits, teacher, **kl)
+    return ce, kd
+
+
+def loss_terms(
+    student,
+    teacher: Teacher | None,
+    batch: Batch,
+    stage: StageConfig,
+    counts: Counts,
+    vocab_rows: int,
+    latent: LatentProjector | None,
+) -> dict[str, torch.Tensor]:
+    """Every loss term of one micro-batch, each normalised by its count in the accumulated batch.
+
+    L = ce*L_reg + lambda * (alpha*L_res + beta*L_vis + gamma*L_rel + delta*L_lat); the weights are
+    applied by the caller. Terms with weight 0 are not computed. `teacher` is the online teacher or a
+    teacher cache (`lsd_edge.distill.teacher.Teacher`).
+    """
+    lc = stage.loss
+    w = {t: lc.weight(t) for t in DISTILL_TERMS}
+    need_teacher = teacher is not None and stage.distills
+    need_hidden = need_teacher and w["latent"] > 0 and any(isinstance(p[0], int) for p in lc.latent_pairs)
+    s = forward(student, batch, hidden_states=need_hidden)
+    resp = batch.labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t+1
+    s_resp_h = s.hidden[:, :-1][resp]  # (N, Ds)
+    targets = batch.labels[:, 1:][resp]  # (N,)
+    t = teacher.targets(batch, need_hidden) if need_teacher else None
+    ce, kd = logit_sums(
+        student,
+        s_resp_h,
+        lc,
+        vocab_rows,
+        targets=targets,
+        teacher=t.response if t is not None and w["response_kl"] > 0 else None,
+    )
+    terms: dict[str, torch.Tensor] = {"ce": ce / max(1, counts.response)}
+    if t is None:
+        return terms
+    if kd is not None:
+        terms["response_kl"] = kd / max(1, counts.response)
+    vis = batch.visual_mask
+    if w["visual_kl"] > 0 and counts.visual > 0:
+        _, kd = logit_sums(student, s.hidden[vis], lc, vocab_rows, teacher=t.visual)
+        terms["visual_kl"] = kd / max(1, counts.visual)
+    if w["relation"] > 0 and counts.images > 0:
+        n_img = s.image_features.shape[0] if s.image_features is not None else 0
+        sv = s.hidden[vis].view(n_img, -1, s.hidden.shape[-1])
+        if t.relation is not None:
+            rel = losses.relation_sum_to(sv, t.relation)
+        else:
+            rel = losses.relation_sum(sv, t.visual_tokens)
+        terms["relation"] = rel / max(1, counts.images)
+    if w["latent"] > 0 and latent is not None:
+        terms["latent"] = latent_term(s, t, batch, counts, latent, lc.latent_kind)
+    return terms
+
+
+def latent_term(
+    s: Forward, t: losses.TeacherTargets, batch: Batch, counts: Counts, latent: LatentProjector, kind: str
+) -> torch.Tensor:
+    """L_lat: the mean over latent pairs of each pair's alignment sum over its count (visual tokens for
+    the projector pair, every valid token for layer pairs)."""
+    total = s.hidden.new_zeros(())
+    valid = batch.attention_mask.bool()
+    for proj, (ls, lt) in zip(latent.maps, latent.pairs, strict=True):
+        if ls == "projector":
+            if s.image_features is None:
+                continue
+            sx = s.image_features.flatten(0, 1)
+            tx = t.image_features.flatten(0, 1)
+            denom = max(1, counts.visual)
+        else:
+            sx = s.hidden_states[ls][valid]
+            tx = t.hidden_states[lt][valid]
+            denom = max(1, counts.tokens)
+        total = total + losses.latent_sum(proj(sx.float()), tx.float(), kind) / denom
+    return total / len(latent.pairs)
+
+
+def weighted_total(terms: dict[str, torch.Tensor], stage: StageConfig, lam: float) -> torch.Tensor:
+    """L = ce*L_reg + lambda * sum(weight * term) over the distillation terms present."""
+    total = stage.loss.ce * terms["ce"]
+    for t in DISTILL_TERMS:
+        if t in terms:
+            total = total + lam * stage.loss.weight(t) * terms[t]
+    return total

@@ -1,0 +1,69 @@
+"""What a stage distils from, behind one interface: the teacher model run now, or a teacher cache.
+
+A `Teacher` gives the teacher side of a micro-batch (`targets`) and its hidden size. `OnlineTeacher`
+runs the frozen model under `torch.no_grad()`; `lsd_edge.distill.teacher_cache.TeacherCache` reads
+the same targets from disk with no model in memory. A teacher sharded over processes (FSDP2) needs
+every process in each forward, so a process with nothing to run calls `idle` instead.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from lsd_edge.data.dataset import Batch
+from lsd_edge.distill import losses
+from lsd_edge.distill.forward import forward
+from lsd_edge.models.tokens import IGNORE_INDEX
+
+
+class Teacher(Protocol):
+    hidden_size: int
+    sharded: bool
+
+    def targets(self, batch: Batch, need_hidden: bool) -> losses.TeacherTargets: ...
+
+    def idle(self, device: torch.device) -> None: ...
+
+
+def online_targets(teacher, batch: Batch, need_hidden: bool) -> losses.TeacherTargets:
+    """The teacher side of a micro-batch from a forward pass of the teacher (no graph)."""
+    with torch.no_grad():
+        t = forward(teacher, batch, hidden_states=need_hidden)
+    resp = batch.labels[:, 1:] != IGNORE_INDEX
+    vis = batch.visual_mask
+    weight = teacher.lm_head.weight
+    n_img = t.image_features.shape[0] if t.image_features is not None else 0
+    return losses.TeacherTargets(
+        response=losses.DenseTargets(t.hidden[:, :-1][resp], weight),
+        visual=losses.DenseTargets(t.hidden[vis], weight),
+        visual_tokens=t.hidden[vis].view(n_img, -1, t.hidden.shape[-1]),
+        image_features=t.image_features,
+        hidden_states=t.hidden_states,
+    )
+
+
+class OnlineTeacher:
+    """The frozen teacher model, run on each micro-batch without a graph."""
+
+    def __init__(self, model, sharded: bool = False):
+        self.model = model.eval()
+        self.sharded = sharded
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.text_config.hidden_size
+
+    def targets(self, batch: Batch, need_hidden: bool) -> losses.TeacherTargets:
+        return online_targets(self.model, batch, need_hidden)
+
+    def idle(self, device: torch.device) -> None:
+        """The collectives of a forward with nothing to learn: a sharded teacher runs one token, so the
+        processes whose micro-batch slot is full are not left waiting for this one."""
+        if not self.sharded:
+            return
+        with torch.no_grad():
+            self.model.model.language_model(
+                input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False
+            )

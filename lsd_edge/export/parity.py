@@ -1,0 +1,151 @@
+"""How an export compares with the PyTorch model it came from: logits, greedy tokens, accuracy.
+
+The export's parity gate runs these on eval questions (or, without eval data, on random images):
+prefill and decode logits of each ONNX variant against PyTorch's, teacher-forced on PyTorch's greedy
+tokens so that one early flip does not hide later differences; free-running greedy tokens; exact-match
+accuracy. Both sides generate through their runners, that is through the one decode loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lsd_edge.data.chat import ChatEncoder, user_message
+from lsd_edge.data.questions import EvalItem, load_eval_items
+from lsd_edge.errors import ExportError
+from lsd_edge.evaluate.greedy import greedy_answers
+from lsd_edge.evaluate.score import accuracy
+from lsd_edge.runtime.onnx.runner import OnnxRunner
+from lsd_edge.runtime.torch_runner import TorchRunner
+
+SYNTHETIC_QUESTIONS = ("describe the image .", "what is in the image ?", "how many shapes are there ?")
+
+
+def check_data(data: Path) -> None:
+    if not Path(data).is_file():
+        raise ExportError(
+            f"{data}: no such eval data file; pass --data with a LLaVA-format eval JSON "
+            "(the parity gate compares answers on it)"
+        )
+
+
+def parity_items(
+    data: Path | None, images: Path | None, processor, n: int | None
+) -> tuple[list[EvalItem], str]:
+    """Eval questions for the gate, and where they came from; synthetic ones when there is no eval data."""
+    if data is not None:
+        check_data(data)
+        return load_eval_items(data, images, processor, n), str(data)
+    # No eval data: random images and fixed questions still check logits and greedy tokens.
+    enc = ChatEncoder(processor)
+    rng = np.random.default_rng(0)
+    size = processor.image_processor.size
+    h, w = size.get("height") or size.get("shortest_edge"), size.get("width") or size.get("shortest_edge")
+    out = []
+    for i in range(n or 4):
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ids = enc.encode_prompt([user_message(SYNTHETIC_QUESTIONS[i % len(SYNTHETIC_QUESTIONS)], 1)])
+        out.append(EvalItem(f"synthetic-{i}", "all", ids, [img], ""))
+    return out, "synthetic (random images; no eval data)"
+
+
+def onnx_pixels(runner: OnnxRunner, images: list) -> np.ndarray | None:
+    if not images:
+        return None
+    return np.concatenate([runner.pixel_values(im) for im in images])
+
+
+def rel_diff(a: np.ndarray, ref: np.ndarray) -> float:
+    """max |a - ref| / max |ref|: the largest error relative to the logits' own scale."""
+    return float(np.abs(a.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-12))
+
+
+def compare(
+    torch_runner: TorchRunner, runner: OnnxRunner, items: list[EvalItem], max_new_tokens: int
+) -> dict[str, Any]:
+    """Logits (teacher-forced on PyTorch's tokens) and free-running greedy tokens, ONNX vs PyTorch."""
+    model = torch_runner.model
+    worst, vision_diff, agree = 0.0, 0.0, 0
+    for it in items:
+        tpx = torch_runner.pixel_values(it.images)
+        opx = onnx_pixels(runner, it.images)
+        ref: list[np.ndarray] = []  # prefill (T, V), then (V,) per decode step
+        tokens = torch_runner.generate_ids(it.prompt_ids, tpx, max_new_tokens, logits=ref).token_ids
+        if tpx is not None:  # the vision graph against the model's own image path, projector included
+            with torch.no_grad():
+                tv = torch.cat(list(model.model.get_image_features(pixel_values=tpx).pooler_output)).numpy()
+            got_v = runner.image_features(opx)
+            vision_diff = max(vision_diff, rel_diff(got_v.reshape(-1, got_v.shape[-1]), tv))
+        logits, cache = runner.decode(runner.embed(it.prompt_ids, opx), runner.new_cache())
+        worst = max(worst, rel_diff(logits[0], ref[0]))
+        for tok, want in zip(tokens, ref[1:], strict=False):
+            logits, cache = runner.decode(runner.embed([tok]), cache)
+            worst = max(worst, rel_diff(logits[0, -1], want))
+        got = runner.generate_ids(it.prompt_ids, opx, max_new_tokens)
+        agree += got.token_ids == tokens
+    return {
+        "samples": len(items),
+        "max_rel_logit_diff": worst,
+        "vision_max_rel_diff": vision_diff,
+        "greedy_agreement": agree / max(1, len(items)),
+    }
+
+
+def onnx_accuracy(runner: OnnxRunner, items: list[EvalItem], max_new_tokens: int) -> float:
+    answers = [
+        runner.generate_ids(it.prompt_ids, onnx_pixels(runner, it.images), max_new_tokens).text
+        for it in items
+    ]
+    return accuracy(answers, [it.answer for it in items])
+
+
+def torch_accuracy(torch_runner: TorchRunner, items: list[EvalItem], max_new_tokens: int) -> float:
+    """Exact match of PyTorch's batched greedy answers: the number `lsd-edge eval` and distill report."""
+    answers = greedy_answers(torch_runner.model, torch_runner.processor, items, max_new_tokens=max_new_tokens)
+    return accuracy(answers, [it.answer for it in items])
+
+
+def parity_report(
+    torch_runner: TorchRunner,
+    folder: Path,
+    variants: list[str],
+    data: Path | None,
+    images: Path | None,
+    samples: int,
+    eval_samples: int | None,
+    max_new_tokens: int,
+    reporter=None,
+) -> dict[str, Any]:
+    """Every variant in `folder` against PyTorch on `samples` questions; accuracy of the last variant.
+
+    Keys: source, variants {v: compare(...)}, max_rel_logit_diff and greedy_agreement (fp32's),
+    accuracy_torch / accuracy_onnx / accuracy_samples (None without eval data), bench_image.
+    """
+    processor = torch_runner.processor
+    items, source = parity_items(data, images, processor, samples)
+    # ONNX Runtime's spinning threads would slow the PyTorch calls interleaved with them here.
+    quiet = {"session.intra_op.allow_spinning": "0"}
+    runners = {v: OnnxRunner(folder, variant=v, session_config=quiet) for v in variants}
+    rep: dict[str, Any] = {"source": source, "variants": {}}
+    for v in variants:
+        rep["variants"][v] = compare(torch_runner, runners[v], items, max_new_tokens)
+        if reporter is not None:
+            reporter.advance(1, f"{v} parity")
+    rep["max_rel_logit_diff"] = rep["variants"]["fp32"]["max_rel_logit_diff"]
+    rep["greedy_agreement"] = rep["variants"]["fp32"]["greedy_agreement"]
+    rep["accuracy_torch"] = rep["accuracy_onnx"] = None
+    if data is not None:
+        acc_items, _ = parity_items(data, images, processor, eval_samples)
+        rep["accuracy_samples"] = len(acc_items)
+        rep["accuracy_variant"] = variants[-1]
+        rep["accuracy_torch"] = torch_accuracy(torch_runner, acc_items, max_new_tokens)
+        rep["accuracy_onnx"] = onnx_accuracy(runners[variants[-1]], acc_items, max_new_tokens)
+    if reporter is not None:
+        reporter.advance(1, "accuracy")
+    rep["bench_image"] = items[0].images[0] if items and items[0].images else None
+    return rep

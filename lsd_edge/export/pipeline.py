@@ -1,0 +1,300 @@
+"""`lsd-edge export`: a model folder in, an export folder out that passed the parity gate, with its report.
+
+`export(model_dir, settings)` traces the three graphs (`lsd_edge.export.graphs`), writes the quantized
+variant for the target (`lsd_edge.export.quantize`), then compares the export with PyTorch on eval
+samples (`lsd_edge.export.parity`): fp32 logits and greedy tokens (the gate every export must pass),
+and exact-match accuracy of the quantized variant; then measures decode speed of both. A folder
+that fails the gate is kept beside the output as `<output>.failed`, with the reason in its
+export_report.json, and the call raises `ExportError`; an earlier good export stays in place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime
+import torch
+import transformers
+
+from lsd_edge.errors import ExportError
+from lsd_edge.export.graphs import export_graphs
+from lsd_edge.export.parity import check_data, parity_report
+from lsd_edge.export.quantize import quantize_graphs, sizes_mb
+from lsd_edge.export.speed import speed_report
+from lsd_edge.files import atomic_dir, read_json, write_json
+from lsd_edge.progress import QuietReporter, Reporter
+from lsd_edge.recipe.load import folder_recipe
+from lsd_edge.runtime.onnx.layout import GRAPHS, REPORT
+from lsd_edge.runtime.torch_runner import TorchRunner
+from lsd_edge.workspace import RUNS_ROOT, default_export_dir, latest_run
+
+# Files of a model folder that an export folder carries over (configs, tokenizer, processor).
+CARRIED = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "recipe.toml",
+)
+# Quantize choice -> the variant written beside the fp32 graphs.
+VARIANT_OF = {"none": "fp32", "int8": "int8", "int4": "int4", "fp16": "fp16"}
+
+
+@dataclass
+class ExportSettings:
+    """What an export does; `from_model_dir` fills it from the recipe the model was trained with."""
+
+    quantize: str = "int8"  # none | int8 | int4 | fp16
+    target: str = "cpu"  # cpu | cuda
+    opset: int = 18
+    parity_samples: int = 16
+    max_rel_logit_diff: float = 1e-3
+    max_accuracy_drop: float = 0.02
+    data: Path | None = None  # LLaVA-format eval JSON; default: the recipe's eval split
+    images: Path | None = None
+    eval_samples: int | None = None  # accuracy questions; default: the recipe's eval.max_samples (all)
+    max_new_tokens: int = 8
+    bench_tokens: int = 32
+    bench_repeats: int = 3
+    external_data_mb: float = 1536.0  # graphs with more weights than this keep them in <file>_data
+    note: str | None = None  # why the recipe's eval data is not used, shown to the user
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path, **overrides: Any) -> ExportSettings:
+        """Defaults from the model folder's recipe.toml ([export], [eval], [bench], eval data), then overrides."""
+        values: dict[str, Any] = {}
+        recipe = folder_recipe(model_dir)
+        if recipe is not None:
+            ex = recipe.export
+            values.update(
+                quantize=ex.quantize,
+                target=ex.target,
+                opset=ex.opset,
+                parity_samples=ex.parity_samples,
+                max_rel_logit_diff=ex.max_rel_logit_diff,
+                max_accuracy_drop=ex.max_accuracy_drop,
+                eval_samples=recipe.eval.max_samples,
+                max_new_tokens=recipe.eval.max_new_tokens,
+                bench_tokens=recipe.bench.max_new_tokens,
+                bench_repeats=recipe.bench.repeats,
+            )
+            if recipe.data.eval is not None:
+                path, images = recipe.data.resolve(recipe.data.eval)
+                if path.is_file():
+                    values.update(data=path, images=images)
+                else:  # exported from another folder than the run's: check on synthetic inputs
+                    values["note"] = (
+                        f"the recipe's eval data {path} is not here; pass --data to compare accuracy"
+                    )
+        if overrides.get("data") is not None:  # the user's data: neither the recipe's images nor its note
+            values.pop("note", None)
+            values.pop("images", None)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        if settings.quantize not in VARIANT_OF:
+            raise ExportError(f"quantize '{settings.quantize}': choose one of {', '.join(VARIANT_OF)}")
+        if settings.target not in ("cpu", "cuda"):
+            raise ExportError(f"target '{settings.target}': choose cpu or cuda")
+        return settings
+
+    @property
+    def variant(self) -> str:
+        return VARIANT_OF[self.quantize]
+
+
+def latest_student(runs_root: Path = RUNS_ROOT) -> Path:
+    """The student of the most recent finished run under `runs_root`."""
+    run = latest_run(runs_root)
+    if run is None:
+        raise ExportError(
+            f"no model folder given and no finished run under {runs_root}/ (a run folder with student/ and "
+            "report.json); give one, e.g. `lsd-edge export runs/tiny/student`"
+        )
+    return run.student
+
+
+@dataclass
+class ExportResult:
+    output: Path
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _carry_files(model_dir: Path, out: Path) -> None:
+    for name in CARRIED:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out / name)
+
+
+def _gate(settings: ExportSettings, fp32: dict, acc_torch, acc_onnx) -> list[str]:
+    reasons = []
+    if fp32["max_rel_logit_diff"] > settings.max_rel_logit_diff:
+        reasons.append(
+            f"fp32 logits differ from PyTorch by {fp32['max_rel_logit_diff']:.2e} (relative) > "
+            f"{settings.max_rel_logit_diff:.0e}"
+        )
+    if fp32["greedy_agreement"] < 1.0:
+        reasons.append(
+            f"fp32 greedy tokens match PyTorch on {100 * fp32['greedy_agreement']:.0f}% of samples, not all"
+        )
+    if (
+        acc_torch is not None
+        and acc_onnx is not None
+        and acc_onnx < acc_torch - settings.max_accuracy_drop - 1e-9
+    ):
+        reasons.append(
+            f"{settings.variant} accuracy {100 * acc_onnx:.1f}% is more than {100 * settings.max_accuracy_drop:.0f} "
+            f"points below PyTorch's {100 * acc_torch:.1f}%"
+        )
+    return reasons
+
+
+def _source(model_dir, settings, reporter: Reporter, runs_root: Path) -> tuple[Path, ExportSettings, bool]:
+    """The model folder (given, or the latest run's student), its settings, and whether it was picked."""
+    picked = model_dir is None
+    model_dir = latest_student(runs_root) if picked else Path(model_dir)
+    if picked:
+        reporter.message(f"exporting the student of the most recent run: {model_dir}")
+    if not model_dir.is_dir():
+        raise ExportError(f"{model_dir}: no such model folder; give a folder written by lsd-edge distill")
+    if not isinstance(settings, ExportSettings):
+        settings = ExportSettings.from_model_dir(model_dir, **(settings or {}))
+    if settings.data is not None:
+        check_data(settings.data)
+    return model_dir, settings, picked
+
+
+def _parity_and_gate(
+    torch_runner, tmp: Path, variants, settings: ExportSettings, report, reporter
+) -> list[str]:
+    """The parity report and the gate's verdict, into `report`; the reasons it failed (none if passed)."""
+    report["parity"] = parity = parity_report(
+        torch_runner,
+        tmp,
+        variants,
+        settings.data,
+        settings.images,
+        settings.parity_samples,
+        settings.eval_samples,
+        settings.max_new_tokens,
+        reporter,
+    )
+    if parity["accuracy_onnx"] is None:
+        reporter.message(
+            f"[yellow]{settings.note or 'no eval data'}: accuracy is not compared; logits and greedy tokens "
+            "are checked on random images[/yellow]"
+        )
+    reasons = _gate(settings, parity["variants"]["fp32"], parity["accuracy_torch"], parity["accuracy_onnx"])
+    report["gate"] = {
+        "passed": not reasons,
+        "reasons": reasons,
+        "max_rel_logit_diff": settings.max_rel_logit_diff,
+        "max_accuracy_drop": settings.max_accuracy_drop,
+    }
+    return reasons
+
+
+def export(
+    model_dir: str | Path | None,
+    output: str | Path | None = None,
+    settings: ExportSettings | dict[str, Any] | None = None,
+    reporter: Reporter | None = None,
+    runs_root: Path = RUNS_ROOT,
+) -> ExportResult:
+    """Export, quantize, check parity, measure speed; returns the report (also in <output>/export_report.json).
+
+    `model_dir` None: the student of the most recent run under `runs_root`. `settings` as a dict:
+    overrides of what the model folder's recipe says (`ExportSettings.from_model_dir`).
+    """
+    reporter = reporter or QuietReporter()
+    model_dir, settings, picked = _source(model_dir, settings, reporter, runs_root)
+    out_final = Path(output) if output is not None else default_export_dir(model_dir)
+    failed = out_final.with_name(out_final.name + ".failed")
+    variant = settings.variant
+    variants = ["fp32"] if variant == "fp32" else ["fp32", variant]
+    started = time.perf_counter()
+    reporter.task(f"export {model_dir.name}", 4 + 2 * (variant != "fp32"))
+    torch_runner = TorchRunner(model_dir, device="cpu", dtype="float32")
+    report: dict[str, Any] = {
+        "model_dir": str(model_dir),
+        "picked_latest_run": picked,
+        "output": str(out_final),
+        "default_variant": variant,
+        "variants": variants,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+    }
+    with atomic_dir(out_final) as tmp:
+        t0 = time.perf_counter()
+        graph_s = export_graphs(torch_runner.model, tmp, settings.opset, settings.external_data_mb)
+        _carry_files(model_dir, tmp)
+        reporter.advance(1, "graphs traced")
+        t1 = time.perf_counter()
+        if variant != "fp32":
+            report["quantization"] = quantize_graphs(tmp, variant, settings.target)
+            reporter.advance(1, f"{variant} written")
+        t2 = time.perf_counter()
+        report.update(size_report(tmp, model_dir, variants))
+        reasons = _parity_and_gate(torch_runner, tmp, variants, settings, report, reporter)
+        t3 = time.perf_counter()
+        if not reasons:
+            image = report["parity"]["bench_image"]
+            report["speed"] = speed_report(
+                torch_runner, tmp, variants, image, settings.bench_tokens, settings.bench_repeats
+            )
+            reporter.advance(1, "speed")
+        report["parity"].pop("bench_image")
+        report["timing_s"] = {
+            "trace": round(t1 - t0, 2),
+            "trace_by_graph": {g: round(s, 2) for g, s in graph_s.items()},
+            "quantize": round(t2 - t1, 2),
+            "export": round(t2 - t0, 2),
+            "parity": round(t3 - t2, 2),
+            "total": round(time.perf_counter() - started, 2),
+        }
+        report["versions"] = versions()
+        write_json(tmp / REPORT, report)
+        reporter.done()
+        if reasons:
+            shutil.rmtree(failed, ignore_errors=True)
+            os.replace(tmp, failed)  # keep what was made for inspection; an earlier good export stays
+            report["output"] = str(failed)
+            write_json(failed / REPORT, report)
+            raise ExportError(f"parity gate failed: {'; '.join(reasons)}; the export is kept in {failed}")
+    shutil.rmtree(failed, ignore_errors=True)
+    return ExportResult(out_final, report)
+
+
+def size_report(out: Path, model_dir: Path, variants: list[str]) -> dict[str, Any]:
+    """MB per graph and variant, the PyTorch weights', and each quantized graph's share of its fp32 one."""
+    sizes: dict[str, Any] = sizes_mb(out, variants)
+    sizes["pytorch_safetensors"] = round(
+        sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20, 4
+    )
+    rep: dict[str, Any] = {"sizes_mb": sizes}
+    if len(variants) > 1:
+        v = variants[-1]
+        rep["size_ratio"] = {g: round(sizes[v][g] / sizes["fp32"][g], 4) for g in (*GRAPHS, "total")}
+    return rep
+
+
+def versions() -> dict[str, str]:
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def load_report(folder: str | Path) -> dict[str, Any]:
+    return read_json(Path(folder) / REPORT)

@@ -1,0 +1,224 @@
+"""Build a teacher or student `LlavaForConditionalGeneration` and its processor from a recipe.
+
+Two ways besides loading a checkpoint (`lsd_edge.models.load`): a tiny model built from sizes for
+the embedded default (SigLIP vision + Qwen2 text, the real transformers classes, a word-level
+tokenizer), or a student composed from parts (a LLaVA model's vision tower, an LLM, a fresh
+projector). Every model written by lsd-edge holds its processor (tokenizer, image processor, chat
+template) beside the weights, so every command loads any model the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers import models as tokenizer_models
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+from lsd_edge.errors import ModelError
+from lsd_edge.models.load import check_ref, first_line, load_llava, set_generation_config
+from lsd_edge.models.tokens import (
+    CHAT_ROLES,
+    CHAT_TEMPLATE,
+    IMAGE_TOKEN,
+    SPECIAL_TOKENS,
+    check_llm_tokenizer,
+    image_token_id,
+    num_image_tokens,
+)
+from lsd_edge.recipe.schema import ModelConfig, TinyConfig, VisionSize
+
+
+def build_tiny_processor(vision: VisionSize, words: list[str]):
+    """A word-level tokenizer over `words`, a SigLIP-style image processor and a ChatML template."""
+    return word_level_processor(words, vision.image_size, vision.patch_size)
+
+
+def word_level_processor(words: list[str], image_size: int, patch_size: int):
+    """`build_tiny_processor` for any square image size, also one that is not a multiple of the patch
+    (SigLIP-so400m: 384 px, patch 14 -> 27 x 27 visual tokens)."""
+    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + list(CHAT_ROLES) + sorted(set(words)))}
+    tok = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>", bos_token=None
+    )
+    image_processor = SiglipImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        resample=3,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=fast,
+        patch_size=patch_size,
+        vision_feature_select_strategy="full",
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+    )
+
+
+def tiny_text_config(t: TinyConfig, vocab_size: int, max_positions: int):
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=t.tie_word_embeddings,
+        rope_theta=10000.0,
+    )
+
+
+def tiny_vision_config(v: VisionSize):
+
+    return SiglipVisionConfig(
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        num_channels=3,
+        vision_use_head=False,
+    )
+
+
+def padded_vocab(n: int, multiple: int) -> int:
+    return ((n + multiple - 1) // multiple) * multiple
+
+
+def tiny_llava_config(
+    tiny: TinyConfig, vocab_size: int, image_token: int, n_img: int, vision_from_config=None
+):
+    """The LlavaConfig of a tiny model; with `vision_from_config` (a LlavaConfig) the vision part is
+    that model's, as LLaVA-KD's student shares the teacher's encoder."""
+
+    if tiny.vision == "teacher":
+        if vision_from_config is None:
+            raise ModelError("student.tiny.vision = 'teacher' needs the teacher built first")
+        vision_config = vision_from_config.vision_config
+        layer = vision_from_config.vision_feature_layer
+        strategy = vision_from_config.vision_feature_select_strategy
+    else:
+        vision_config = tiny_vision_config(tiny.vision)
+        layer, strategy = -1, "full"
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=tiny_text_config(
+            tiny, padded_vocab(vocab_size, tiny.pad_vocab_to_multiple_of), max_positions=max(512, 4 * n_img)
+        ),
+        image_token_index=image_token,
+        image_seq_length=n_img,
+        vision_feature_layer=layer,
+        vision_feature_select_strategy=strategy,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=tiny.tie_word_embeddings,
+    )
+
+
+def composed_llava_config(spec: ModelConfig, vision_config, text_config, image_token: int, n_img: int):
+    """The LlavaConfig of a student composed from a LLaVA model's vision part and an LLM's config."""
+
+    return LlavaConfig(
+        vision_config=vision_config.vision_config,
+        text_config=text_config,
+        image_token_index=image_token,
+        image_seq_length=n_img,
+        vision_feature_layer=spec.vision_feature_layer
+        if spec.vision_feature_layer is not None
+        else vision_config.vision_feature_layer,
+        vision_feature_select_strategy=spec.vision_feature_select_strategy
+        or vision_config.vision_feature_select_strategy,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    )
+
+
+def build_tiny_model(tiny: TinyConfig, processor, vision_from: nn.Module | None = None, seed: int = 0):
+    """A tiny LlavaForConditionalGeneration with real transformers classes (SigLIP + Qwen2).
+
+    With `vision_from`, the vision tower is that model's (config and weights), as LLaVA-KD's student
+    shares the teacher's encoder.
+    """
+
+    config = tiny_llava_config(
+        tiny,
+        len(processor.tokenizer),
+        image_token_id(processor),
+        num_image_tokens(processor),
+        None if vision_from is None else vision_from.config,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    if tiny.vision == "teacher":
+        model.model.vision_tower.load_state_dict(vision_from.model.vision_tower.state_dict())
+    set_generation_config(model, processor)
+    return model
+
+
+def compose_llava(spec: ModelConfig, teacher=None, teacher_processor=None, *, device="cpu", seed: int = 0):
+    """A student from parts: a vision encoder (the teacher's, or a LLaVA folder's), an LLM, a new projector.
+
+    The student speaks through the teacher's processor (image token, chat template), after a check
+    that the LLM's own tokenizer has the teacher's vocabulary.
+    """
+
+    if spec.vision in (None, "teacher"):
+        if teacher is None:
+            raise ModelError("student.vision = 'teacher' needs the teacher loaded first")
+        vis_model, processor = teacher, teacher_processor
+    else:
+        vis_model, processor = load_llava(spec.vision, what="student.vision", device="cpu")
+    llm_ref = check_ref(spec.llm, "student.llm")
+    try:
+        llm = AutoModelForCausalLM.from_pretrained(
+            llm_ref, dtype=torch.float32, use_safetensors=True, trust_remote_code=spec.trust_remote_code
+        )
+        llm_tok = AutoTokenizer.from_pretrained(llm_ref, trust_remote_code=spec.trust_remote_code)
+    except Exception as e:  # any failure to read a user's folder is a bad input, not a crash
+        raise ModelError(
+            f"cannot load student.llm '{spec.llm}': {first_line(e)}; give a local folder"
+        ) from None
+    check_llm_tokenizer(llm_tok, processor.tokenizer)
+    text_config = llm.config
+    img_id = image_token_id(processor)
+    vocab = max(text_config.vocab_size, img_id + 1)
+    config = composed_llava_config(spec, vis_model.config, text_config, img_id, num_image_tokens(processor))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(vis_model.model.vision_tower.state_dict())
+    base = llm.get_decoder() if hasattr(llm, "get_decoder") else llm.model
+    model.model.language_model.load_state_dict(base.state_dict())
+    if vocab > text_config.vocab_size:
+        model.resize_token_embeddings(vocab)
+    if not config.tie_word_embeddings:
+        model.lm_head.weight.data[: llm.lm_head.weight.shape[0]] = llm.lm_head.weight.data
+    if spec.projector == "linear":
+        proj = model.model.multi_modal_projector
+        proj.act = nn.Identity()
+        nn.init.eye_(proj.linear_2.weight)
+        proj.linear_2.weight.requires_grad_(True)
+        if proj.linear_2.bias is not None:
+            nn.init.zeros_(proj.linear_2.bias)
+    set_generation_config(model, processor)
+    del llm
+    # The vision config came from the teacher, with its dtype (bf16 for a bf16 teacher): the composed
+    # student starts in fp32 throughout.
+    return model.float().to(device), processor

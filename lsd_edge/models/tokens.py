@@ -1,0 +1,115 @@
+"""Token rules every part shares, torch-free: the image token, the chat template, stop tokens, labels.
+
+The ONNX runner reads a tokenizer with `tokenizers` alone, the PyTorch side with transformers;
+both decide their stop tokens by `stop_ids`, so an answer ends at the same token in either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from lsd_edge.errors import ModelError
+
+IMAGE_TOKEN = "<image>"
+IGNORE_INDEX = -100  # labels: no loss at this position
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN)
+CHAT_ROLES = ("system", "user", "assistant")
+# ChatML, as Qwen's chat models use it; images come first in a user turn, each followed by a newline.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Tokens that end a turn in common chat templates; the ones a vocabulary has are stop tokens.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "</s>")
+
+
+def stop_ids(
+    token_to_id: Callable[[str], int | None],
+    eos_tokens: Iterable[str | None] = (),
+    eos_ids: Iterable[int | None] = (),
+    generation_eos: int | list[int] | None = None,
+) -> list[int]:
+    """Token ids that end an answer: every end-of-turn token the vocabulary has, the tokenizer's EOS
+    (by name or id) and the generation config's `eos_token_id` (one id or a list)."""
+    ids: set[int] = set()
+    for t in (*END_OF_TURN, *(e for e in eos_tokens if e)):
+        tid = token_to_id(t)
+        if tid is not None:
+            ids.add(int(tid))
+    ids.update(int(i) for i in eos_ids if i is not None)
+    if isinstance(generation_eos, int):
+        ids.add(generation_eos)
+    elif isinstance(generation_eos, list):
+        ids.update(int(e) for e in generation_eos)
+    return sorted(ids)
+
+
+def stop_token_ids(processor, model=None) -> list[int]:
+    """`stop_ids` of a transformers processor (and a model's generation config)."""
+    tok = processor.tokenizer
+
+    def lookup(token: str) -> int | None:
+        tid = tok.convert_tokens_to_ids(token)
+        return tid if isinstance(tid, int) and tid != tok.unk_token_id else None
+
+    eos = None if model is None else getattr(model.generation_config, "eos_token_id", None)
+    return stop_ids(lookup, eos_ids=[tok.eos_token_id], generation_eos=eos)
+
+
+def num_image_tokens(processor) -> int:
+    """Visual tokens per image, as the processor expands one `<image>` placeholder."""
+    ip = processor.image_processor
+    size = getattr(ip, "crop_size", None) or ip.size
+    h = size.get("height") or size.get("shortest_edge")
+    w = size.get("width") or size.get("shortest_edge")
+    n = (h // processor.patch_size) * (w // processor.patch_size) + (
+        processor.num_additional_image_tokens or 0
+    )
+    if processor.vision_feature_select_strategy == "default":
+        n -= 1
+    return n
+
+
+def image_token_id(processor) -> int:
+    return int(processor.image_token_id)
+
+
+def check_tokenizers(teacher_tok, student_tok) -> None:
+    """Logit distillation compares distributions over one vocabulary: refuse tokenizers that differ.
+
+    Padded embedding rows (a model's vocab_size above the tokenizer's length) are not a difference.
+    """
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if tv == sv:
+        return
+    only_t = sorted(set(tv) - set(sv), key=lambda t: tv[t])
+    only_s = sorted(set(sv) - set(tv), key=lambda t: sv[t])
+    moved = sorted((t for t in set(tv) & set(sv) if tv[t] != sv[t]), key=lambda t: tv[t])
+    parts = []
+    if only_t:
+        parts.append(f"{len(only_t)} token(s) only in the teacher's, e.g. {only_t[:5]}")
+    if only_s:
+        parts.append(f"{len(only_s)} token(s) only in the student's, e.g. {only_s[:5]}")
+    if moved:
+        parts.append(
+            f"{len(moved)} token(s) with different ids, e.g. "
+            + ", ".join(f"{t!r}: {tv[t]} vs {sv[t]}" for t in moved[:5])
+        )
+    raise ModelError(
+        "teacher and student tokenizers differ (" + "; ".join(parts) + "); logit distillation needs one "
+        "vocabulary: give the student an LLM of the teacher's family, or the teacher's tokenizer"
+    )
+
+
+def check_llm_tokenizer(llm_tok, llava_tok) -> None:
+    """The LLM's tokenizer must agree with the LLaVA tokenizer on every token both know; the LLaVA one
+    may add its image token (and nothing the LLM cannot embed)."""
+    lv, tv = llm_tok.get_vocab(), llava_tok.get_vocab()
+    moved = [t for t in set(lv) & set(tv) if lv[t] != tv[t]]
+    extra = [t for t in set(lv) - set(tv)]
+    if moved or extra:
+        check_tokenizers(llava_tok, llm_tok)

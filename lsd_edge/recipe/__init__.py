@@ -1,0 +1,1 @@
+"""The recipe: its typed schema (`schema`), reading and overrides (`load`), writing (`toml`)."""

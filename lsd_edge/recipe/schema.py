@@ -1,0 +1,379 @@
+"""The typed recipe: frozen pydantic models that refuse unknown keys.
+
+Defaults that depend on a stage's kind (which losses, which module groups train) are filled here,
+from METHOD.md, so the rest of the code reads one resolved recipe. Reading TOML, `--set` overrides
+and the checks that involve several sections are `lsd_edge.recipe.load`'s.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from lsd_edge.errors import RecipeError
+from lsd_edge.recipe.toml import dumps_toml
+
+StageKind = Literal["pt", "dpt", "sft", "dft"]
+Group = Literal["vision", "projector", "llm"]
+KLKind = Literal["forward", "reverse", "jsd", "skew"]
+
+DISTILLING_KINDS = ("dpt", "dft")
+# METHOD.md: LLaVA-KD trains the projector alone in (D)PT and projector + LLM in SFT/DFT.
+DEFAULT_TRAINABLE: dict[str, list[str]] = {
+    "pt": ["projector"],
+    "dpt": ["projector"],
+    "sft": ["projector", "llm"],
+    "dft": ["projector", "llm"],
+}
+# METHOD.md: L = L_reg + alpha*L_res + beta*L_vis + gamma*L_rel, alpha, beta, gamma = 1.0, 1.0, 0.5.
+DEFAULT_DISTILL_WEIGHTS = {"response_kl": 1.0, "visual_kl": 1.0, "relation": 0.5, "latent": 0.0}
+DISTILL_TERMS = tuple(DEFAULT_DISTILL_WEIGHTS)
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(Strict):
+    name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # bf16 autocast on CUDA; CPU always trains in fp32.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # The progress bar's loss figures refresh every N steps; log.jsonl holds every step.
+    log_every: PositiveInt = 10
+    checkpoint_every: NonNegInt = 50
+    num_threads: NonNegInt = 0
+    # torch.compile the student's decoder layers (worth it on CUDA; the first steps compile).
+    compile: bool = False
+
+
+class ShapesConfig(Strict):
+    """Generate ShapesVQA into the data root when its files are missing."""
+
+    seed: int = 0
+    n_train: PositiveInt = 2000
+    n_eval: PositiveInt = 300
+    image_size: Annotated[int, Field(ge=16, le=1024)] = 48
+    questions_per_image: Annotated[int, Field(ge=1, le=10)] = 4
+    # Largest offset of a shape from its cell's centre, in pixels (lsd_edge.data.shapes.JITTER).
+    jitter: Annotated[int, Field(ge=0, le=64)] = 1
+
+
+class DatasetConfig(Strict):
+    path: str
+    images: str | None = None
+
+
+class DataConfig(Strict):
+    root: str = "."
+    shapes: ShapesConfig | None = None
+    pretrain: DatasetConfig | None = None
+    instruct: DatasetConfig | None = None
+    eval: DatasetConfig | None = None
+    max_length: Annotated[int, Field(ge=8)] = 2048
+    bad_samples: Literal["skip", "error"] = "skip"
+    num_workers: NonNegInt = 0
+
+    def dataset(self, name: str) -> DatasetConfig:
+        ds = getattr(self, name, None)
+        if ds is None:
+            raise RecipeError(
+                "recipe", [f"data.{name}: no such data set is configured; add a [data.{name}] section"]
+            )
+        return ds
+
+    def resolve(self, ds: DatasetConfig) -> tuple[Path, Path | None]:
+        root = Path(self.root)
+        images = root / ds.images if ds.images is not None else None
+        return root / ds.path, images
+
+
+class LossConfig(Strict):
+    """Loss weights and the KL flavour; weights left out are filled from the stage's kind."""
+
+    ce: NonNegFloat = 1.0
+    response_kl: NonNegFloat | None = None
+    visual_kl: NonNegFloat | None = None
+    relation: NonNegFloat | None = None
+    latent: NonNegFloat | None = None
+    kl: KLKind = "forward"
+    temperature: PositiveFloat = 1.0
+    jsd_beta: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    skew_lambda: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    latent_kind: Literal["mse", "cosine"] = "cosine"
+    # (student layer, teacher layer) pairs of hidden states to align; "projector" is the projector
+    # output (the visual tokens right after modality alignment), -1 the final layer.
+    latent_pairs: list[tuple[int | Literal["projector"], int | Literal["projector"]]] = [
+        ("projector", "projector"),
+        (-1, -1),
+    ]
+    # Response and visual logit losses from hidden states and lm_head weights, this many positions at
+    # a time, so B x T x V logits are never whole in memory; 0 = the plain path (whole logits).
+    chunk_size: NonNegInt = 0
+
+    def weight(self, term: str) -> float:
+        value = getattr(self, term)
+        return 0.0 if value is None else float(value)
+
+
+class DistillSchedule(Strict):
+    """How the distillation weight (lambda) moves over a stage; it multiplies every KD term."""
+
+    kind: Literal["constant", "linear_decay", "warm_start"] = "constant"
+    start: NonNegFloat = 1.0
+    end: NonNegFloat = 0.0
+    warm_steps: NonNegInt = 0
+    ramp_steps: NonNegInt = 0
+
+    def factor(self, step: int, total: int) -> float:
+        if self.kind == "constant":
+            return self.start
+        if self.kind == "linear_decay":
+            frac = min(1.0, step / max(1, total - 1))
+            return self.start + (self.end - self.start) * frac
+        if step < self.warm_steps:
+            return 0.0
+        if self.ramp_steps == 0:
+            return self.start
+        return self.start * min(1.0, (step - self.warm_steps + 1) / self.ramp_steps)
+
+
+class StageConfig(Strict):
+    name: str
+    kind: StageKind
+    data: Literal["pretrain", "instruct"] | None = None
+    trainable: list[Group] | None = None
+    lr: PositiveFloat = 1e-4
+    # Learning-rate multipliers per model group, e.g. {vision = 4.0}: a group not named trains at lr.
+    lr_scale: dict[Group, PositiveFloat] = {}
+    weight_decay: NonNegFloat = 0.0
+    warmup_steps: NonNegInt = 0
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
+    epochs: PositiveFloat | None = None
+    max_steps: PositiveInt | None = None
+    batch_size: PositiveInt = 8
+    grad_accum: PositiveInt = 1
+    max_grad_norm: NonNegFloat = 1.0
+    max_samples: PositiveInt | None = None
+    # Keep only the first N question/answer turns of each conversation: the same images with fewer
+    # labelled answers.
+    max_turns: PositiveInt | None = None
+    loss: LossConfig = LossConfig()
+    distill_schedule: DistillSchedule = DistillSchedule()
+    gradient_checkpointing: bool = False
+    # Distil from a top-k teacher cache instead of running the teacher: "off" (online teacher), "auto"
+    # (<output_dir>/teacher-cache/<stage>, made on first use) or the folder of a cache made by
+    # `lsd-edge cache-teacher`. A stage with a cache trains with no teacher in memory.
+    teacher_cache: str = "off"
+    teacher_cache_top_k: PositiveInt = 64
+    # Train on the teacher's own answers to the stage's questions (LLaVADI): written once to
+    # <output_dir>/regenerated/<stage>/ by greedy decoding, then used instead of the reference answers.
+    regenerate: bool = False
+    regenerate_max_new_tokens: PositiveInt = 64
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("kind") not in DEFAULT_TRAINABLE:
+            return data
+        data = dict(data)
+        kind = data["kind"]
+        data.setdefault("data", "pretrain" if kind in ("pt", "dpt") else "instruct")
+        data.setdefault("trainable", list(DEFAULT_TRAINABLE[kind]))
+        loss = data.get("loss", {})
+        if isinstance(loss, dict):
+            loss = dict(loss)
+            for term, default in DEFAULT_DISTILL_WEIGHTS.items():
+                loss.setdefault(term, default if kind in DISTILLING_KINDS else 0.0)
+            data["loss"] = loss
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> StageConfig:
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("give either epochs or max_steps")
+        if not self.trainable:
+            raise ValueError("trainable: name at least one of vision, projector, llm")
+        if self.kind not in DISTILLING_KINDS:
+            used = [t for t in DISTILL_TERMS if self.loss.weight(t) > 0]
+            if used:
+                raise ValueError(
+                    f"loss.{used[0]}: a '{self.kind}' stage does no distillation; "
+                    f"use kind = 'd{self.kind}' or set the weight to 0"
+                )
+        elif self.loss.ce == 0 and all(self.loss.weight(t) == 0 for t in DISTILL_TERMS):
+            raise ValueError("loss: every weight is 0, so the stage would learn nothing")
+        if not self.teacher_cache.strip():
+            raise ValueError("teacher_cache: give 'off', 'auto' or the folder of a teacher cache")
+        if self.cached:
+            if self.kind not in DISTILLING_KINDS:
+                raise ValueError(
+                    f"teacher_cache: a '{self.kind}' stage does not use the teacher; remove it or set 'off'"
+                )
+            layers = [p for p in self.loss.latent_pairs if p[0] != "projector"]
+            if self.loss.weight("latent") > 0 and layers:
+                raise ValueError(
+                    f"loss.latent_pairs: a teacher cache stores projector features only, not layer {layers[0]}; "
+                    "keep ['projector', 'projector'] pairs, set loss.latent = 0, or teacher_cache = 'off'"
+                )
+        return self
+
+    @property
+    def cached(self) -> bool:
+        return self.teacher_cache != "off"
+
+    @property
+    def distills(self) -> bool:
+        return self.kind in DISTILLING_KINDS and any(self.loss.weight(t) > 0 for t in DISTILL_TERMS)
+
+
+class VisionSize(Strict):
+    hidden_size: PositiveInt = 64
+    num_layers: PositiveInt = 2
+    num_heads: PositiveInt = 4
+    intermediate_size: PositiveInt = 128
+    patch_size: PositiveInt = 8
+    image_size: PositiveInt = 48
+
+    @model_validator(mode="after")
+    def _check(self) -> VisionSize:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}"
+            )
+        return self
+
+
+class TinyConfig(Strict):
+    """Sizes of a tiny LLaVA built from configs (SigLIP vision + Qwen2 text) for the embedded default."""
+
+    hidden_size: PositiveInt = 64
+    num_layers: PositiveInt = 2
+    num_heads: PositiveInt = 4
+    num_kv_heads: PositiveInt = 2
+    intermediate_size: PositiveInt = 192
+    tie_word_embeddings: bool = True
+    # Extra embedding rows past the tokenizer's vocabulary, as real checkpoints have.
+    pad_vocab_to_multiple_of: PositiveInt = 1
+    vision: VisionSize | Literal["teacher"] = VisionSize()
+
+    @model_validator(mode="after")
+    def _check(self) -> TinyConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
+        return self
+
+
+class ModelConfig(Strict):
+    """One of: `path` (a hub id or a directory of a LlavaForConditionalGeneration), `llm` (composed
+    from parts: the vision encoder `vision`, an LLM, a fresh projector), or `tiny` (built from sizes)."""
+
+    path: str | None = None
+    vision: str | None = None
+    llm: str | None = None
+    projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    vision_feature_layer: int | None = None
+    vision_feature_select_strategy: Literal["default", "full"] | None = None
+    tiny: TinyConfig | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        given = [k for k in ("path", "llm", "tiny") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of path (a LLaVA model), llm (compose from parts) or [tiny] (sizes); "
+                f"got {', '.join(given) or 'none'}"
+            )
+        if self.path is not None and self.vision is not None:
+            raise ValueError("vision: only used with llm (composing a model from parts)")
+        return self
+
+
+class TeacherConfig(ModelConfig):
+    # The embedded default trains its teacher first with these stages and caches it.
+    stages: list[StageConfig] = []
+
+
+class StudentConfig(ModelConfig):
+    pass
+
+
+class ExportConfig(Strict):
+    quantize: Literal["none", "int8", "int4", "fp16"] = "int8"
+    target: Literal["cpu", "cuda"] = "cpu"
+    opset: Annotated[int, Field(ge=17, le=23)] = 18
+    parity_samples: PositiveInt = 16
+    max_rel_logit_diff: PositiveFloat = 1e-3
+    max_accuracy_drop: NonNegFloat = 0.02
+
+
+class EvalConfig(Strict):
+    max_samples: PositiveInt | None = None
+    max_new_tokens: PositiveInt = 8
+    batch_size: PositiveInt = 64
+
+
+class BenchConfig(Strict):
+    """`lsd-edge bench` defaults: prompts per repeat, new tokens per generation (EOS ignored)."""
+
+    prompts: PositiveInt = 8
+    max_new_tokens: PositiveInt = 128
+    repeats: PositiveInt = 3
+    warmup: NonNegInt = 1
+
+
+class Recipe(Strict):
+    run: RunConfig = RunConfig()
+    teacher: TeacherConfig
+    student: StudentConfig
+    data: DataConfig
+    stages: Annotated[list[StageConfig], Field(min_length=1)]
+    eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
+    bench: BenchConfig = BenchConfig()
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_names(cls, stages: list[StageConfig]) -> list[StageConfig]:
+        seen: set[str] = set()
+        for s in stages:
+            if s.name in seen:
+                raise ValueError(f"stage name '{s.name}' is used twice; names become checkpoint folders")
+            if s.name in ("teacher", "student", "data") or not re.fullmatch(r"[A-Za-z0-9_.-]+", s.name):
+                raise ValueError(
+                    f"stage name '{s.name}' cannot be a folder name here; use letters, digits, - _ ."
+                )
+            seen.add(s.name)
+        return stages
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir)
+
+    def to_toml(self) -> str:
+        return dumps_toml(self.model_dump(mode="json", exclude_none=True))

@@ -1,0 +1,300 @@
+"""The ONNX Runtime runner: greedy or sampled generation with a KV cache over an export folder, torch-free.
+
+It builds the same prompt ids (`PromptBuilder`) and pixel values (`ImagePreprocessor`) as the
+PyTorch runner and generates through the same decode loop (`lsd_edge.runtime.textgen`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from lsd_edge.errors import RuntimeModelError
+from lsd_edge.models.tokens import stop_ids
+from lsd_edge.runtime.onnx.image import ImagePreprocessor
+from lsd_edge.runtime.onnx.layout import (
+    GRAPHS,
+    REPORT,
+    VARIANT_SUFFIX,
+    first_line,
+    graph_file,
+    read_json_file,
+    variants_in,
+)
+from lsd_edge.runtime.onnx.prompt import PromptBuilder
+from lsd_edge.runtime.textgen import Generation, SamplingParams, generate_tokens
+
+_ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class KVCache:
+    """Past keys and values of every layer, by decoder input name; numpy arrays or device OrtValues."""
+
+    def __init__(self, tensors: dict, length: int):
+        self.tensors = tensors
+        self.length = length
+
+
+class OnnxRunner:
+    """Greedy or sampled generation with a KV cache over an export folder, in ONNX Runtime alone.
+
+    `variant` picks the graphs (fp32, int8, int4, fp16); by default the one the export was asked
+    for (export_report.json), else fp32. On CUDA the cache stays on the device through IO binding;
+    `io_binding=True` forces that path on the CPU too. `session_config` entries go to every
+    session (e.g. {"session.intra_op.allow_spinning": "0"} beside busy PyTorch work).
+    """
+
+    backend = "onnx"
+
+    def __init__(
+        self,
+        folder: str | Path,
+        device: str = "cpu",
+        name: str | None = None,
+        variant: str | None = None,
+        threads: int | None = None,
+        io_binding: bool | None = None,
+        session_config: dict[str, str] | None = None,
+    ):
+        self.ort = ort
+        self.path = Path(folder)
+        if not self.path.is_dir():
+            raise RuntimeModelError(f"{self.path}: no such export folder; run `lsd-edge export` first")
+        report = self.path / REPORT
+        self.report = read_json_file(report, "export report") if report.is_file() else {}
+        self.variant = self._pick_variant(variant)
+        self.name = name or f"{self.path.name} ({self.variant})"
+        self.device = device
+        if device not in ("cpu", "cuda"):
+            raise RuntimeModelError(f"device '{device}': the ONNX runner runs on cpu or cuda")
+        if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeModelError(
+                "device cuda: this onnxruntime has no CUDAExecutionProvider; install onnxruntime-gpu "
+                "(pip install -e .[gpu]) or run on cpu"
+            )
+        self.providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            if device == "cuda"
+            else ["CPUExecutionProvider"]
+        )
+        self.io_binding = device == "cuda" if io_binding is None else io_binding
+        self.binding_device = "cuda" if device == "cuda" else "cpu"
+        self.threads = threads
+        self.session_config = session_config or {}
+        self.config = read_json_file(self.path / "config.json", "model config")
+        gen_path = self.path / "generation_config.json"
+        self.generation_config = read_json_file(gen_path, "generation config") if gen_path.is_file() else {}
+        self.sessions = {g: self._session(g) for g in GRAPHS}
+        self._inspect_graphs()
+        self.prompts = PromptBuilder(self.path, self.n_image_tokens)
+        self.preprocess = ImagePreprocessor.from_folder(self.path)
+        self.stop_ids = self._stop_ids()
+        self.vocab_rows = self.prompts.vocab_rows()
+
+    # -- loading
+
+    def _pick_variant(self, variant: str | None) -> str:
+        have = variants_in(self.path)
+        if variant is None:  # what the export was asked for: a missing file of it is an error, not a fallback
+            variant = self.report.get("default_variant") or (
+                "fp32" if "fp32" in have or not have else have[0]
+            )
+        if variant not in VARIANT_SUFFIX:
+            raise RuntimeModelError(f"variant '{variant}': choose one of {', '.join(VARIANT_SUFFIX)}")
+        for g in GRAPHS:
+            f = self.path / graph_file(g, variant)
+            if not f.is_file():
+                found = f"; this folder has {', '.join(have)}" if have else ""
+                raise RuntimeModelError(f"{f}: missing {variant} graph{found}; re-run `lsd-edge export`")
+        return variant
+
+    def _session(self, graph: str):
+        ort = self.ort
+        path = self.path / graph_file(graph, self.variant)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        for k, v in self.session_config.items():
+            opts.add_session_config_entry(k, v)
+        try:
+            return ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
+        except Exception as e:  # ORT raises its own exception types for bad files; all mean the same here
+            raise RuntimeModelError(
+                f"{path}: cannot load ({first_line(e)}); the file is corrupt or incomplete, re-run `lsd-edge export`"
+            ) from None
+
+    def _inspect_graphs(self) -> None:
+        dec = self.sessions["decoder_model_merged"]
+        inputs = {i.name: i for i in dec.get_inputs()}
+        for need in ("inputs_embeds", "attention_mask", "position_ids"):
+            if need not in inputs:
+                raise RuntimeModelError(
+                    f"{self.path / graph_file('decoder_model_merged', self.variant)}: no input '{need}'; "
+                    "not a decoder written by `lsd-edge export`"
+                )
+        self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
+        self.present_names = [o.name for o in dec.get_outputs() if o.name.startswith("present.")]
+        if len(self.past_names) != len(self.present_names) or not self.past_names:
+            raise RuntimeModelError(
+                f"{self.path}: the decoder's past_key_values and present outputs do not pair up; re-run `lsd-edge export`"
+            )
+        first = inputs[self.past_names[0]]
+        self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+        self.kv_dtype = _ORT_FLOATS.get(first.type, np.float32)
+        self.embeds_dtype = _ORT_FLOATS.get(inputs["inputs_embeds"].type, np.float32)
+        feats = self.sessions["vision_encoder"].get_outputs()[0]
+        k = feats.shape[1]
+        self.n_image_tokens = int(k) if isinstance(k, int) else int(self.config.get("image_seq_length", 0))
+
+    def _stop_ids(self) -> set[int]:
+        tok = self.prompts.tokenizer
+        unk = self.prompts.special.get("unk_token")
+
+        def lookup(token: str) -> int | None:
+            return None if token == unk else tok.token_to_id(token)
+
+        eos = self.generation_config.get("eos_token_id")
+        return set(stop_ids(lookup, eos_tokens=[self.prompts.eos_token], generation_eos=eos))
+
+    def info(self) -> dict:
+        files = [self.path / graph_file(g, self.variant) for g in GRAPHS]
+        size = sum(f.stat().st_size for f in files)
+        size += sum(p.stat().st_size for f in files for p in f.parent.glob(f.name + "_data"))
+        return {
+            "name": self.name,
+            "backend": self.backend,
+            "path": str(self.path),
+            "variant": self.variant,
+            "size_mb": round(size / 2**20, 3),
+            "device": self.device,
+            "providers": self.sessions["decoder_model_merged"].get_providers(),
+        }
+
+    # -- pieces of one generation, each one graph call
+
+    def prompt_ids(self, question: str, with_image: bool) -> list[int]:
+        return self.prompts.prompt_ids(question, with_image)
+
+    def pixel_values(self, image) -> np.ndarray:
+        """(1, 3, H, W) float32, as the model folder's image processor makes them."""
+        return self.preprocess(image)
+
+    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) -> (N, K, D): vision encoder and projector."""
+        return self.sessions["vision_encoder"].run(None, {"pixel_values": pixel_values.astype(np.float32)})[0]
+
+    def embed(self, ids: list[int], pixel_values: np.ndarray | None = None) -> np.ndarray:
+        """Prompt ids -> inputs_embeds (1, T, D), visual tokens replaced by image features in order."""
+        x = self.sessions["embed_tokens"].run(None, {"input_ids": np.asarray([ids], dtype=np.int64)})[0]
+        if pixel_values is not None:
+            feats = self.image_features(pixel_values)
+            slots = np.flatnonzero(np.asarray(ids) == self.prompts.image_id)
+            flat = feats.reshape(-1, feats.shape[-1])
+            if len(slots) != flat.shape[0]:
+                raise RuntimeModelError(
+                    f"{len(slots)} image tokens in the prompt but {flat.shape[0]} image features; the export's "
+                    "image_seq_length does not match its vision encoder, re-run `lsd-edge export`"
+                )
+            x[0, slots] = flat.astype(x.dtype)
+        return x.astype(self.embeds_dtype, copy=False)
+
+    def new_cache(self, batch: int = 1) -> KVCache:
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
+        if self.io_binding:
+            tensors = {
+                n: self.ort.OrtValue.ortvalue_from_numpy(empty, self.binding_device, 0)
+                for n in self.past_names
+            }
+        else:
+            tensors = dict.fromkeys(self.past_names, empty)
+        return KVCache(tensors, 0)
+
+    def decode(self, embeds: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """One decoder call: embeds (1, S, D) after `cache` -> logits (1, S, V) and the grown cache."""
+        b, s = embeds.shape[:2]
+        p = cache.length
+        feed = {
+            "inputs_embeds": embeds,
+            "attention_mask": np.ones((b, p + s), dtype=np.int64),
+            "position_ids": np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy(),
+        }
+        dec = self.sessions["decoder_model_merged"]
+        if not self.io_binding:
+            outs = dec.run(["logits", *self.present_names], {**feed, **cache.tensors})
+            present = dict(zip(self.past_names, outs[1:], strict=True))
+            return outs[0], KVCache(present, p + s)
+        # The cache never leaves the device: present outputs are bound on it and fed back as the next past.
+        binding = dec.io_binding()
+        for k, v in feed.items():
+            binding.bind_cpu_input(k, v)
+        for k, v in cache.tensors.items():
+            binding.bind_ortvalue_input(k, v)
+        binding.bind_output("logits", "cpu")
+        for n in self.present_names:
+            binding.bind_output(n, self.binding_device, 0)
+        dec.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        present = dict(zip(self.past_names, outs[1:], strict=True))
+        return outs[0].numpy(), KVCache(present, p + s)
+
+    # -- generation
+
+    def generate_ids(
+        self,
+        ids: list[int],
+        pixel_values: np.ndarray | None = None,
+        max_new_tokens: int = 64,
+        *,
+        sampling: SamplingParams | None = None,
+        ignore_eos: bool = False,
+        on_text: Callable[[str], None] | None = None,
+        t0: float | None = None,
+    ) -> Generation:
+        """Generate after prompt ids (visual tokens expanded) and the image's pixel values, if any."""
+        cache = self.new_cache()
+
+        def prefill() -> np.ndarray:
+            nonlocal cache
+            logits, cache = self.decode(self.embed(ids, pixel_values), cache)
+            return logits[0, -1]
+
+        def step(token: int) -> np.ndarray:
+            nonlocal cache
+            logits, cache = self.decode(self.embed([token]), cache)
+            return logits[0, -1]
+
+        return generate_tokens(
+            prefill,
+            step,
+            prompt_tokens=len(ids),
+            max_new_tokens=max_new_tokens,
+            stop_ids=self.stop_ids,
+            decode=self.prompts.decode,
+            sampling=sampling,
+            ignore_eos=ignore_eos,
+            on_text=on_text,
+            vocab_rows=self.vocab_rows,
+            t0=t0,
+        )
+
+    def generate(
+        self,
+        image,
+        question: str,
+        max_new_tokens: int = 64,
+        *,
+        sampling: SamplingParams | None = None,
+        ignore_eos: bool = False,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        t0 = time.perf_counter()
+        ids = self.prompt_ids(question, image is not None)
+        px = self.pixel_values(image) if image is not None else None
+        return self.generate_ids(
+            ids, px, max_new_tokens, sampling=sampling, ignore_eos=ignore_eos, on_text=on_text, t0=t0
+        )

@@ -1,0 +1,51 @@
+"""What every backend offers (`Runner`), and `load_runner`: a model folder in, the right runner out.
+
+This module imports neither torch nor onnxruntime: `load_runner` imports the runner a folder needs
+when it is asked for, so loading an ONNX export never imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from lsd_edge.errors import RuntimeModelError
+from lsd_edge.runtime.textgen import Generation, SamplingParams
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """One answer to one image and question. `on_text` receives the answer as it grows, piece by piece."""
+
+    name: str
+    backend: str  # "torch" or "onnx"
+
+    def generate(
+        self,
+        image,
+        question: str,
+        max_new_tokens: int = 64,
+        *,
+        sampling: SamplingParams | None = None,
+        ignore_eos: bool = False,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation: ...
+
+    def info(self) -> dict: ...
+
+
+def load_runner(path: str | Path, device: str = "cpu", name: str | None = None, **kw) -> Runner:
+    """A runner for a model folder: HF weights -> TorchRunner; ONNX files -> OnnxRunner (torch-free)."""
+    p = Path(path)
+    if not p.exists():
+        raise RuntimeModelError(
+            f"{p}: no such model folder; give a folder written by lsd-edge distill or export"
+        )
+    if any(p.glob("*.onnx")):
+        from lsd_edge.runtime.onnx.runner import OnnxRunner  # onnxruntime only when asked for
+
+        return OnnxRunner(p, device=device, name=name, **kw)
+    from lsd_edge.runtime.torch_runner import TorchRunner  # torch only when asked for
+
+    return TorchRunner(p, device=device, name=name, **kw)

@@ -1,0 +1,151 @@
+"""The PyTorch runner: greedy or sampled generation with a KV cache from an HF LLaVA folder.
+
+Prompts are built by the data side's `ChatEncoder` (the same ids training saw) and tokens are picked
+by the one decode loop (`lsd_edge.runtime.textgen.decode_loop`) the ONNX runner uses too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lsd_edge.data.chat import ChatEncoder, user_message
+from lsd_edge.models.groups import count_params
+from lsd_edge.models.info import dir_size_mb
+from lsd_edge.models.load import load_llava
+from lsd_edge.models.tokens import stop_token_ids
+from lsd_edge.runtime.textgen import Generation, SamplingParams, generate_tokens
+
+
+class TorchRunner:
+    """`Runner` over a LlavaForConditionalGeneration (a folder, or a model already in memory)."""
+
+    backend = "torch"
+
+    def __init__(
+        self, model_dir: str | Path, device: str = "cpu", dtype: str = "auto", name: str | None = None
+    ):
+        model, processor = load_llava(str(model_dir), dtype=dtype, device=device)
+        self._attach(model, processor, Path(model_dir), name or Path(model_dir).name, device)
+
+    @classmethod
+    def from_model(cls, model, processor, name: str, device: str = "cpu") -> TorchRunner:
+        """A runner over a model already in memory (e.g. random weights at a real architecture's size)."""
+        runner = cls.__new__(cls)
+        runner._attach(model.to(device), processor, None, name, device)
+        return runner
+
+    def _attach(self, model, processor, path: Path | None, name: str, device: str) -> None:
+        self.path = path
+        self.name = name
+        self.device = torch.device(device)
+        self.model, self.processor = model, processor
+        self.model.eval()
+        self.encoder = ChatEncoder(self.processor)
+        self.stop_ids = set(stop_token_ids(self.processor, self.model))
+        self.vocab_rows = len(self.processor.tokenizer)
+
+    def info(self) -> dict:
+        weights_mb = sum(p.numel() * p.element_size() for p in self.model.parameters()) / 2**20
+        return {
+            "name": self.name,
+            "backend": self.backend,
+            "path": None if self.path is None else str(self.path),
+            "params": count_params(self.model)["total"],
+            # in memory only: what save_pretrained would write
+            "size_mb": round(weights_mb if self.path is None else dir_size_mb(self.path), 3),
+            "device": str(self.device),
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+        }
+
+    def prompt_ids(self, question: str, with_image: bool) -> list[int]:
+        return self.encoder.encode_prompt([user_message(question, 1 if with_image else 0)])
+
+    def pixel_values(self, images: list) -> torch.Tensor | None:
+        """(N, 3, H, W) in the model's dtype on its device, as the processor makes them; None for no image."""
+        if not images:
+            return None
+        px = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return px.to(self.device, dtype=next(self.model.parameters()).dtype)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def generate_ids(
+        self,
+        ids: list[int],
+        pixel_values: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
+        *,
+        sampling: SamplingParams | None = None,
+        ignore_eos: bool = False,
+        on_text: Callable[[str], None] | None = None,
+        t0: float | None = None,
+        logits: list[np.ndarray] | None = None,
+    ) -> Generation:
+        """Generate after prompt ids (visual tokens expanded) and pixel values, if any.
+
+        With a `logits` list, the prefill's logits at every prompt position (T, V) and then each
+        decode step's (V,) are appended to it, as float32 numpy arrays (what the export's parity gate
+        compares)."""
+        tok = self.processor.tokenizer
+        keep = {} if logits is not None else {"logits_to_keep": 1}
+        cache = None
+
+        def prefill() -> np.ndarray:
+            nonlocal cache
+            input_ids = torch.tensor([ids], device=self.device)
+            out = self.model(input_ids=input_ids, pixel_values=pixel_values, use_cache=True, **keep)
+            cache = out.cache
+            if logits is not None:
+                logits.append(out.logits[0].float().cpu().numpy())
+            return out.logits[0, -1].float().cpu().numpy()
+
+        def step(token: int) -> np.ndarray:
+            nonlocal cache
+            out = self.model(
+                input_ids=torch.tensor([[token]], device=self.device), cache=cache, use_cache=True
+            )
+            cache = out.cache
+            row = out.logits[0, -1].float().cpu().numpy()
+            if logits is not None:
+                logits.append(row)
+            return row
+
+        with torch.inference_mode():
+            return generate_tokens(
+                prefill,
+                step,
+                prompt_tokens=len(ids),
+                max_new_tokens=max_new_tokens,
+                stop_ids=self.stop_ids,
+                decode=lambda out: tok.decode(out, skip_special_tokens=True),
+                sampling=sampling,
+                ignore_eos=ignore_eos,
+                on_text=on_text,
+                vocab_rows=self.vocab_rows,
+                t0=t0,
+                sync=self._sync,
+            )
+
+    def generate(
+        self,
+        image,
+        question: str,
+        max_new_tokens: int = 64,
+        *,
+        sampling: SamplingParams | None = None,
+        ignore_eos: bool = False,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        t0 = time.perf_counter()
+        ids = self.prompt_ids(question, image is not None)
+        px = self.pixel_values([image] if image is not None else [])
+        return self.generate_ids(
+            ids, px, max_new_tokens, sampling=sampling, ignore_eos=ignore_eos, on_text=on_text, t0=t0
+        )

@@ -1,0 +1,118 @@
+"""The training-scheme ablation of METHOD.md: several stage chains, one teacher, one initial student.
+
+A scheme is a chain of stage kinds, `pt-sft` or `dpt-sft-dft`. Each stage of a scheme takes its
+settings (data, lr, steps, batch) from the recipe's stage of the same kind, or from its twin
+(pt <-> dpt, sft <-> dft) with the distillation terms switched on or off, so schemes differ only in
+what the method changes and every scheme gets equal steps per stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lsd_edge.errors import LsdEdgeError
+from lsd_edge.files import write_json
+from lsd_edge.progress import QuietReporter, Reporter
+from lsd_edge.recipe.schema import DEFAULT_DISTILL_WEIGHTS, DISTILL_TERMS, Recipe, StageConfig
+from lsd_edge.train.pipeline import DistillOptions, distill
+from lsd_edge.workspace import Workspace
+
+TWIN = {"pt": "dpt", "dpt": "pt", "sft": "dft", "dft": "sft"}
+
+
+def stage_template(recipe: Recipe, kind: str) -> StageConfig:
+    """The recipe's stage of this kind, or its twin turned into this kind."""
+    for st in recipe.stages:
+        if st.kind == kind:
+            return st
+    for st in recipe.stages:
+        if st.kind == TWIN[kind]:
+            data = st.model_dump(mode="json")
+            data["kind"] = kind
+            distills = kind in ("dpt", "dft")
+            for term in DISTILL_TERMS:
+                data["loss"][term] = DEFAULT_DISTILL_WEIGHTS[term] if distills else 0.0
+            return StageConfig.model_validate(data)
+    raise LsdEdgeError(
+        f"scheme stage '{kind}': the recipe has no {kind} or {TWIN[kind]} stage to take settings from"
+    )
+
+
+def scheme_stages(recipe: Recipe, scheme: str) -> list[StageConfig]:
+    kinds = scheme.lower().split("-")
+    bad = [k for k in kinds if k not in TWIN]
+    if not kinds or bad:
+        raise LsdEdgeError(
+            f"scheme '{scheme}': stages must be pt, dpt, sft or dft joined by '-', e.g. dpt-sft-dft"
+        )
+    stages, used = [], {}
+    for kind in kinds:
+        used[kind] = used.get(kind, 0) + 1
+        name = kind if used[kind] == 1 else f"{kind}{used[kind]}"
+        stages.append(stage_template(recipe, kind).model_copy(update={"name": name}))
+    return stages
+
+
+def ablate(
+    recipe: Recipe, schemes: list[str], output: Path | None = None, reporter: Reporter | None = None
+) -> dict[str, Any]:
+    reporter = reporter or QuietReporter()
+    if not schemes:
+        raise LsdEdgeError("--schemes: name at least one scheme, e.g. pt-sft,dpt-sft-dft")
+    if len(set(schemes)) != len(schemes):
+        raise LsdEdgeError("--schemes: a scheme is named twice")
+    plans = {s: scheme_stages(recipe, s) for s in schemes}  # every scheme checked before any training
+    ws = Workspace(recipe.output_dir)
+    output = Path(output) if output is not None else ws.ablate
+    teacher_dir = ws.teacher
+    rows: dict[str, Any] = {}
+    teacher: dict[str, Any] = {}
+    for scheme, stages in plans.items():
+        reporter.message(f"[bold]scheme {scheme}[/bold]: {' -> '.join(s.name for s in stages)}")
+        run = recipe.run.model_copy(update={"output_dir": str(output / scheme)})
+        r = recipe.model_copy(update={"run": run, "stages": stages})
+        report = distill(
+            r,
+            DistillOptions(resume=True, teacher_dir=teacher_dir, stages=stages, evaluate_stages=False),
+            reporter,
+        )
+        rows[scheme] = {
+            "accuracy": report["student"]["accuracy"],
+            "steps": sum(s["steps"] for s in report["stages"]),
+            "stages": [{"name": s["name"], "steps": s["steps"]} for s in report["stages"]],
+            "path": report["student"]["path"],
+        }
+        teacher = report["teacher"]
+    result = {
+        "recipe": recipe.run.name,
+        "schemes": rows,
+        "teacher": teacher,
+        "chart": str(output / "ablation.png"),
+    }
+    plot_ablation(result, output / "ablation.png")
+    write_json(output / "ablation.json", result)
+    return result
+
+
+def plot_ablation(result: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["schemes"])
+    accs = [100 * result["schemes"][n]["accuracy"] for n in names]
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.2))
+    bars = ax.bar(names, accs, color="#4c72b0")
+    for b, a in zip(bars, accs, strict=True):
+        ax.annotate(f"{a:.1f}", (b.get_x() + b.get_width() / 2, a), ha="center", va="bottom", fontsize=8)
+    if result["teacher"].get("accuracy") is not None:
+        ax.axhline(100 * result["teacher"]["accuracy"], color="#c44e52", ls="--", label="teacher")
+        ax.legend(fontsize=8)
+    ax.set_ylabel("exact match (%)")
+    ax.set_title(f"training schemes: {result['recipe']}")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,206 @@
+"""Peak memory, time and MFU of real training steps on random weights at a recipe's sizes.
+
+`measure_step(recipe, stage)` runs optimizer steps of a stage with random-weight models built from
+the recipe's configs and synthetic worst-case batches (every sample `data.max_length` tokens, one
+image, every other token an answer), so `lsd_edge.train.memory`'s estimate can be checked: peak
+bytes from profiler allocation events on CPU, `max_memory_allocated` on CUDA; step time, tokens/s
+and, on a GPU, MFU.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from lsd_edge.data.dataset import Batch
+from lsd_edge.distill.objective import Counts, LatentProjector, loss_terms, weighted_total
+from lsd_edge.distill.teacher import OnlineTeacher
+from lsd_edge.errors import LsdEdgeError
+from lsd_edge.models.groups import compile_layers, set_activation_checkpointing, set_trainable
+from lsd_edge.models.info import ModelShape, image_tokens, live_bytes, random_model
+from lsd_edge.models.load import torch_dtype
+from lsd_edge.models.tokens import IGNORE_INDEX
+from lsd_edge.recipe.schema import Recipe, StageConfig
+from lsd_edge.train.memory import recipe_configs
+from lsd_edge.train.setup import autocast
+
+
+@dataclass
+class StepMeasurement:
+    """One optimizer step measured on random weights (after warm-up steps)."""
+
+    stage: str
+    device: str
+    peak_bytes: int
+    step_seconds: float
+    tokens_per_s: float
+    tflops: float  # model FLOPs per second achieved (estimated FLOPs / step time)
+    mfu: float | None  # tflops / the device's peak bf16 dense TFLOPS, when known
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Peak dense bf16 TFLOPS by device name (no sparsity), for MFU; others need --peak-tflops.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def synthetic_batch(config, batch_size: int, seq_len: int, vocab_rows: int, device, seed: int = 0):
+    """The estimate's worst case as a batch: `seq_len` tokens per sample, one image first, every
+    other token an answer token."""
+    g = torch.Generator().manual_seed(seed)
+    K = min(image_tokens(config), seq_len - 1)
+    img = config.image_token_index
+    ids = torch.randint(0, vocab_rows, (batch_size, seq_len), generator=g)
+    ids[ids == img] = (img + 1) % vocab_rows
+    ids[:, :K] = img
+    labels = ids.clone()
+    labels[:, :K] = IGNORE_INDEX
+    v = config.vision_config
+    pixels = torch.randn(batch_size, 3, v.image_size, v.image_size, generator=g)
+    return Batch(
+        [f"synthetic-{i}" for i in range(batch_size)],
+        ids,
+        torch.ones_like(ids),
+        labels,
+        pixels,
+        ids == img,
+    ).to(device)
+
+
+def _cpu_peak(fn) -> int:
+    """Highest bytes allocated above the starting point while `fn` runs (CPU allocator events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    )
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak
+
+
+def step_flops(
+    student: ModelShape, teacher: ModelShape | None, stage: StageConfig, tokens: int, seq_len: int
+) -> float:
+    """Model FLOPs of one step (PaLM's count: 2N per token forward, twice that backward, plus
+    attention 4*L*D*T per token forward); the frozen LLM of a projector-only stage still computes
+    activation gradients (no weight gradients)."""
+    n = student.params["llm"]
+    attn = 4 * student.layers * student.hidden * seq_len
+    bwd = 2.0 if "llm" in stage.trainable else 1.0
+    flops = tokens * (2 * n + attn) * (1 + bwd)
+    if teacher is not None and stage.distills:
+        flops += tokens * (2 * teacher.params["llm"] + 4 * teacher.layers * teacher.hidden * seq_len)
+    return float(flops)
+
+
+def _random_models(recipe: Recipe, stage: StageConfig, t_cfg, s_cfg, device: torch.device):
+    """Random-weight teacher (frozen, in its dtype) and student (fp32, trainable groups set, compiled
+    and checkpointed as the recipe says), and the stage's latent projections."""
+    teacher = random_model(t_cfg, torch_dtype(recipe.teacher.dtype, device), device, seed=0)
+    teacher.requires_grad_(False).eval()
+    student = random_model(s_cfg, torch.float32, device, seed=1)
+    if recipe.run.compile:
+        compile_layers(student)
+    set_trainable(student, stage.trainable)
+    student.train()
+    if stage.gradient_checkpointing or recipe.student.gradient_checkpointing:
+        set_activation_checkpointing(student, True)
+    latent = None
+    if stage.distills and stage.loss.weight("latent") > 0:
+        latent = LatentProjector(
+            stage.loss.latent_pairs, s_cfg.text_config.hidden_size, t_cfg.text_config.hidden_size
+        ).to(device)
+    return teacher, student, latent
+
+
+def measure_step(
+    recipe: Recipe,
+    stage: StageConfig,
+    *,
+    device: torch.device,
+    seq_len: int | None = None,
+    steps: int = 2,
+    peak_tflops: float | None = None,
+) -> StepMeasurement:
+    """Run `steps` (at least 2) optimizer steps of `stage` on random-weight models built from the
+    recipe's configs and synthetic worst-case batches; the last one is measured (earlier ones warm
+    up, make the optimizer states and, with torch.compile, compile). On CPU the last step is timed
+    and one more runs under the profiler, whose bookkeeping would distort the time."""
+    t_cfg, s_cfg = recipe_configs(recipe)
+    T = seq_len or recipe.data.max_length
+    teacher, student, latent = _random_models(recipe, stage, t_cfg, s_cfg, device)
+    online = OnlineTeacher(teacher)
+    params = [p for p in student.parameters() if p.requires_grad] + (
+        list(latent.parameters()) if latent else []
+    )
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    vocab_rows = min(s_cfg.text_config.vocab_size, t_cfg.text_config.vocab_size)
+    batches = [
+        synthetic_batch(s_cfg, stage.batch_size, T, vocab_rows, device, seed=k)
+        for k in range(stage.grad_accum)
+    ]
+    counts = Counts.of(batches, image_tokens(s_cfg))
+
+    def step():
+        for b in batches:
+            with autocast(device, recipe.run.precision):
+                terms = loss_terms(student, online, b, stage, counts, vocab_rows, latent)
+            weighted_total(terms, stage, 1.0).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(max(1, steps - 1)):  # at least one: AdamW makes its states in the first step
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        t0 = time.perf_counter()
+        step()
+        seconds = time.perf_counter() - t0
+        start = live_bytes(student, teacher, optimizer, latent)
+        peak = start + _cpu_peak(step)
+    tokens = counts.tokens
+    tflops = step_flops(ModelShape.of(s_cfg), ModelShape.of(t_cfg), stage, tokens, T) / seconds / 1e12
+    peak_tflops = peak_tflops or device_peak_tflops(device)
+    return StepMeasurement(
+        stage=stage.name,
+        device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        peak_bytes=int(peak),
+        step_seconds=seconds,
+        tokens_per_s=tokens / seconds,
+        tflops=tflops,
+        mfu=tflops / peak_tflops if peak_tflops else None,
+    )
+
+
+def pick_stage(recipe: Recipe, name: str | None) -> StageConfig:
+    """The stage `--stage` names, or by default the last distilling one (else the last)."""
+    names = [s.name for s in recipe.stages]
+    if name is None:
+        distilling = [s for s in recipe.stages if s.distills]
+        return (distilling or recipe.stages)[-1]
+    if name not in names:
+        raise LsdEdgeError(f"--stage {name}: the recipe has no such stage; it has {', '.join(names)}")
+    return recipe.stages[names.index(name)]

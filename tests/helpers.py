@@ -1,0 +1,120 @@
+"""What several test modules share: the repository root, a tiny recipe, export settings for tests,
+and running the CLI in-process."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lsd_edge.cli.main import main
+from lsd_edge.export.pipeline import ExportSettings
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_VISION = {
+    "hidden_size": 32,
+    "num_layers": 1,
+    "num_heads": 2,
+    "intermediate_size": 64,
+    "patch_size": 8,
+    "image_size": 16,
+}
+
+
+def tiny_recipe_dict(data_root: str, output_dir: str) -> dict:
+    """A recipe small enough to run end to end in seconds."""
+    return {
+        "run": {"name": "test", "output_dir": output_dir, "seed": 0, "checkpoint_every": 2},
+        "data": {
+            "root": data_root,
+            "max_length": 64,
+            "shapes": {"seed": 0, "n_train": 32, "n_eval": 8, "image_size": 16, "questions_per_image": 2},
+            "pretrain": {"path": "pretrain.json", "images": "images"},
+            "instruct": {"path": "instruct.json", "images": "images"},
+            "eval": {"path": "eval.json", "images": "images"},
+        },
+        "teacher": {
+            "tiny": {
+                "hidden_size": 32,
+                "num_layers": 2,
+                "num_heads": 2,
+                "num_kv_heads": 1,
+                "intermediate_size": 64,
+                "vision": dict(TINY_VISION),
+            },
+            "stages": [
+                {
+                    "name": "pt",
+                    "kind": "pt",
+                    "trainable": ["vision", "projector", "llm"],
+                    "lr": 3e-3,
+                    "max_steps": 3,
+                    "batch_size": 8,
+                },
+                {
+                    "name": "sft",
+                    "kind": "sft",
+                    "trainable": ["vision", "projector", "llm"],
+                    "lr": 3e-3,
+                    "max_steps": 3,
+                    "batch_size": 8,
+                },
+            ],
+        },
+        "student": {
+            "tiny": {
+                "hidden_size": 16,
+                "num_layers": 1,
+                "num_heads": 2,
+                "num_kv_heads": 1,
+                "intermediate_size": 32,
+                "vision": "teacher",
+            }
+        },
+        "stages": [
+            {
+                "name": "dpt",
+                "kind": "dpt",
+                "trainable": ["projector", "llm"],
+                "lr": 3e-3,
+                "max_steps": 3,
+                "batch_size": 8,
+            },
+            {"name": "sft", "kind": "sft", "lr": 3e-3, "max_steps": 3, "batch_size": 8},
+            {"name": "dft", "kind": "dft", "lr": 3e-3, "max_steps": 4, "batch_size": 8, "grad_accum": 2},
+        ],
+        "eval": {"max_new_tokens": 3, "batch_size": 16},
+    }
+
+
+def onnx_settings(shapes_dir: Path, **kw):
+    """Export settings small enough for tests: few parity samples, a short speed check."""
+    base = dict(
+        quantize="int8",
+        data=shapes_dir / "eval.json",
+        images=shapes_dir / "images",
+        parity_samples=4,
+        max_new_tokens=4,
+        bench_tokens=8,
+        bench_repeats=1,
+    )
+    return ExportSettings(**{**base, **kw})
+
+
+def run(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["lsd-edge", *args])
+    monkeypatch.delenv("LSD_EDGE_DEBUG", raising=False)
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_red_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert lines and lines[0].startswith("error:"), err
+    assert "Traceback" not in err
+    return lines[0]

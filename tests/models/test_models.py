@@ -1,0 +1,186 @@
+"""Models: tiny build -> save -> reload, tokenizer checks, freezing by group, composing from parts."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from lsd_edge.data.shapes import vocabulary
+from lsd_edge.errors import ModelError
+from lsd_edge.models.build import build_tiny_model, build_tiny_processor, compose_llava
+from lsd_edge.models.groups import count_params, set_trainable
+from lsd_edge.models.info import model_info
+from lsd_edge.models.load import load_llava, save_model
+from lsd_edge.models.tokens import check_tokenizers
+from lsd_edge.recipe.schema import ModelConfig, TinyConfig, VisionSize
+
+
+def _inputs(processor, model):
+    n = model.config.image_seq_length
+    ids = [processor.tokenizer.convert_tokens_to_ids("<|im_start|>")] + [processor.image_token_id] * n
+    ids += processor.tokenizer("what color is the circle ?", add_special_tokens=False)["input_ids"]
+    torch.manual_seed(0)
+    return torch.tensor([ids]), torch.randn(1, 3, 16, 16)
+
+
+def test_round_trip(tmp_path, tiny_teacher, processor):
+    save_model(tiny_teacher, processor, tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "tokenizer.json").is_file()
+    assert (tmp_path / "chat_template.jinja").is_file() or "chat_template" in (
+        tmp_path / "processor_config.json"
+    ).read_text()
+    model, proc = load_llava(str(tmp_path))
+    ids, px = _inputs(processor, tiny_teacher)
+    with torch.no_grad():
+        a = tiny_teacher(input_ids=ids, pixel_values=px).logits
+        b = model(input_ids=ids, pixel_values=px).logits
+    assert torch.equal(a, b)
+    assert proc.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    assert proc.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False
+    ) == processor.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert model.generation_config.eos_token_id
+
+
+def test_student_shares_teacher_vision(tiny_teacher, tiny_student):
+    for (n1, p1), (n2, p2) in zip(
+        tiny_teacher.model.vision_tower.named_parameters(),
+        tiny_student.model.vision_tower.named_parameters(),
+        strict=True,
+    ):
+        assert n1 == n2 and torch.equal(p1, p2)
+    assert p1.data_ptr() != p2.data_ptr()  # a copy: training one never moves the other
+    s, t = count_params(tiny_student), count_params(tiny_teacher)
+    assert s["llm"] < t["llm"] / 2 and s["vision"] == t["vision"]
+
+
+def test_set_trainable_groups(tiny_student):
+    m = copy.deepcopy(tiny_student)
+    counts = set_trainable(m, ["projector"])
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all("multi_modal_projector" in n for n in trainable)
+    assert counts["projector"] == sum(p.numel() for p in m.model.multi_modal_projector.parameters())
+    set_trainable(m, ["projector", "llm"])
+    names = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert any("language_model" in n for n in names) and not any("vision_tower" in n for n in names)
+
+
+def test_tokenizer_mismatch_is_refused(processor):
+    other = build_tiny_processor(
+        VisionSize(image_size=16, patch_size=8, hidden_size=32, num_heads=2), vocabulary() + ["hexagon"]
+    )
+    with pytest.raises(ModelError, match=r"tokenizers differ.*'hexagon'"):
+        check_tokenizers(processor.tokenizer, other.tokenizer)
+
+
+def test_padded_vocab_rows_are_not_a_difference(processor, tiny_teacher):
+    padded = TinyConfig(
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=32,
+        vision="teacher",
+        pad_vocab_to_multiple_of=64,
+    )
+    student = build_tiny_model(padded, processor, vision_from=tiny_teacher)
+    assert student.config.text_config.vocab_size == 64 != tiny_teacher.config.text_config.vocab_size
+    check_tokenizers(processor.tokenizer, processor.tokenizer)  # one tokenizer: passes
+
+
+def test_missing_and_broken_paths(tmp_path):
+    with pytest.raises(ModelError, match="no such folder"):
+        load_llava(str(tmp_path / "nope"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ModelError, match="is a file"):
+        load_llava(str(tmp_path / "file"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        load_llava(str(tmp_path / "empty"))
+
+
+def test_corrupt_weights(tmp_path, teacher_dir):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(teacher_dir, bad)
+    (bad / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ModelError, match="cannot load"):
+        load_llava(str(bad))
+
+
+def test_hub_id_without_network_is_one_error():
+    with pytest.raises(ModelError, match="cannot load"):
+        load_llava("nobody-here/no-such-model-lsd-edge")
+
+
+def test_model_info(teacher_dir):
+    info = model_info(teacher_dir)
+    assert info.params["total"] == sum(info.params[g] for g in ("vision", "projector", "llm"))
+    assert (
+        info.size_mb > 0
+        and info.image_tokens == 4
+        and info.llm == "qwen2"
+        and info.vision == "siglip_vision_model"
+    )
+
+
+def test_compose_from_parts(tmp_path, tiny_teacher, processor):
+    """A student from the teacher's vision tower + an LLM folder (AutoModelForCausalLM + tokenizer)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=len(processor.tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    llm = Qwen2ForCausalLM(cfg)
+    llm.save_pretrained(tmp_path / "llm")
+    processor.tokenizer.save_pretrained(tmp_path / "llm")
+    spec = ModelConfig(llm=str(tmp_path / "llm"), vision="teacher")
+    student, proc = compose_llava(spec, tiny_teacher, processor)
+    assert torch.equal(
+        student.model.language_model.layers[0].mlp.up_proj.weight, llm.model.layers[0].mlp.up_proj.weight
+    )
+    assert torch.equal(student.lm_head.weight, llm.lm_head.weight)
+    assert torch.equal(
+        student.model.vision_tower.embeddings.patch_embedding.weight,
+        tiny_teacher.model.vision_tower.embeddings.patch_embedding.weight,
+    )
+    assert student.model.multi_modal_projector.linear_1.out_features == 16
+    ids, px = _inputs(processor, student)
+    assert torch.isfinite(student(input_ids=ids, pixel_values=px).logits).all()
+
+
+def test_compose_refuses_other_tokenizer(tmp_path, tiny_teacher, processor):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    other = build_tiny_processor(
+        VisionSize(image_size=16, patch_size=8, hidden_size=32, num_heads=2), ["alpha", "beta"]
+    )
+    cfg = Qwen2Config(
+        vocab_size=len(other.tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "llm")
+    other.tokenizer.save_pretrained(tmp_path / "llm")
+    with pytest.raises(ModelError, match="tokenizers differ"):
+        compose_llava(ModelConfig(llm=str(tmp_path / "llm"), vision="teacher"), tiny_teacher, processor)
+
+
+def test_safe_loading_defaults(teacher_dir):
+    cfg = json.loads((teacher_dir / "config.json").read_text())
+    assert cfg["model_type"] == "llava"
+    assert not list(teacher_dir.glob("*.bin")), "weights are saved as safetensors"

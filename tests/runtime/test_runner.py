@@ -1,0 +1,49 @@
+"""The PyTorch runner: same answers as the evaluator, streaming, stop tokens, bad paths."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from lsd_edge.data.questions import load_eval_items
+from lsd_edge.errors import RuntimeModelError
+from lsd_edge.evaluate.greedy import greedy_answers
+from lsd_edge.runtime.runner import Runner, load_runner
+from lsd_edge.runtime.torch_runner import TorchRunner
+
+
+def test_torch_runner_matches_batched_greedy(teacher_dir, shapes_dir):
+    runner = load_runner(teacher_dir)
+    assert isinstance(runner, TorchRunner) and isinstance(runner, Runner)
+    items = load_eval_items(shapes_dir / "eval.json", shapes_dir / "images", runner.processor)
+    batched = greedy_answers(runner.model, runner.processor, items, max_new_tokens=4)
+    import json
+
+    recs = json.loads((shapes_dir / "eval.json").read_text())
+    for rec, want in zip(recs, batched, strict=True):
+        q = rec["conversations"][0]["value"].replace("<image>", "").strip()
+        image = Image.open(shapes_dir / "images" / rec["image"]).convert("RGB")
+        got = runner.generate(image, q, 4)
+        assert got.text.strip() == want.strip()
+        assert runner.prompt_ids(q, True) == items[recs.index(rec)].prompt_ids
+
+
+def test_streaming_and_ignore_eos(teacher_dir, shapes_dir):
+    runner = TorchRunner(teacher_dir)
+    image = Image.open(next((shapes_dir / "images").glob("eval_*.png")))
+    pieces = []
+    g = runner.generate(image, "how many shapes are there ?", 6, ignore_eos=True, on_text=pieces.append)
+    assert g.new_tokens == 6 and g.stopped == "length" and "".join(pieces) == g.text
+    assert g.ttft_s > 0 and g.total_s >= g.ttft_s and g.prompt_tokens > 4
+    info = runner.info()
+    assert info["backend"] == "torch" and info["params"] > 0 and info["size_mb"] > 0
+
+
+def test_text_only_prompt(teacher_dir):
+    g = TorchRunner(teacher_dir).generate(None, "how many shapes are there ?", 3)
+    assert g.prompt_tokens < 12
+
+
+def test_missing_model_folder(tmp_path):
+    with pytest.raises(RuntimeModelError, match="no such model folder"):
+        load_runner(tmp_path / "nope")

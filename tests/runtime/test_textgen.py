@@ -1,0 +1,70 @@
+"""Torch-free generation pieces: token picking and streaming text."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lsd_edge.runtime.textgen import Generation, SamplingParams, StreamDecoder, decode_loop, pick_token
+
+
+def test_greedy_and_padded_rows():
+    logits = np.array([0.1, 2.0, 0.3, 9.0])
+    assert pick_token(logits, SamplingParams(), np.random.default_rng(0)) == 3
+    assert pick_token(logits, SamplingParams(), np.random.default_rng(0), vocab_rows=3) == 1
+
+
+def test_top_k_and_top_p_restrict_the_draw():
+    rng = np.random.default_rng(0)
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    k1 = {pick_token(logits, SamplingParams(do_sample=True, top_k=1), rng) for _ in range(50)}
+    assert k1 == {0}
+    p = {pick_token(logits, SamplingParams(do_sample=True, top_p=0.7), rng) for _ in range(300)}
+    assert p == {0, 1}
+    free = {pick_token(logits, SamplingParams(do_sample=True), rng) for _ in range(2000)}
+    assert free == {0, 1, 2, 3}
+
+
+def test_sampling_is_seeded():
+    logits = np.zeros(50)
+    a = [pick_token(logits, SamplingParams(do_sample=True), np.random.default_rng(7)) for _ in range(5)]
+    b = [pick_token(logits, SamplingParams(do_sample=True), np.random.default_rng(7)) for _ in range(5)]
+    assert a == b
+
+
+def test_stream_decoder_emits_increments():
+    words = {1: "top", 2: "left", 3: "\ufffd"}
+    got = []
+    s = StreamDecoder(lambda ids: " ".join(words[i] for i in ids), got.append)
+    s.push(1)
+    s.push(2)
+    assert got == ["top", " left"] and "".join(got) == s.text()
+    s.push(3)  # an incomplete character is held back
+    assert got == ["top", " left"]
+
+
+def test_generation_rates():
+    g = Generation("a b c", [1, 2, 3], prompt_tokens=10, ttft_s=0.5, total_s=1.5)
+    assert (
+        g.new_tokens == 3
+        and g.decode_tokens_per_s == 2.0
+        and g.prefill_tokens_per_s == 20.0
+        and g.e2e_tokens_per_s == 2.0
+    )
+
+
+def test_decode_loop_stops_before_a_stop_token_or_at_the_limit():
+    script = iter([5, 6, 2, 7])  # the model "predicts" these in turn; 2 is the stop token
+
+    def step(_token):
+        logits = np.zeros(10)
+        logits[next(script, 0)] = 1.0
+        return logits
+
+    stream = StreamDecoder(lambda ids: " ".join(map(str, ids)), None)
+    how = decode_loop(4, step, 10, {2}, stream, sampling=SamplingParams(), rng=np.random.default_rng(0))
+    assert how == "stop" and stream.ids == [4, 5, 6]
+    stream = StreamDecoder(lambda ids: "", None)
+    how = decode_loop(
+        2, step, 3, {2}, stream, sampling=SamplingParams(), rng=np.random.default_rng(0), ignore_eos=True
+    )
+    assert how == "length" and stream.ids == [2, 7, 0]  # the script is spent: token 0
