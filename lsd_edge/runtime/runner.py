@@ -6,6 +6,7 @@ when it is asked for, so loading an ONNX export never imports torch.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -33,6 +34,33 @@ class Runner(Protocol):
     ) -> Generation: ...
 
     def info(self) -> dict: ...
+
+
+class RunnerBase:
+    """What both runners share: one question about one image is a prompt (`prompt_ids`) and the
+    image's model input (`image_input`) handed to `generate_ids`, which decodes with the one loop."""
+
+    def generate(
+        self,
+        image,
+        question: str,
+        max_new_tokens: int = 64,
+        *,
+        sampling: SamplingParams | None = None,
+        ignore_eos: bool = False,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Generation:
+        t0 = time.perf_counter()  # preparing the prompt and the image counts toward the first token
+        ids = self.prompt_ids(question, image is not None)
+        return self.generate_ids(
+            ids,
+            self.image_input(image),
+            max_new_tokens,
+            sampling=sampling,
+            ignore_eos=ignore_eos,
+            on_text=on_text,
+            t0=t0,
+        )
 
 
 def load_runner(path: str | Path, device: str = "cpu", name: str | None = None, **kw) -> Runner:

@@ -6,7 +6,6 @@ by the one decode loop (`lsd_edge.runtime.textgen.decode_loop`) the ONNX runner 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,10 +17,11 @@ from lsd_edge.models.groups import count_params
 from lsd_edge.models.info import dir_size_mb
 from lsd_edge.models.load import load_llava
 from lsd_edge.models.tokens import stop_token_ids
+from lsd_edge.runtime.runner import RunnerBase
 from lsd_edge.runtime.textgen import Generation, SamplingParams, generate_tokens
 
 
-class TorchRunner:
+class TorchRunner(RunnerBase):
     """`Runner` over a LlavaForConditionalGeneration (a folder, or a model already in memory)."""
 
     backend = "torch"
@@ -133,19 +133,5 @@ class TorchRunner:
                 sync=self._sync,
             )
 
-    def generate(
-        self,
-        image,
-        question: str,
-        max_new_tokens: int = 64,
-        *,
-        sampling: SamplingParams | None = None,
-        ignore_eos: bool = False,
-        on_text: Callable[[str], None] | None = None,
-    ) -> Generation:
-        t0 = time.perf_counter()
-        ids = self.prompt_ids(question, image is not None)
-        px = self.pixel_values([image] if image is not None else [])
-        return self.generate_ids(
-            ids, px, max_new_tokens, sampling=sampling, ignore_eos=ignore_eos, on_text=on_text, t0=t0
-        )
+    def image_input(self, image):
+        return None if image is None else self.pixel_values([image])

@@ -6,7 +6,6 @@ PyTorch runner and generates through the same decode loop (`lsd_edge.runtime.tex
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from lsd_edge.runtime.onnx.layout import (
     variants_in,
 )
 from lsd_edge.runtime.onnx.prompt import PromptBuilder
+from lsd_edge.runtime.runner import RunnerBase
 from lsd_edge.runtime.textgen import Generation, SamplingParams, generate_tokens
 
 _ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -39,7 +39,7 @@ class KVCache:
         self.length = length
 
 
-class OnnxRunner:
+class OnnxRunner(RunnerBase):
     """Greedy or sampled generation with a KV cache over an export folder, in ONNX Runtime alone.
 
     `variant` picks the graphs (fp32, int8, int4, fp16); by default the one the export was asked
@@ -282,19 +282,5 @@ class OnnxRunner:
             t0=t0,
         )
 
-    def generate(
-        self,
-        image,
-        question: str,
-        max_new_tokens: int = 64,
-        *,
-        sampling: SamplingParams | None = None,
-        ignore_eos: bool = False,
-        on_text: Callable[[str], None] | None = None,
-    ) -> Generation:
-        t0 = time.perf_counter()
-        ids = self.prompt_ids(question, image is not None)
-        px = self.pixel_values(image) if image is not None else None
-        return self.generate_ids(
-            ids, px, max_new_tokens, sampling=sampling, ignore_eos=ignore_eos, on_text=on_text, t0=t0
-        )
+    def image_input(self, image):
+        return None if image is None else self.pixel_values(image)
