@@ -42,6 +42,11 @@ def is_model_folder(folder: str | Path) -> bool:
     return (Path(folder) / "config.json").is_file()
 
 
+def is_export_folder(folder: str | Path) -> bool:
+    """A folder `lsd-edge export` wrote: it holds ONNX graphs (its layout: `lsd_edge.runtime.onnx.layout`)."""
+    return any(Path(folder).glob("*.onnx"))
+
+
 @dataclass(frozen=True)
 class Workspace:
     root: Path
@@ -127,7 +132,7 @@ class Workspace:
         return sorted(
             p
             for p in self.root.glob("onnx*")
-            if p.is_dir() and not p.name.endswith(".failed") and any(p.glob("*.onnx"))
+            if p.is_dir() and not p.name.endswith(".failed") and is_export_folder(p)
         )
 
 

@@ -20,7 +20,7 @@ from lsd_edge.models import archs as archs_module
 from lsd_edge.recipe.load import folder_recipe
 from lsd_edge.recipe.schema import BenchConfig
 from lsd_edge.runtime.onnx.layout import VARIANT_SUFFIX, variants_in
-from lsd_edge.workspace import RUNS_ROOT, latest_run
+from lsd_edge.workspace import RUNS_ROOT, is_export_folder, is_model_folder, latest_run
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -79,9 +79,9 @@ def model_folder(path: Path, flag: str) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise BenchError(f"{flag} {path}: no such folder; give a model folder written by lsd-edge distill")
-    if any(path.glob("*.onnx")):
+    if is_export_folder(path):
         raise BenchError(f"{flag} {path}: an ONNX export folder; pass it with --onnx")
-    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+    if not is_model_folder(path) or not any(path.glob("*.safetensors")):
         raise BenchError(
             f"{flag} {path}: no config.json and *.safetensors; give a model folder written by lsd-edge distill"
         )

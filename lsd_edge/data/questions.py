@@ -95,12 +95,12 @@ def _text(message: dict) -> str:
 
 
 def first_questions(
-    path: str | Path, images: str | Path | None = None, limit: int | None = None
+    path: str | Path, images: str | Path | None = None, limit: int | None = None, decode: bool = True
 ) -> list[Question]:
     """Single-image records' first question and answer, in file order, at most `limit` of them.
 
-    Records with another number of images, that do not parse, or whose image is missing or corrupt
-    are skipped; a record's later turns are not asked.
+    Records with another number of images, that do not parse, or whose image is missing (or, with
+    `decode`, corrupt: every image is opened) are skipped; a record's later turns are not asked.
     """
     image_dir = Path(images) if images is not None else default_image_dir(path)
     out: list[Question] = []
@@ -110,9 +110,10 @@ def first_questions(
         try:
             messages, n_images = to_messages(rec, max_turns=1)
             files = record_images(rec)
-            if n_images != 1 or len(files) != 1:
+            if n_images != 1 or len(files) != 1 or not (image_dir / files[0]).is_file():
                 continue
-            load_image(image_dir / files[0])
+            if decode:
+                load_image(image_dir / files[0])
         except BadSample:
             continue
         out.append(

@@ -23,8 +23,13 @@ class Example:
 
 
 def read_examples(eval_json: Path, images: Path | None = None, n: int = 6) -> list[Example]:
-    """Up to `n` questions from a ShapesVQA-style eval file, one of each question type first."""
-    pool = [Example(q.image, q.question, q.answer, q.type) for q in first_questions(eval_json, images)]
+    """Up to `n` questions from a ShapesVQA-style eval file, one of each question type first. The pool
+    is the whole file, so its images are checked for being there, not decoded: start-up stays quick
+    on a big eval set."""
+    pool = [
+        Example(q.image, q.question, q.answer, q.type)
+        for q in first_questions(eval_json, images, decode=False)
+    ]
     firsts: dict[str, Example] = {}
     for ex in pool:
         firsts.setdefault(ex.kind, ex)

@@ -26,7 +26,7 @@ from lsd_edge.runtime.memory import MiB, PeakRSS
 from lsd_edge.runtime.onnx.layout import variants_in
 from lsd_edge.runtime.runner import Runner, load_runner
 from lsd_edge.runtime.textgen import Generation
-from lsd_edge.workspace import RUNS_ROOT, default_export_dir, export_source, latest_run
+from lsd_edge.workspace import RUNS_ROOT, default_export_dir, export_source, is_export_folder, latest_run
 
 WARMUP_QUESTION = "what is in the image ?"
 
@@ -40,10 +40,6 @@ class ModelPaths:
     onnx: Path | None  # export folder
     run: Path | None = None  # the run they came from, when taken from runs/
     notes: list[str] = field(default_factory=list)  # what the page should say is missing
-
-
-def _is_onnx(folder: Path) -> bool:
-    return any(folder.glob("*.onnx"))
 
 
 def _check_folder(path: Path, what: str) -> Path:
@@ -76,7 +72,7 @@ def resolve_paths(
     student = _check_folder(Path(student) if student is not None else ws.student, "student")
     run = None if ws is None else ws.root
     notes = []
-    if _is_onnx(student):
+    if is_export_folder(student):
         onnx, export_dir = onnx or student, student
         source = export_source(export_dir)
         student = source if source is not None and source.is_dir() else None
@@ -84,7 +80,7 @@ def resolve_paths(
             notes.append(f"the PyTorch student {export_dir} was exported from is not here")
     elif onnx is None:
         candidate = default_export_dir(student)
-        if candidate.is_dir() and _is_onnx(candidate):
+        if candidate.is_dir() and is_export_folder(candidate):
             onnx = candidate
         else:
             notes.append(
@@ -92,7 +88,7 @@ def resolve_paths(
             )
     if onnx is not None:
         onnx = Path(onnx)
-        if not onnx.is_dir() or not _is_onnx(onnx):
+        if not onnx.is_dir() or not is_export_folder(onnx):
             raise ModelError(f"ONNX export {onnx}: no *.onnx files there; run `lsd-edge export --int8` first")
     return ModelPaths(teacher, student, onnx, run, notes)
 

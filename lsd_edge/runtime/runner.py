@@ -13,6 +13,7 @@ from typing import Protocol, runtime_checkable
 
 from lsd_edge.errors import RuntimeModelError
 from lsd_edge.runtime.textgen import Generation, SamplingParams
+from lsd_edge.workspace import is_export_folder
 
 
 @runtime_checkable
@@ -70,7 +71,7 @@ def load_runner(path: str | Path, device: str = "cpu", name: str | None = None, 
         raise RuntimeModelError(
             f"{p}: no such model folder; give a folder written by lsd-edge distill or export"
         )
-    if any(p.glob("*.onnx")):
+    if is_export_folder(p):
         from lsd_edge.runtime.onnx.runner import OnnxRunner  # onnxruntime only when asked for
 
         return OnnxRunner(p, device=device, name=name, **kw)
