@@ -163,6 +163,12 @@ def test_latest_run_and_its_exports(tmp_path, teacher_dir, student_dir, onnx_dir
     ]
     targets, _, _ = plan(None, None, [], [], BenchSettings(variants=["int8"]), tmp_path / "runs")
     assert [(t.backend, t.variant) for t in targets] == [("torch", None), ("torch", None), ("onnx", "int8")]
+    # a finished run whose teacher is not a local folder (a hub teacher, say): asked for, not guessed
+    shutil.rmtree(run / "teacher")
+    with pytest.raises(
+        BenchError, match=r"the latest run .* has no teacher folder here .*; give --teacher DIR"
+    ):
+        plan(None, None, [], [], BenchSettings(), tmp_path / "runs")
 
 
 def test_flags_override_the_recipes_bench_table(tmp_path, student_dir, recipe_dict):

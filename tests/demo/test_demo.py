@@ -365,6 +365,21 @@ def test_cli_without_a_run_isone_red_line(tmp_path, monkeypatch, capsys):
     assert code == 1 and "no such model folder" in one_red_line(err)
 
 
+def test_cli_with_an_unknown_device_is_one_red_line(monkeypatch, capsys, teacher_dir, student_dir):
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "demo",
+        "--teacher",
+        str(teacher_dir),
+        "--student",
+        str(student_dir),
+        "--device",
+        "gpu",
+    )
+    assert code == 1 and "--device gpu: choose auto, cpu or cuda" in one_red_line(err)
+
+
 def test_cli_serves_the_latest_run(tmp_path, monkeypatch, capsys, teacher_dir, onnx_student_dir, onnx_dir):
     import gradio as gr
 

@@ -19,11 +19,14 @@ from lsd_edge.data.dataset import BatchLoader, LlavaDataset
 from lsd_edge.data.sampling import IndexStream
 from lsd_edge.distill.objective import Counts, LatentProjector, loss_terms
 from lsd_edge.distill.teacher import OnlineTeacher
-from lsd_edge.errors import LsdEdgeError, TrainingError
+from lsd_edge.errors import LsdEdgeError, ModelError, TrainingError
+from lsd_edge.identity import Manifest
+from lsd_edge.models.load import resolve_device
 from lsd_edge.recipe.load import parse_recipe
 from lsd_edge.recipe.schema import StageConfig
 from lsd_edge.train.pipeline import DistillOptions, distill
 from lsd_edge.train.setup import lr_lambda, param_groups, total_steps
+from lsd_edge.train.teacher import teacher_manifest
 
 from ..helpers import REPO
 
@@ -374,3 +377,30 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, recipe_dict):
     lb = [json.loads(x) for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     strip = lambda rows: [(r["stage"], r["step"], r["loss"]) for r in rows]  # noqa: E731
     assert strip(la) == strip(lb)
+
+
+def test_a_teacher_stage_made_with_other_settings_is_refused(recipe_dict):
+    """The teacher's finished stages are reused when a teacher training is resumed, never when the
+    teacher's settings changed since."""
+    r = _recipe(recipe_dict)
+    folder = Path(r.run.output_dir) / "teacher-stages" / "pt"
+    folder.mkdir(parents=True)
+    other = _recipe(recipe_dict, **{"teacher.stages[0].lr": 1e-3})
+    Manifest("teacher stage 'pt' in", {**teacher_manifest(other).tied_to, "stage": 0}).write(folder)
+    (folder / "metrics.json").write_text("{}")
+    with pytest.raises(
+        LsdEdgeError,
+        match=r"teacher stage 'pt' in .* is stale: teacher.stages\[0\].lr changed \(0.001 -> 0.003\); delete it",
+    ):
+        distill(r)
+
+
+def test_cuda_where_there_is_none_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here")
+    with pytest.raises(
+        ModelError, match=r"run.device = 'cuda' but CUDA is not available here; use 'auto' or 'cpu'"
+    ):
+        resolve_device("cuda")
+    with pytest.raises(ModelError, match=r"--device gpu: choose auto, cpu or cuda"):
+        resolve_device("gpu", "--device")
