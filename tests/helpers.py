@@ -3,6 +3,7 @@ and running the CLI in-process."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -85,6 +86,16 @@ def tiny_recipe_dict(data_root: str, output_dir: str) -> dict:
         ],
         "eval": {"max_new_tokens": 3, "batch_size": 16},
     }
+
+
+def write_records(tmp_path: Path, records: list, name: str = "d.json") -> Path:
+    """LLaVA-format records written as a JSON list (or JSONL when `name` ends with .jsonl)."""
+    p = tmp_path / name
+    if name.endswith(".jsonl"):
+        p.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        p.write_text(json.dumps(records))
+    return p
 
 
 def onnx_settings(shapes_dir: Path, **kw):

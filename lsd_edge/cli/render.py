@@ -124,12 +124,14 @@ def model_info_lines(path, i) -> list[RenderableType]:
 
 def distill_report(report: dict[str, Any]) -> list[RenderableType]:
     t = Table(title=f"lsd-edge distill: {report['recipe']}")
-    for col in ("model", "accuracy", "parameters", "size MB"):
+    for col in ("model", "accuracy", "parameters", "size MB", "samples skipped"):
         t.add_column(col, justify="left" if col == "model" else "right")
     teacher, student = report["teacher"], report["student"]
     t.add_row("teacher", percent(teacher["accuracy"]), f"{teacher['params']:,}", f"{teacher['size_mb']:.2f}")
     for s in report["stages"]:
-        t.add_row(f"  after {s['name']} ({s['kind']})", percent(s["accuracy"]), "", "")
+        bad = s.get("bad_samples") or {}
+        skipped = f"{bad.get('total', 0):,}" if bad else ""
+        t.add_row(f"  after {s['name']} ({s['kind']})", percent(s["accuracy"]), "", "", skipped)
     t.add_row(
         "[bold]student", percent(student["accuracy"]), f"{student['params']:,}", f"{student['size_mb']:.2f}"
     )

@@ -9,6 +9,7 @@ import typer
 
 from lsd_edge.cli import render
 from lsd_edge.cli.app import SetOpt, app, err, out, reporter, write_json_out
+from lsd_edge.data.records import BadSampleLog
 from lsd_edge.errors import LsdEdgeError
 from lsd_edge.evaluate.greedy import evaluate
 from lsd_edge.models.load import load_llava
@@ -71,10 +72,9 @@ def eval_(
         batch_size=batch_size,
     )
     out.print(render.eval_result(model_dir, res))
-    if res.bad_samples.get("total"):
-        err.print(
-            f"[yellow]skipped {res.bad_samples['total']} bad sample(s): {res.bad_samples['by_reason']}[/yellow]"
-        )
+    line = BadSampleLog.merged([res.bad_samples]).report()
+    if line:
+        err.print(f"[yellow]{line}[/yellow]")
     write_json_out(json_out, res.as_dict())
 
 

@@ -16,16 +16,9 @@ import torch
 from PIL import Image
 
 from lsd_edge.data.chat import ChatEncoder, text_digest
-from lsd_edge.data.records import (
-    BadSample,
-    BadSampleLog,
-    load_image,
-    read_records,
-    record_images,
-    to_messages,
-)
+from lsd_edge.data.records import BadSample, BadSampleLog, load_image, parse_record, read_records
 from lsd_edge.errors import DataError
-from lsd_edge.models.tokens import IGNORE_INDEX, IMAGE_TOKEN
+from lsd_edge.models.tokens import IGNORE_INDEX, image_tokens_at
 
 TEXT_CACHE_RECORDS = 200_000
 PIXEL_CACHE_BYTES = 1 << 29  # 512 MiB of decoded images; the embedded default needs about half
@@ -39,6 +32,20 @@ class Encoded:
     labels: torch.Tensor  # (T,) long, -100 outside assistant answers
     pixel_values: torch.Tensor | None  # (n_images, 3, H, W)
     index: int = -1  # position in its data set (what a teacher cache is keyed by)
+    truncated: bool = False  # cut at data.max_length (labels on what remains)
+
+
+def truncate(
+    ids: torch.Tensor, labels: torch.Tensor, n_images: int, image_id: int, per_image: int, max_length: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A sample cut to at most `max_length` tokens, never inside an image's visual tokens (an image
+    cut in part is dropped whole, with every token after it); returns ids, labels and the images kept."""
+    cut = max_length
+    at = (ids == image_id).nonzero().flatten()
+    kept = int((at < cut).sum()) // per_image
+    if kept < n_images:
+        cut = min(cut, int(at[kept * per_image]))
+    return ids[:cut], labels[:cut], kept
 
 
 class SharedCache:
@@ -123,7 +130,8 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def _image(self, name: str) -> torch.Tensor:
         """(3, H, W) pixel values of one image file, from the process's cache when this data set is
-        small enough to cache."""
+        small enough to cache; refused when the vision tower would give it another number of visual
+        tokens than `<image>` expands to (an image processor that keeps each image's own size)."""
         path = self.image_dir / name
         where = file_key(path) if self.cache else None
         key = None if where is None else (where, self._pixel_key)
@@ -131,11 +139,17 @@ class LlavaDataset(torch.utils.data.Dataset):
         if px is None:
             px = self.pixel_values([load_image(path)])[0]
             SHARED_PIXELS.put(key, px, px.numel() * px.element_size())
+        n = image_tokens_at(self.encoder.processor, px.shape[-2], px.shape[-1])
+        if n != self.encoder.n_image_tokens:
+            raise BadSample(
+                f"image token mismatch: {name} becomes {px.shape[-2]}x{px.shape[-1]} pixels, {n} visual "
+                f"tokens, but <image> expands to {self.encoder.n_image_tokens}"
+            )
         return px
 
     def __getitem__(self, index: int) -> Encoded:
         # Token ids and labels of a record depend on the file, the record, max_turns and the encoder
-        # (not max_length: that is checked here, on every read).
+        # (not max_length: a sample is cut to it here, on every read).
         key = (
             None
             if not self.cache or self._file is None
@@ -147,29 +161,34 @@ class LlavaDataset(torch.utils.data.Dataset):
             ids, labels, _ = text
             SHARED_TEXT.put(key, text, (ids.numel() + labels.numel()) * 8 + 512)
         ids, labels, files = text
-        if len(ids) > self.max_length:
-            raise BadSample(f"too long: {len(ids)} tokens > data.max_length {self.max_length}")
+        cut = len(ids) > self.max_length
+        if cut:
+            n = len(ids)
+            ids, labels, kept = truncate(
+                ids, labels, len(files), self.encoder.image_id, self.encoder.n_image_tokens, self.max_length
+            )
+            files = files[:kept]
+            if not (labels[1:] != IGNORE_INDEX).any():
+                raise BadSample(
+                    f"truncated: no answer left within data.max_length {self.max_length} ({n} tokens); "
+                    "raise data.max_length or shorten the sample"
+                )
         pixels = torch.stack([self._image(f) for f in files]) if files else None
-        return Encoded(self.sample_id(index), ids, labels, pixels, index)
+        return Encoded(self.sample_id(index), ids, labels, pixels, index, cut)
 
     def _encode_text(self, index: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        record = self.records[index]
-        messages, n_used = to_messages(record, self.max_turns)
-        files = record_images(record)
-        n_placeholders = sum(
-            1
-            for turn in record.get("conversations", [])
-            for _ in range(str(turn.get("value", "")).count(IMAGE_TOKEN))
-        )
-        if n_placeholders != len(files):
-            raise BadSample(
-                f"image count mismatch: {n_placeholders} <image> placeholder(s) but {len(files)} image(s)"
-            )
-        files = files[:n_used]
+        messages, files = parse_record(self.records[index], self.max_turns)
         ids, labels = self.encoder.encode(messages)
-        if all(lab == IGNORE_INDEX for lab in labels):
+        ids_t = torch.tensor(ids)
+        n_vis = int((ids_t == self.encoder.image_id).sum())
+        if n_vis != len(files) * self.encoder.n_image_tokens:
+            raise BadSample(
+                f"image token mismatch: the text holds {n_vis} image tokens, not {len(files)} image(s) x "
+                f"{self.encoder.n_image_tokens} (an image token typed in the text?)"
+            )
+        if all(lab == IGNORE_INDEX for lab in labels[1:]):
             raise BadSample("no answer tokens: every answer is empty")
-        return torch.tensor(ids), torch.tensor(labels), files
+        return ids_t, torch.tensor(labels), files
 
 
 @dataclass
@@ -239,12 +258,13 @@ class BatchLoader:
         self.policy = policy
         self.log = log if log is not None else BadSampleLog()
         self._bad: set[int] = set()
+        self._cut: set[int] = set()
 
     def get(self, index: int) -> Encoded | None:
         if index in self._bad:
             return None
         try:
-            return self.dataset[index]
+            sample = self.dataset[index]
         except BadSample as e:
             sid = self.dataset.sample_id(index)
             if self.policy == "error":
@@ -254,6 +274,10 @@ class BatchLoader:
             self._bad.add(index)
             self.log.add(sid, str(e))
             return None
+        if sample.truncated and index not in self._cut:
+            self._cut.add(index)
+            self.log.note(sample.id, "truncated")
+        return sample
 
     def batch(self, indices: list[int]) -> Batch | None:
         samples = [s for s in (self.get(i) for i in indices) if s is not None]

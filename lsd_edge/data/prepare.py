@@ -74,9 +74,11 @@ def corpus_words(recipe: Recipe) -> list[str]:
             continue
         path, _ = recipe.data.resolve(ds)
         for rec in read_records(path):
-            for turn in rec.get("conversations", []):
-                text = str(turn.get("value", "")).replace("<image>", " ")
-                words.update(re.findall(r"\w+|[^\w\s]+", text))
+            turns = rec.get("conversations")
+            for turn in turns if isinstance(turns, list) else []:
+                value = turn.get("value") if isinstance(turn, dict) else None
+                if isinstance(value, str):  # a malformed turn is the data set's to report
+                    words.update(re.findall(r"\w+|[^\w\s]+", value.replace("<image>", " ")))
     return sorted(words)
 
 

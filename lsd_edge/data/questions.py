@@ -17,9 +17,9 @@ from lsd_edge.data.records import (
     BadSample,
     BadSampleLog,
     load_image,
+    parse_record,
     read_records,
     record_images,
-    to_messages,
 )
 from lsd_edge.errors import DataError
 
@@ -57,12 +57,7 @@ def load_eval_items(
             break
         rid = str(rec.get("id", f"#{k}"))
         try:
-            messages, n_images = to_messages(rec)
-            files = record_images(rec)
-            if n_images != len(files):
-                raise BadSample(
-                    f"image count mismatch: {n_images} <image> placeholder(s) but {len(files)} image(s)"
-                )
+            messages, files = parse_record(rec)
             images = [load_image(image_dir / f) for f in files]
         except BadSample as e:
             log.add(rid, str(e))
@@ -72,7 +67,8 @@ def load_eval_items(
             if m["role"] != "assistant":
                 continue
             prompt = encoder.encode_prompt(messages[:i])
-            items.append(EvalItem(rid if i == 1 else f"{rid}/{i // 2}", qtype, prompt, images, _text(m)))
+            shown = images[: n_images(messages[:i])]  # the images placed before this answer
+            items.append(EvalItem(rid if i == 1 else f"{rid}/{i // 2}", qtype, prompt, shown, _text(m)))
     if not items:
         raise DataError(
             f"{path}: no usable question to evaluate" + (f" ({log.summary()})" if log.total else "")
@@ -88,6 +84,11 @@ class Question:
     question: str
     answer: str
     type: str = "all"
+
+
+def n_images(messages: list[dict]) -> int:
+    """Images shown in chat messages."""
+    return sum(1 for m in messages for c in m["content"] if c["type"] == "image")
 
 
 def _text(message: dict) -> str:
@@ -108,9 +109,8 @@ def first_questions(
         if limit is not None and len(out) >= limit:
             break
         try:
-            messages, n_images = to_messages(rec, max_turns=1)
-            files = record_images(rec)
-            if n_images != 1 or len(files) != 1 or not (image_dir / files[0]).is_file():
+            messages, files = parse_record(rec, max_turns=1)
+            if len(files) != 1 or len(record_images(rec)) != 1 or not (image_dir / files[0]).is_file():
                 continue
             if decode:
                 load_image(image_dir / files[0])

@@ -34,6 +34,23 @@ def forward(model, batch: Batch, hidden_states: bool = False) -> Forward:
     return Forward(out.last_hidden_state, out.hidden_states if hidden_states else None, feats)
 
 
+def per_image(tokens: torch.Tensor, n_images: int) -> torch.Tensor | None:
+    """Visual-token states gathered in batch order (I*K, D) as (I, K, D), one row per image; None for
+    a micro-batch without images (text-only samples, or every image in it skipped as bad)."""
+    if n_images == 0:
+        return None
+    if tokens.shape[0] % n_images:
+        raise TrainingError(
+            f"{tokens.shape[0]} visual-token positions for {n_images} image(s): the data set let a sample "
+            "through whose image tokens do not match its images; report this with the batch's sample ids"
+        )
+    return tokens.view(n_images, -1, tokens.shape[-1])
+
+
+def n_images(f: Forward) -> int:
+    return 0 if f.image_features is None else f.image_features.shape[0]
+
+
 def output_weight(model) -> torch.Tensor:
     """The lm_head weight (V, D) the chunked losses multiply by themselves."""
     head = model.lm_head

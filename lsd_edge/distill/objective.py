@@ -14,7 +14,7 @@ from torch import nn
 
 from lsd_edge.data.dataset import Batch
 from lsd_edge.distill import losses
-from lsd_edge.distill.forward import Forward, forward, output_weight
+from lsd_edge.distill.forward import Forward, forward, n_images, output_weight, per_image
 from lsd_edge.distill.teacher import Teacher
 from lsd_edge.models.tokens import IGNORE_INDEX
 from lsd_edge.recipe.schema import DISTILL_TERMS, StageConfig
@@ -110,13 +110,14 @@ def loss_terms(
         return terms
     if kd is not None:
         terms["response_kl"] = kd / max(1, counts.response)
+    # A micro-batch without images adds nothing to the visual terms (METHOD.md), its CE and response
+    # KL still train; the counts are the whole step's, so its share of the step stays right.
     vis = batch.visual_mask
-    if w["visual_kl"] > 0 and counts.visual > 0:
+    if w["visual_kl"] > 0 and counts.visual > 0 and bool(vis.any()):
         _, kd = logit_sums(student, s.hidden[vis], lc, vocab_rows, teacher=t.visual)
         terms["visual_kl"] = kd / max(1, counts.visual)
-    if w["relation"] > 0 and counts.images > 0:
-        n_img = s.image_features.shape[0] if s.image_features is not None else 0
-        sv = s.hidden[vis].view(n_img, -1, s.hidden.shape[-1])
+    sv = per_image(s.hidden[vis], n_images(s))
+    if w["relation"] > 0 and counts.images > 0 and sv is not None:
         if t.relation is not None:
             rel = losses.relation_sum_to(sv, t.relation)
         else:

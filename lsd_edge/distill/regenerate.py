@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from lsd_edge.data.chat import ChatEncoder
-from lsd_edge.data.questions import EvalItem
-from lsd_edge.data.records import BadSample, load_image, read_records, record_images, to_messages
+from lsd_edge.data.questions import EvalItem, n_images
+from lsd_edge.data.records import BadSample, load_image, parse_record, read_records
 from lsd_edge.evaluate.greedy import greedy_answers
 from lsd_edge.evaluate.score import exact_match
 from lsd_edge.files import write_json
@@ -37,12 +37,11 @@ class RegenSummary:
         return dict(self.__dict__)
 
 
-def _n_images(messages: list[dict]) -> int:
-    return sum(1 for m in messages for c in m["content"] if c["type"] == "image")
-
-
 def _with_answers(record: dict[str, Any], answers: list[str]) -> dict[str, Any]:
-    """A copy of a LLaVA record whose first len(answers) gpt turns say `answers`."""
+    """A copy of a LLaVA record whose first len(answers) gpt turns say `answers` (the record itself
+    when there are none: one the data set cannot use may not even have a list of turns)."""
+    if not answers:
+        return record
     out = dict(record)
     turns, j = [], 0
     for turn in record["conversations"]:
@@ -60,8 +59,8 @@ def _open(recs: list[dict], image_dir: Path, max_turns: int | None) -> list[tupl
     convs: list[tuple[list[dict], list] | None] = []
     for rec in recs:
         try:
-            messages, n_img = to_messages(rec, max_turns)
-            convs.append((messages, [load_image(image_dir / f) for f in record_images(rec)[:n_img]]))
+            messages, files = parse_record(rec, max_turns)
+            convs.append((messages, [load_image(image_dir / f) for f in files]))
         except BadSample:
             convs.append(None)
     return convs
@@ -82,7 +81,7 @@ def _turn_items(convs, recs: list[dict], first_id: int, turn: int, encoder: Chat
         prompt = messages[:i]
         rid = str(recs[r].get("id", first_id + r))
         items.append(
-            EvalItem(rid, "all", encoder.encode_prompt(prompt), images[: _n_images(prompt)], reference)
+            EvalItem(rid, "all", encoder.encode_prompt(prompt), images[: n_images(prompt)], reference)
         )
         owners.append((r, i))
     return items, owners

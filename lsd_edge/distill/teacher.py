@@ -14,7 +14,7 @@ import torch
 
 from lsd_edge.data.dataset import Batch
 from lsd_edge.distill import losses
-from lsd_edge.distill.forward import forward
+from lsd_edge.distill.forward import forward, n_images, per_image
 from lsd_edge.models.tokens import IGNORE_INDEX
 
 
@@ -34,11 +34,10 @@ def online_targets(teacher, batch: Batch, need_hidden: bool) -> losses.TeacherTa
     resp = batch.labels[:, 1:] != IGNORE_INDEX
     vis = batch.visual_mask
     weight = teacher.lm_head.weight
-    n_img = t.image_features.shape[0] if t.image_features is not None else 0
     return losses.TeacherTargets(
         response=losses.DenseTargets(t.hidden[:, :-1][resp], weight),
         visual=losses.DenseTargets(t.hidden[vis], weight),
-        visual_tokens=t.hidden[vis].view(n_img, -1, t.hidden.shape[-1]),
+        visual_tokens=per_image(t.hidden[vis], n_images(t)),
         image_features=t.image_features,
         hidden_states=t.hidden_states,
     )

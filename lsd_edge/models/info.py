@@ -16,7 +16,7 @@ from transformers import AutoConfig, LlavaForConditionalGeneration
 
 from lsd_edge.models.groups import count_params
 from lsd_edge.models.load import load_llava
-from lsd_edge.models.tokens import num_image_tokens
+from lsd_edge.models.tokens import image_tokens, num_image_tokens
 
 
 def dir_size_mb(path: str | Path, pattern: str = "*.safetensors") -> float:
@@ -59,17 +59,6 @@ def model_info(path: str | Path) -> ModelInfo:
         llm=cfg.text_config.model_type,
         vision=cfg.vision_config.model_type,
     )
-
-
-def image_tokens(config) -> int:
-    """Visual tokens per image of a LlavaConfig (its processor would expand `<image>` to as many)."""
-    v = config.vision_config
-    n = (v.image_size // v.patch_size) ** 2
-    if v.model_type == "clip_vision_model":
-        n += 1  # the CLS token
-    if config.vision_feature_select_strategy == "default":
-        n -= 1
-    return n
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from lsd_edge.errors import ModelError
 from lsd_edge.files import atomic_dir, write_json
-from lsd_edge.models.tokens import stop_token_ids
+from lsd_edge.models.tokens import image_tokens, num_image_tokens, stop_token_ids
 from lsd_edge.workspace import DONE, RECIPE_FILE
 
 
@@ -76,9 +76,24 @@ def load_llava(
         ) from None
     if not hasattr(processor, "image_processor"):
         raise ModelError(f"{what} '{ref}' has no image processor; a LLaVA folder needs processor files")
+    check_image_tokens(model.config, processor, f"{what} '{ref}'")
     if model.generation_config.eos_token_id is None:
         set_generation_config(model, processor)
     return model.to(device), processor
+
+
+def check_image_tokens(config, processor, what: str) -> None:
+    """The processor must expand `<image>` to as many tokens as the vision tower gives per image, or
+    every sample with an image would fail in the forward pass (CLIP and SigLIP towers are checked)."""
+    v = config.vision_config
+    if v.model_type not in ("clip_vision_model", "siglip_vision_model"):
+        return
+    tower, expanded = image_tokens(config), num_image_tokens(processor)
+    if tower != expanded:
+        raise ModelError(
+            f"{what}: its processor expands <image> to {expanded} visual tokens but its vision tower gives "
+            f"{tower} ({v.image_size} px, patch {v.patch_size}); the processor files are not this model's"
+        )
 
 
 def set_generation_config(model, processor) -> None:

@@ -60,16 +60,37 @@ def stop_token_ids(processor, model=None) -> list[int]:
     return stop_ids(lookup, eos_ids=[tok.eos_token_id], generation_eos=eos)
 
 
-def num_image_tokens(processor) -> int:
-    """Visual tokens per image, as the processor expands one `<image>` placeholder."""
+def processor_image_size(processor) -> tuple[int, int]:
+    """(height, width) in pixels of the images the processor makes."""
     ip = processor.image_processor
     size = getattr(ip, "crop_size", None) or ip.size
     h = size.get("height") or size.get("shortest_edge")
     w = size.get("width") or size.get("shortest_edge")
-    n = (h // processor.patch_size) * (w // processor.patch_size) + (
+    return int(h), int(w)
+
+
+def image_tokens_at(processor, height: int, width: int) -> int:
+    """Visual tokens the vision tower gives for one image of `height` x `width` pixels."""
+    n = (height // processor.patch_size) * (width // processor.patch_size) + (
         processor.num_additional_image_tokens or 0
     )
     if processor.vision_feature_select_strategy == "default":
+        n -= 1
+    return n
+
+
+def num_image_tokens(processor) -> int:
+    """Visual tokens per image, as the processor expands one `<image>` placeholder."""
+    return image_tokens_at(processor, *processor_image_size(processor))
+
+
+def image_tokens(config) -> int:
+    """Visual tokens per image of a LlavaConfig (its processor would expand `<image>` to as many)."""
+    v = config.vision_config
+    n = (v.image_size // v.patch_size) ** 2
+    if v.model_type == "clip_vision_model":
+        n += 1  # the CLS token
+    if config.vision_feature_select_strategy == "default":
         n -= 1
     return n
 

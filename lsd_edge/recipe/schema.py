@@ -80,7 +80,10 @@ class DataConfig(Strict):
     pretrain: DatasetConfig | None = None
     instruct: DatasetConfig | None = None
     eval: DatasetConfig | None = None
+    # Longer conversations are cut here (never inside an image); labels stay on what remains.
     max_length: Annotated[int, Field(ge=8)] = 2048
+    # A sample that cannot be used (docs/TRAINING.md lists the reasons) is skipped and counted, or
+    # stops the run with its id and reason.
     bad_samples: Literal["skip", "error"] = "skip"
     num_workers: NonNegInt = 0
 

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,17 +169,7 @@ def global_counts(batches: list[Batch], n_img_tokens: int, dist: Dist, device) -
 
 def merged_bad(dist: Dist, bad: BadSampleLog) -> dict[str, Any]:
     """Bad samples met by all processes (each process sees only its own micro-batches)."""
-    parts = dist.gather(bad.as_dict())
-    if len(parts) == 1:
-        return parts[0]
-    merged = BadSampleLog()
-    for part in parts:
-        for kind, n in part["by_reason"].items():
-            merged.counts[kind] += n
-        for kind, ids in part["examples"].items():
-            ex = merged.examples.setdefault(kind, [])
-            ex.extend(ids[: max(0, 3 - len(ex))])
-    return merged.as_dict()
+    return BadSampleLog.merged(dist.gather(bad.as_dict())).as_dict()
 
 
 def accumulate(job: StageJob, s: StageSetup, slots: list[Batch | None], counts: Counts, lam: float):
@@ -226,6 +215,7 @@ def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
     tokens_seen = 0
     last: dict[str, float] = {}
     info = ""
+    unusable = 0  # samples in a row that were all skipped
     log = job.workspace.log.open("a", encoding="utf-8") if dist.main else None
     try:
         while s.step < s.steps:
@@ -238,11 +228,16 @@ def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
             dist.raise_together(error)
             s.position += stage.grad_accum * stage.batch_size
             counts = global_counts([b for b in slots if b is not None], n_img_tokens, dist, job.device)
-            if counts.tokens == 0:
-                raise TrainingError(
-                    f"{job.key} step {s.step + 1}: every sample of the batch is bad ({s.bad.summary()}); "
-                    "check the data"
-                )
+            if counts.tokens == 0:  # every sample of the step was skipped: take the next ones
+                unusable += stage.grad_accum * stage.batch_size
+                if unusable >= len(job.dataset):
+                    raise TrainingError(
+                        f"{job.key}: no usable sample in {unusable} samples in a row of "
+                        f"{job.dataset.path} ({BadSampleLog.merged(dist.gather(s.bad.as_dict())).summary()}); "
+                        "check the data"
+                    )
+                continue
+            unusable = 0
             lam = stage.distill_schedule.factor(s.step, s.steps)
             sums = accumulate(job, s, slots, counts, lam)
             check_finite(job, sums, s.step)
@@ -289,7 +284,7 @@ def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
     job.model.eval()
     seconds = time.perf_counter() - started
     bad_all = merged_bad(dist, s.bad)
-    if bad_all["total"]:
-        summary = BadSampleLog(Counter(bad_all["by_reason"]), bad_all["examples"]).summary()
-        reporter.message(f"[yellow]{job.key}: skipped {bad_all['total']} bad sample(s): {summary}[/yellow]")
+    line = BadSampleLog.merged([bad_all]).report()
+    if line:
+        reporter.message(f"[yellow]{job.key}: {line}[/yellow]")
     return StageResult(job.key, s.steps, seconds, last, bad_all, tokens_seen / max(seconds, 1e-9))

@@ -21,9 +21,9 @@ from lsd_edge.distill.objective import Counts, LatentProjector, loss_terms, weig
 from lsd_edge.distill.teacher import OnlineTeacher
 from lsd_edge.errors import LsdEdgeError
 from lsd_edge.models.groups import compile_layers, set_activation_checkpointing, set_trainable
-from lsd_edge.models.info import ModelShape, image_tokens, live_bytes, random_model
+from lsd_edge.models.info import ModelShape, live_bytes, random_model
 from lsd_edge.models.load import torch_dtype
-from lsd_edge.models.tokens import IGNORE_INDEX
+from lsd_edge.models.tokens import IGNORE_INDEX, image_tokens
 from lsd_edge.recipe.schema import Recipe, StageConfig
 from lsd_edge.train.memory import recipe_configs
 from lsd_edge.train.setup import autocast

@@ -25,9 +25,9 @@ from lsd_edge.data.prepare import corpus_words
 from lsd_edge.data.shapes import vocabulary
 from lsd_edge.errors import LsdEdgeError, ModelError
 from lsd_edge.models.build import composed_llava_config, tiny_llava_config
-from lsd_edge.models.info import ModelShape, image_tokens
+from lsd_edge.models.info import ModelShape
 from lsd_edge.models.load import check_ref, first_line, torch_dtype
-from lsd_edge.models.tokens import CHAT_ROLES, IMAGE_TOKEN, SPECIAL_TOKENS
+from lsd_edge.models.tokens import CHAT_ROLES, IMAGE_TOKEN, SPECIAL_TOKENS, image_tokens
 from lsd_edge.recipe.schema import DISTILL_TERMS, Recipe, StageConfig
 
 GIB = 2**30

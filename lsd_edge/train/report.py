@@ -66,6 +66,7 @@ def build_report(
                 "steps": m.get("steps"),
                 "seconds": m.get("seconds"),
                 "last_losses": m.get("last_losses"),
+                "bad_samples": m.get("bad_samples"),
             }
             for m in stage_reports
         ],

@@ -106,9 +106,7 @@ class TrainingProgress:
         scheduler.load_state_dict(self.scheduler)
         set_rng_state(self.rng)
         if main:
-            for kind, n in self.bad.get("by_reason", {}).items():
-                bad.counts[kind] = n
-            bad.examples.update(self.bad.get("examples", {}))
+            bad.update(self.bad)
 
     def save(self, state_dir: str | Path) -> Path:
         payload = {k: v for k, v in self.__dict__.items() if k != "step"}

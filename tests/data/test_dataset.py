@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -14,14 +13,7 @@ from lsd_edge.data.records import BadSample, BadSampleLog, load_image, read_reco
 from lsd_edge.errors import DataError
 from lsd_edge.models.tokens import IGNORE_INDEX, num_image_tokens
 
-
-def _write(tmp_path, records, name="d.json"):
-    p = tmp_path / name
-    if name.endswith(".jsonl"):
-        p.write_text("".join(json.dumps(r) + "\n" for r in records))
-    else:
-        p.write_text(json.dumps(records))
-    return p
+from ..helpers import write_records as _write
 
 
 @pytest.fixture
@@ -155,7 +147,7 @@ BAD = [
             "id": "b5",
             "conversations": [{"from": "human", "value": "what " * 100}, {"from": "gpt", "value": "a"}],
         },
-        "too long",
+        "truncated: no answer left within data.max_length 64",
     ),
     ({"id": "b6", "conversations": [{"from": "human", "value": "q"}]}, "no answer"),
     ({"id": "b7", "conversations": [{"from": "robot", "value": "q"}]}, "malformed turn"),
@@ -257,7 +249,7 @@ def test_batch_with_text_only_and_image_samples(tmp_path, img_dir, processor, ti
 
 def test_pixels_and_text_are_decoded_once_per_process(tmp_path, img_dir, processor, monkeypatch):
     """Data sets over the same files share decoded pixels and encoded text; an edited file is read
-    again, and a cached record is still checked against each data set's max_length."""
+    again, and a cached record is still cut to each data set's max_length."""
     import lsd_edge.data.dataset as llava
 
     monkeypatch.setattr(llava, "SHARED_PIXELS", llava.SharedCache(llava.PIXEL_CACHE_BYTES))
@@ -276,8 +268,8 @@ def test_pixels_and_text_are_decoded_once_per_process(tmp_path, img_dir, process
     assert torch.equal(first.pixel_values, second.pixel_values) and torch.equal(
         first.input_ids, second.input_ids
     )
-    with pytest.raises(BadSample, match="too long"):
-        LlavaDataset(data, img_dir, processor, max_length=len(first.input_ids) - 1)[0]
+    cut = LlavaDataset(data, img_dir, processor, max_length=len(first.input_ids) - 1)[0]
+    assert cut.truncated and torch.equal(cut.input_ids, first.input_ids[:-1])
     assert len(encoded) == 1
     Image.new("RGB", (20, 12), (10, 10, 200)).save(img_dir / "rgb.png")
     os.utime(img_dir / "rgb.png", ns=(0, 1))  # a new modification time, whatever the clock's resolution

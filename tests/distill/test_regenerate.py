@@ -21,6 +21,7 @@ from lsd_edge.recipe.toml import dumps_toml
 from lsd_edge.train.pipeline import DistillOptions, distill
 
 from ..helpers import one_red_line, run
+from ..messy import KINDS, messy_data
 
 
 def _two_turn_data(shapes_dir: Path, out: Path) -> Path:
@@ -140,3 +141,21 @@ def test_regenerate_command(tmp_path, monkeypatch, capsys, recipe_dict):
     assert code == 0 and "up to date" in out
     code, _, err = run(monkeypatch, capsys, "regenerate", str(path), "--stage", "nope")
     assert code == 1 and "no such stage" in one_red_line(err)
+
+
+def test_regenerate_over_messy_data_keeps_what_it_cannot_answer(tmp_path, processor, tiny_teacher):
+    """Text-only, multi-image and broken records: the teacher answers the usable ones, with the
+    images shown before each answer; every other record is written as it was."""
+    src, kinds = messy_data(tmp_path / "messy", seed=2, n=40)
+    out = tmp_path / "regen.json"
+    summary = regenerate(
+        tiny_teacher, processor, src, src.parent / "images", out, max_new_tokens=2, batch_size=4
+    )
+    got, original = json.loads(out.read_text()), json.loads(src.read_text())
+    assert len(got) == len(original) == summary.records
+    usable = [KINDS[k][1] is None or k == "long-prompt" for k in kinds]  # no max_length in regeneration
+    for rec, orig, ok in zip(got, original, usable, strict=True):
+        if not ok:
+            assert rec == orig
+    assert summary.bad_records == usable.count(False)
+    assert len(LlavaDataset(out, src.parent / "images", processor)) == len(original)

@@ -184,3 +184,21 @@ def test_safe_loading_defaults(teacher_dir):
     cfg = json.loads((teacher_dir / "config.json").read_text())
     assert cfg["model_type"] == "llava"
     assert not list(teacher_dir.glob("*.bin")), "weights are saved as safetensors"
+
+
+def test_a_processor_that_is_not_the_vision_tower_s_is_refused(tmp_path, teacher_dir):
+    import shutil
+
+    folder = tmp_path / "mixed-up"
+    shutil.copytree(teacher_dir, folder)
+    pre = json.loads((folder / "processor_config.json").read_text())
+    ip = pre.get("image_processor", pre)
+    ip["size"] = {"height": 32, "width": 32}  # 16 visual tokens; the tower's 16 px give 4
+    if "crop_size" in ip:
+        ip["crop_size"] = {"height": 32, "width": 32}
+    (folder / "processor_config.json").write_text(json.dumps(pre))
+    with pytest.raises(
+        ModelError,
+        match=r"expands <image> to 16 visual tokens but its vision tower gives 4 \(16 px, patch 8\)",
+    ):
+        load_llava(str(folder))
