@@ -43,8 +43,10 @@ def is_model_folder(folder: str | Path) -> bool:
 
 
 def is_export_folder(folder: str | Path) -> bool:
-    """A folder `lsd-edge export` wrote: it holds ONNX graphs (its layout: `lsd_edge.runtime.onnx.layout`)."""
-    return any(Path(folder).glob("*.onnx"))
+    """A folder `lsd-edge export` wrote: it holds ONNX graphs under onnx/ (its layout:
+    `lsd_edge.runtime.onnx.layout`), or beside config.json as exports before that did."""
+    folder = Path(folder)
+    return any(folder.glob("onnx/*.onnx")) or any(folder.glob("*.onnx"))
 
 
 @dataclass(frozen=True)

@@ -48,9 +48,9 @@ def test_paths_of_a_run(tmp_path):
 def test_exports_of_a_run_leave_out_failed_and_empty_folders(tmp_path):
     ws = _run(tmp_path, "r")
     for name in ("onnx", "onnx-int4", "onnx.failed", "onnx-empty"):
-        (ws.root / name).mkdir()
+        (ws.root / name / "onnx").mkdir(parents=True)
     for name in ("onnx", "onnx-int4", "onnx.failed"):
-        (ws.root / name / "decoder_model_merged.onnx").write_bytes(b"")
+        (ws.root / name / "onnx" / "decoder_model_merged.onnx").write_bytes(b"")
     assert ws.exports() == [ws.root / "onnx", ws.root / "onnx-int4"]
 
 

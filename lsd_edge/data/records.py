@@ -8,6 +8,7 @@ skips and reports them (or stops, by the recipe's policy).
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -198,19 +199,36 @@ def to_messages(record: dict[str, Any], max_turns: int | None = None) -> tuple[l
     return messages, n_images
 
 
+def _rgb(im: Image.Image) -> Image.Image:
+    """RGB of a decoded image: 16-bit grayscale scaled to 8 bits, alpha composed over white."""
+    if im.mode.startswith("I;16"):  # 16-bit grayscale: scale to 8 bits, not clip
+        im = im.point(lambda v: v / 257).convert("L")
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
 def load_image(path: Path) -> Image.Image:
-    """Open an image as RGB; grayscale, palette and RGBA images are converted (alpha over white)."""
+    """Open an image as RGB; grayscale, palette, 16-bit and RGBA images are converted (alpha over white)."""
     if not path.is_file():
         raise BadSample(f"missing image: {path}")
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode.startswith("I;16"):  # 16-bit grayscale: scale to 8 bits, not clip
-                im = im.point(lambda v: v / 257).convert("L")
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(bg, rgba).convert("RGB")
-            return im.convert("RGB")
+            return _rgb(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadSample(f"corrupt image: {path.name} ({type(e).__name__})") from None
+
+
+def open_image_bytes(data: bytes) -> Image.Image:
+    """An image file's bytes as RGB, as `load_image` opens a file."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return _rgb(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadSample(
+            f"corrupt image: {len(data)} bytes that are not an image ({type(e).__name__})"
+        ) from None

@@ -24,6 +24,7 @@ import transformers
 
 from lsd_edge.errors import ExportError
 from lsd_edge.export.graphs import export_graphs
+from lsd_edge.export.package import package
 from lsd_edge.export.parity import check_data, parity_report
 from lsd_edge.export.quantize import quantize_graphs, sizes_mb
 from lsd_edge.export.speed import speed_report
@@ -242,6 +243,7 @@ def export(
         if variant != "fp32":
             report["quantization"] = quantize_graphs(tmp, variant, settings.target)
             reporter.advance(1, f"{variant} written")
+        report["transformers_js"] = package(tmp, variants, variant)
         t2 = time.perf_counter()
         report.update(size_report(tmp, model_dir, variants))
         reasons = _parity_and_gate(torch_runner, tmp, variants, settings, report, reporter)

@@ -11,9 +11,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from PIL import Image
+
+from lsd_edge.data.records import BadSample, load_image, open_image_bytes
 from lsd_edge.errors import RuntimeModelError
 from lsd_edge.runtime.textgen import Generation, SamplingParams
 from lsd_edge.workspace import is_export_folder
+
+
+def as_image(image) -> Image.Image | None:
+    """What a runner answers about: a PIL image, a path to an image file, or its bytes (None: no image)."""
+    if image is None or isinstance(image, Image.Image):
+        return image
+    try:
+        if isinstance(image, str | Path):
+            return load_image(Path(image))
+        if isinstance(image, bytes | bytearray | memoryview):
+            return open_image_bytes(bytes(image))
+    except BadSample as e:
+        raise RuntimeModelError(f"image: {e}") from None
+    raise RuntimeModelError(f"image: give a path, bytes or a PIL image, not {type(image).__name__}")
 
 
 @runtime_checkable
@@ -52,6 +69,7 @@ class RunnerBase:
         on_text: Callable[[str], None] | None = None,
     ) -> Generation:
         t0 = time.perf_counter()  # preparing the prompt and the image counts toward the first token
+        image = as_image(image)
         ids = self.prompt_ids(question, image is not None)
         return self.generate_ids(
             ids,

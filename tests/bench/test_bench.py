@@ -220,7 +220,7 @@ def test_bad_input_isone_red_line(tmp_path, monkeypatch, capsys, teacher_dir, on
 def test_a_failing_worker_is_one_line(tmp_path, monkeypatch, capsys, onnx_dir, shapes_dir):
     broken = tmp_path / "onnx"
     shutil.copytree(onnx_dir, broken)
-    (broken / "decoder_model_merged_int8.onnx").write_bytes(b"not a graph")
+    (broken / "onnx" / "decoder_model_merged_int8.onnx").write_bytes(b"not a graph")
     code, _, err = run(
         monkeypatch, capsys, "bench", "--onnx", str(broken), "--variant", "int8", *_small(shapes_dir)
     )

@@ -299,7 +299,8 @@ def _fake_run(root: Path, name: str, with_onnx: bool = False) -> Path:
         (run / sub).mkdir(parents=True)
         (run / sub / "config.json").write_text("{}")
     if with_onnx:
-        (run / "onnx" / "decoder_model_merged.onnx").write_bytes(b"")
+        (run / "onnx" / "onnx").mkdir()
+        (run / "onnx" / "onnx" / "decoder_model_merged.onnx").write_bytes(b"")
         (run / "onnx" / "export_report.json").write_text(json.dumps({"model_dir": str(run / "student")}))
     (run / "report.json").write_text("{}")
     return run

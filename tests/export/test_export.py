@@ -31,7 +31,9 @@ def _report(folder: Path) -> dict:
 
 def test_layout_and_report(onnx_dir):
     for g in GRAPHS:
-        assert (onnx_dir / f"{g}.onnx").is_file() and (onnx_dir / f"{g}_int8.onnx").is_file()
+        assert (onnx_dir / "onnx" / f"{g}.onnx").is_file() and (
+            onnx_dir / "onnx" / f"{g}_int8.onnx"
+        ).is_file()
     for f in (
         "config.json",
         "generation_config.json",
@@ -53,7 +55,7 @@ def test_layout_and_report(onnx_dir):
 
 
 def test_decoder_io_names_and_dynamic_axes(onnx_dir):
-    s = ort.InferenceSession(str(onnx_dir / "decoder_model_merged.onnx"))
+    s = ort.InferenceSession(str(onnx_dir / "onnx" / "decoder_model_merged.onnx"))
     ins = {i.name: i.shape for i in s.get_inputs()}
     outs = {o.name: o.shape for o in s.get_outputs()}
     assert list(ins)[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
@@ -71,9 +73,9 @@ def test_quantized_decoder_is_small(onnx_dir):
     int8 = (onnx_dir / graph_file("decoder_model_merged", "int8")).stat().st_size
     assert int8 <= 0.35 * fp32
     assert sizes["int8"]["total"] < sizes["fp32"]["total"]
-    ops = {n.op_type for n in onnx.load(str(onnx_dir / "decoder_model_merged_int8.onnx")).graph.node}
+    ops = {n.op_type for n in onnx.load(str(onnx_dir / "onnx" / "decoder_model_merged_int8.onnx")).graph.node}
     assert "MatMulInteger" in ops
-    embed = onnx.load(str(onnx_dir / "embed_tokens_int8.onnx"))
+    embed = onnx.load(str(onnx_dir / "onnx" / "embed_tokens_int8.onnx"))
     assert {i.data_type for i in embed.graph.initializer} >= {onnx.TensorProto.INT8}
 
 
@@ -82,7 +84,7 @@ def test_vision_encoder_is_the_models_image_path(onnx_dir, onnx_student_dir):
     px = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         want = torch.stack(list(model.model.get_image_features(pixel_values=px).pooler_output)).numpy()
-    s = ort.InferenceSession(str(onnx_dir / "vision_encoder.onnx"))
+    s = ort.InferenceSession(str(onnx_dir / "onnx" / "vision_encoder.onnx"))
     got = s.run(None, {"pixel_values": px.numpy()})[0]
     assert got.shape == want.shape and np.abs(got - want).max() <= 1e-5
 
@@ -95,7 +97,7 @@ def test_merged_decoder_prefill_then_decode_batch_of_two(onnx_dir, onnx_student_
     with torch.no_grad():
         full = model(input_ids=ids).logits.numpy()  # (2, 7, V)
         embeds = model.get_input_embeddings()(ids)
-    s = ort.InferenceSession(str(onnx_dir / "decoder_model_merged.onnx"))
+    s = ort.InferenceSession(str(onnx_dir / "onnx" / "decoder_model_merged.onnx"))
     past = {
         i.name: np.zeros((2, tc.num_key_value_heads, 0, tc.hidden_size // tc.num_attention_heads), np.float32)
         for i in s.get_inputs()
@@ -153,6 +155,7 @@ def _reuse_graphs(src: Path, damage: float = 0.0):
     """An `export_graphs` stand-in that copies already traced graphs (optionally with a damaged decoder)."""
 
     def fake(model, out, opset=18, external_data_mb=1536.0):
+        (out / "onnx").mkdir(exist_ok=True)
         for g in GRAPHS:
             shutil.copy2(src / graph_file(g), out / graph_file(g))
         if damage:
@@ -176,7 +179,7 @@ def test_failed_gate_keeps_artifacts_beside(tmp_path, monkeypatch, onnx_dir, onn
     assert not out.exists()
     r = _report(tmp_path / "onnx.failed")
     assert r["gate"]["passed"] is False and "fp32 logits" in r["gate"]["reasons"][0]
-    assert (tmp_path / "onnx.failed" / "decoder_model_merged_int8.onnx").is_file()
+    assert (tmp_path / "onnx.failed" / "onnx" / "decoder_model_merged_int8.onnx").is_file()
     # a later good export replaces the failed folder
     monkeypatch.setattr("lsd_edge.export.pipeline.export_graphs", _reuse_graphs(onnx_dir))
     export(onnx_student_dir, out, onnx_settings(shapes_dir, quantize="none"))
@@ -214,9 +217,14 @@ def test_export_tiny_student_with_external_data_and_int4(tmp_path, student_dir, 
     r = export(student_dir, tmp_path / "o", onnx_settings(shapes_dir, quantize="int4", external_data_mb=0.0))
     out = r.output
     for g in GRAPHS:
-        assert (out / f"{g}.onnx_data").is_file()
+        assert (out / "onnx" / f"{g}.onnx_data").is_file()
+    # transformers.js is told which graphs keep their weights in <file>_data (the tiny q4 graphs'
+    # tensors are all below ONNX's 1 KB threshold for external data, so some stay inline)
+    js = json.loads((out / "config.json").read_text())["transformers.js_config"]
+    data = {f.name.removesuffix("_data"): 1 for f in (out / "onnx").glob("*.onnx_data")}
+    assert js["dtype"] == "q4" and js["use_external_data_format"] == data and len(data) >= 3
     assert r.report["gate"]["passed"] and r.report["parity"]["variants"]["fp32"]["greedy_agreement"] == 1.0
-    ops = {n.op_type for n in onnx.load(str(out / "decoder_model_merged_q4.onnx")).graph.node}
+    ops = {n.op_type for n in onnx.load(str(out / "onnx" / "decoder_model_merged_q4.onnx")).graph.node}
     assert "MatMulNBits" in ops
 
 

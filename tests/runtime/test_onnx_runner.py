@@ -72,6 +72,18 @@ def test_answers_equal_torch_runner(runner, torch_runner, shapes_dir):
     assert got.token_ids == torch_runner.generate(None, QUESTIONS[0], 3).token_ids
 
 
+def test_both_runners_take_an_image_as_a_path_or_bytes(runner, torch_runner, shapes_dir):
+    rec = json.loads((shapes_dir / "eval.json").read_text())[0]
+    path = shapes_dir / "images" / rec["image"]
+    q = rec["conversations"][0]["value"].replace("<image>", "").strip()
+    want = runner.generate(Image.open(path), q, 4).token_ids
+    for r in (runner, torch_runner):
+        assert r.generate(str(path), q, 4).token_ids == want
+        assert r.generate(path.read_bytes(), q, 4).token_ids == want
+        with pytest.raises(RuntimeModelError, match="image: give a path, bytes or a PIL image, not list"):
+            r.generate([path], q, 4)
+
+
 def test_streaming_sampling_and_ignore_eos(runner, shapes_dir):
     image, q = next(_eval_pairs(shapes_dir))
     pieces = []
@@ -125,13 +137,13 @@ def _copy(onnx_dir, tmp_path):
     "damage,needle",
     [
         (
-            lambda d: (d / "decoder_model_merged_int8.onnx").unlink(),
+            lambda d: (d / "onnx" / "decoder_model_merged_int8.onnx").unlink(),
             "decoder_model_merged_int8.onnx: missing int8",
         ),
-        (lambda d: (d / "vision_encoder_int8.onnx").write_bytes(b"not a protobuf"), "cannot load"),
+        (lambda d: (d / "onnx" / "vision_encoder_int8.onnx").write_bytes(b"not a protobuf"), "cannot load"),
         (
-            lambda d: (d / "decoder_model_merged_int8.onnx").write_bytes(
-                (d / "decoder_model_merged_int8.onnx").read_bytes()[:5000]
+            lambda d: (d / "onnx" / "decoder_model_merged_int8.onnx").write_bytes(
+                (d / "onnx" / "decoder_model_merged_int8.onnx").read_bytes()[:5000]
             ),
             "corrupt or incomplete",
         ),

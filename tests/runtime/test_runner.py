@@ -47,3 +47,28 @@ def test_text_only_prompt(teacher_dir):
 def test_missing_model_folder(tmp_path):
     with pytest.raises(RuntimeModelError, match="no such model folder"):
         load_runner(tmp_path / "nope")
+
+
+def test_an_image_is_a_pil_image_a_path_or_bytes(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from lsd_edge.errors import RuntimeModelError
+    from lsd_edge.runtime.runner import as_image
+
+    im = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    im.save(tmp_path / "a.png")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    from_path, from_bytes = as_image(tmp_path / "a.png"), as_image(buf.getvalue())
+    assert as_image(str(tmp_path / "a.png")).tobytes() == from_path.tobytes() == from_bytes.tobytes()
+    assert from_path.mode == "RGB" and from_path.getpixel((0, 0)) == (255, 255, 255)  # alpha over white
+    assert as_image(im) is im and as_image(None) is None
+    for bad, why in [
+        (tmp_path / "nope.png", "image: missing image"),
+        (b"not an image", "image: corrupt image: 12 bytes that are not an image"),
+        (3, "image: give a path, bytes or a PIL image, not int"),
+    ]:
+        with pytest.raises(RuntimeModelError, match=why):
+            as_image(bad)

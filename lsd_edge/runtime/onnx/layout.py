@@ -1,7 +1,9 @@
 """The layout of an exported folder: which graphs, which variants, which files; needs no torch.
 
-An export folder (written by `lsd_edge.export`) holds three graphs, in fp32 and optionally in one
-quantized variant beside them (`<graph><suffix>.onnx`):
+An export folder (written by `lsd_edge.export`) is laid out as an onnx-community repo is, so that
+transformers.js and ONNX Runtime load it unchanged. It holds three graphs under `onnx/`, in fp32 and
+optionally in one quantized variant beside them (`onnx/<graph><suffix>.onnx`, transformers.js's
+dtype suffixes; weights past 1.5 GB in `<file>_data`):
 
 - `vision_encoder.onnx`: pixel_values (N, 3, H, W) -> image_features (N, K, D), projector included;
 - `embed_tokens.onnx`: input_ids (B, S) -> inputs_embeds (B, S, D);
@@ -9,9 +11,10 @@ quantized variant beside them (`<graph><suffix>.onnx`):
   past_key_values.{i}.key/value (B, kv_heads, P, head_dim) -> logits (B, S, V), present.{i}.key/value
   (B, kv_heads, P+S, head_dim); P = 0 is the prefill, S = 1 a decode step,
 
-plus config.json, generation_config.json, the tokenizer (tokenizer.json, tokenizer_config.json),
-the chat template (chat_template.jinja) and the image processor (processor_config.json), and
-export_report.json. This module names those files; `OnnxRunner` (`lsd_edge.runtime.onnx.runner`) reads all of them
+plus, at the top, config.json (with `transformers.js_config`), generation_config.json, the tokenizer
+(tokenizer.json, tokenizer_config.json with the chat template inline, and chat_template.jinja), the
+image processor (preprocessor_config.json with `processor_class`, processor_config.json with the
+LLaVA processor's settings), a model card (README.md) and export_report.json. This module names those files; `OnnxRunner` (`lsd_edge.runtime.onnx.runner`) reads all of them
 with onnxruntime, numpy, tokenizers, jinja2 and PIL only.
 """
 
@@ -24,19 +27,32 @@ from lsd_edge.errors import RuntimeModelError
 from lsd_edge.workspace import EXPORT_REPORT
 
 GRAPHS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
-# Precision -> file suffix, as web and ONNX Runtime users name VLM variants.
+GRAPH_DIR = "onnx"
+# Precision -> file suffix: transformers.js's dtype names (fp32, int8, q4, fp16) and their suffixes.
 VARIANT_SUFFIX = {"fp32": "", "int8": "_int8", "int4": "_q4", "fp16": "_fp16"}
+JS_DTYPE = {"fp32": "fp32", "int8": "int8", "int4": "q4", "fp16": "fp16"}
 REPORT = EXPORT_REPORT
 
 
 def graph_file(graph: str, variant: str = "fp32") -> str:
-    return f"{graph}{VARIANT_SUFFIX[variant]}.onnx"
+    """A graph's path inside an export folder."""
+    return f"{GRAPH_DIR}/{graph}{VARIANT_SUFFIX[variant]}.onnx"
 
 
 def variants_in(folder: str | Path) -> list[str]:
     """The variants whose three graphs are all in `folder`, fp32 first."""
     folder = Path(folder)
     return [v for v in VARIANT_SUFFIX if all((folder / graph_file(g, v)).is_file() for g in GRAPHS)]
+
+
+def check_layout(folder: str | Path) -> None:
+    """Refuse, in one line, an export written before the graphs moved under onnx/."""
+    folder = Path(folder)
+    if not (folder / GRAPH_DIR).is_dir() and any(folder.glob("*.onnx")):
+        raise RuntimeModelError(
+            f"{folder}: an export in lsd-edge's earlier layout (graphs beside config.json, not under "
+            "onnx/); export the model again with `lsd-edge export`"
+        )
 
 
 def read_json_file(path: Path, what: str) -> dict:
