@@ -88,6 +88,37 @@ def tiny_recipe_dict(data_root: str, output_dir: str) -> dict:
     }
 
 
+def lively_student(out: Path) -> Path:
+    """A tiny student saved to `out` whose LLM weights are drawn at 2/sqrt(fan-in), not at the
+    initializer's 0.02: untrained, yet its greedy answers differ from question to question, so a
+    runtime that gets a token wrong shows it. Built over the ShapesVQA vocabulary."""
+    import torch
+
+    from lsd_edge.data.shapes import vocabulary
+    from lsd_edge.models.build import build_tiny_model, build_tiny_processor
+    from lsd_edge.models.load import save_model
+    from lsd_edge.recipe.schema import TinyConfig, VisionSize
+
+    proc = build_tiny_processor(VisionSize(**TINY_VISION), vocabulary())
+    size = dict(num_layers=2, num_heads=4, num_kv_heads=2)
+    teacher = build_tiny_model(
+        TinyConfig(hidden_size=32, intermediate_size=64, vision=TINY_VISION, **size), proc, seed=0
+    )
+    student = build_tiny_model(
+        TinyConfig(hidden_size=96, intermediate_size=256, vision="teacher", **size),
+        proc,
+        vision_from=teacher,
+        seed=2,
+    )
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if p.ndim == 2 and "vision_tower" not in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 2 / p.shape[1] ** 0.5)
+    save_model(student, proc, out)
+    return out
+
+
 def write_records(tmp_path: Path, records: list, name: str = "d.json") -> Path:
     """LLaVA-format records written as a JSON list (or JSONL when `name` ends with .jsonl)."""
     p = tmp_path / name

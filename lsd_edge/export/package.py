@@ -42,6 +42,9 @@ def tokenizer_config(out: Path) -> dict[str, Any]:
     template = out / "chat_template.jinja"
     if "chat_template" not in cfg and template.is_file():
         cfg["chat_template"] = template.read_text(encoding="utf-8")
+    # transformers 5 leaves it False when unset, transformers.js assumes True: say it, so both
+    # decode the same tokens to the same text
+    cfg.setdefault("clean_up_tokenization_spaces", False)
     return cfg
 
 

@@ -22,6 +22,7 @@ import onnxruntime
 import torch
 import transformers
 
+from lsd_edge.data.questions import first_questions
 from lsd_edge.errors import ExportError
 from lsd_edge.export.graphs import export_graphs
 from lsd_edge.export.package import package
@@ -29,6 +30,7 @@ from lsd_edge.export.parity import check_data, parity_report
 from lsd_edge.export.quantize import quantize_graphs, sizes_mb
 from lsd_edge.export.speed import speed_report
 from lsd_edge.files import atomic_dir, read_json, write_json
+from lsd_edge.models.card import CardFacts, read_facts, write_card
 from lsd_edge.progress import QuietReporter, Reporter
 from lsd_edge.recipe.load import folder_recipe
 from lsd_edge.runtime.onnx.layout import GRAPHS, REPORT
@@ -264,6 +266,7 @@ def export(
             "total": round(time.perf_counter() - started, 2),
         }
         report["versions"] = versions()
+        write_card(tmp, export_card(model_dir, out_final, settings, torch_runner.model, report))
         write_json(tmp / REPORT, report)
         reporter.done()
         if reasons:
@@ -274,6 +277,33 @@ def export(
             raise ExportError(f"parity gate failed: {'; '.join(reasons)}; the export is kept in {failed}")
     shutil.rmtree(failed, ignore_errors=True)
     return ExportResult(out_final, report)
+
+
+def export_card(model_dir: Path, out: Path, settings: ExportSettings, model, report: dict) -> CardFacts:
+    """The export's model card: the student's own card facts (a folder lsd-edge distilled) or what
+    the folder and the parity check say, with the export's figures."""
+    facts = read_facts(model_dir)
+    if facts is None:
+        params = sum(p.numel() for p in model.parameters())
+        facts = CardFacts(
+            name=model_dir.name,
+            pytorch_dir=str(model_dir),
+            export_dir=str(out),
+            teacher="not recorded (a model folder lsd-edge did not distil)",
+            student_llm=None,
+            recipe="n/a",
+            stages=[],
+            data={},
+            teacher_accuracy=None,
+            student_accuracy=report["parity"].get("accuracy_torch"),
+            params=params,
+            teacher_params=params,
+        )
+        found = first_questions(settings.data, settings.images, limit=1) if settings.data else []
+        if found:
+            facts.example = (str(found[0].image), found[0].question)
+    facts.pytorch_dir, facts.export_dir, facts.export = str(model_dir), str(out), report
+    return facts
 
 
 def size_report(out: Path, model_dir: Path, variants: list[str]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from lsd_edge.data.prepare import check_data_files, prepare_data
 from lsd_edge.errors import LsdEdgeError
 from lsd_edge.files import atomic_dir, read_json, write_json
 from lsd_edge.identity import IDENTITY_FILE, Manifest, settings
+from lsd_edge.models.card import CARD_FACTS, write_card
 from lsd_edge.models.load import load_llava
 from lsd_edge.progress import QuietReporter, Reporter
 from lsd_edge.recipe.schema import Recipe, StageConfig
@@ -29,10 +30,10 @@ from lsd_edge.train.context import RunContext
 from lsd_edge.train.distributed import setup
 from lsd_edge.train.loop import run_stage
 from lsd_edge.train.offline import StageInputs, check_cache_paths
-from lsd_edge.train.report import build_report, offline_facts, plot_losses
+from lsd_edge.train.report import build_report, card_facts, offline_facts, plot_losses
 from lsd_edge.train.student import build_student, trainable_student
 from lsd_edge.train.teacher import TeacherSlot
-from lsd_edge.workspace import Workspace, is_complete
+from lsd_edge.workspace import Workspace, default_export_dir, is_complete
 
 RESTART = "pass --restart to train the student again, or set run.output_dir to another folder"
 
@@ -202,6 +203,9 @@ def finish(ctx: RunContext, teacher: TeacherSlot, last: StageConfig, model, stag
         device=str(ctx.device),
     )
     write_json(ws.report, report)
+    facts = card_facts(ctx.recipe, report, ws.student, default_export_dir(ws.student))
+    write_card(ws.student, facts)
+    write_json(ws.student / CARD_FACTS, asdict(facts))  # what the export's card starts from
     try:
         plot_losses(ws.log, ws.loss_curve)
     except Exception as e:  # a plot is a nicety; never lose a finished run over it

@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lsd_edge.data.questions import first_questions
 from lsd_edge.distill.objective import TERMS
 from lsd_edge.distill.teacher_cache import TeacherCache
+from lsd_edge.models.card import CardFacts
 from lsd_edge.models.groups import count_params
 from lsd_edge.models.info import dir_size_mb
 from lsd_edge.recipe.schema import StageConfig
@@ -102,3 +104,36 @@ def plot_losses(log_path: Path, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def card_facts(recipe, report: dict[str, Any], student_dir: Path, export_dir: Path) -> CardFacts:
+    """What the student's model card says, from the recipe and the finished run's report."""
+    t, s = recipe.teacher, recipe.student
+    teacher = (
+        t.path or f"a tiny LLaVA teacher trained by the recipe ({', '.join(st.name for st in t.stages)})"
+    )
+    data = {}
+    for name in ("pretrain", "instruct", "eval"):
+        ds = getattr(recipe.data, name)
+        if ds is not None:
+            data[name] = str(recipe.data.resolve(ds)[0])
+    facts = CardFacts(
+        name=f"{recipe.run.name} student",
+        pytorch_dir=str(student_dir),
+        export_dir=str(export_dir),
+        teacher=teacher,
+        student_llm=s.llm,
+        recipe=report["recipe"],
+        stages=[{k: st.get(k) for k in ("name", "kind", "steps", "accuracy")} for st in report["stages"]],
+        data=data,
+        teacher_accuracy=report["teacher"]["accuracy"],
+        student_accuracy=report["student"]["accuracy"],
+        params=report["student"]["params"],
+        teacher_params=report["teacher"]["params"],
+    )
+    if recipe.data.eval is not None:
+        path, images = recipe.data.resolve(recipe.data.eval)
+        found = first_questions(path, images, limit=1) if path.is_file() else []
+        if found:
+            facts.example = (str(found[0].image), found[0].question)
+    return facts
