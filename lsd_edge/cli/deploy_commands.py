@@ -17,6 +17,7 @@ from lsd_edge.cli import render
 from lsd_edge.cli.app import app, out, reporter, write_json_out
 from lsd_edge.demo.examples import shapes_examples
 from lsd_edge.demo.models import load_models, resolve_paths
+from lsd_edge.demo.web_page import make_server, serve, web_settings
 from lsd_edge.errors import LsdEdgeError
 from lsd_edge.export.pipeline import export
 
@@ -219,6 +220,35 @@ def bench_loss(
 
 @app.command("demo", rich_help_panel=PANEL)
 def demo_(
+    export_dir: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="EXPORT_DIR",
+            help="With --web: the ONNX export folder the page loads (default: the latest run's).",
+        ),
+    ] = None,
+    web: Annotated[
+        bool,
+        typer.Option(
+            "--web",
+            help="Serve the in-browser page instead: the student answers in the browser (transformers.js), "
+            "no model runs here.",
+        ),
+    ] = False,
+    web_assets: Annotated[
+        Path | None,
+        typer.Option(
+            "--web-assets",
+            help="With --web: node_modules with @huggingface/transformers and onnxruntime-web "
+            "(default: $LSD_EDGE_WEB_ASSETS, else the checkout's web/node_modules).",
+        ),
+    ] = None,
+    variant: Annotated[
+        str | None,
+        typer.Option(
+            "--variant", help="With --web: int8, int4, fp16 or fp32 (default: the export's own variant)."
+        ),
+    ] = None,
     teacher: Annotated[
         Path | None,
         typer.Option("--teacher", help="Teacher model folder (default: the latest run's teacher/)."),
@@ -261,7 +291,21 @@ def demo_(
         int, typer.Option("--queue-size", min=1, help="Requests that may wait; more are refused.")
     ] = 64,
 ) -> None:
-    """Open the side-by-side page: teacher and student answer the same image and question, streaming."""
+    """Open the side-by-side page: teacher and student answer the same image and question, streaming.
+
+    With --web, a page where the student's ONNX export answers in the browser itself."""
+    if web:
+        if teacher is not None or student is not None or share:
+            raise LsdEdgeError(
+                "--teacher, --student and --share are for the side-by-side page; with --web give the "
+                "export folder as EXPORT_DIR"
+            )
+        return web_demo(export_dir or onnx, variant, web_assets, host, port, max_new_tokens)
+    if export_dir is not None or web_assets is not None or variant is not None:
+        raise LsdEdgeError(
+            "EXPORT_DIR, --web-assets and --variant are for `lsd-edge demo --web`; the side-by-side "
+            "page takes --student and --onnx"
+        )
     from lsd_edge.demo import page  # gradio: only for this command
 
     paths = resolve_paths(teacher, student, onnx)
@@ -286,3 +330,25 @@ def demo_(
     for url in page.launch(app_page, host, port, share):
         out.print(f"[green]serving the demo on {url}[/green] (Ctrl+C stops it)")
     app_page.block_thread()
+
+
+def web_demo(
+    export_dir: Path | None,
+    variant: str | None,
+    assets: Path | None,
+    host: str,
+    port: int,
+    max_new_tokens: int,
+) -> None:
+    """`lsd-edge demo --web`: check the export and the JS assets, then serve the page until Ctrl+C."""
+    settings = web_settings(export_dir, variant, assets, max_new_tokens)
+    server = make_server(settings, host, port)
+    out.print(
+        f"export {settings.export} · variant {settings.variant} (transformers.js dtype {settings.dtype}) · "
+        f"JS assets from {settings.assets}",
+        soft_wrap=True,
+    )
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        out.print(f"[yellow]serving on {host}: anyone who can reach this machine can load the page[/yellow]")
+    out.print(f"[green]serving the in-browser student on {server.url}[/green] (Ctrl+C stops it)")
+    serve(server)

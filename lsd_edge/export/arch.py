@@ -18,18 +18,20 @@ from transformers import LlavaConfig
 import lsd_edge
 from lsd_edge.data.shapes import vocabulary
 from lsd_edge.export.graphs import export_graphs
+from lsd_edge.export.package import package
 from lsd_edge.export.pipeline import versions
 from lsd_edge.export.quantize import quantize_graphs, sizes_mb
 from lsd_edge.files import atomic_dir, write_json
 from lsd_edge.identity import Manifest
 from lsd_edge.models.archs import arch_processor
 from lsd_edge.models.info import random_model
-from lsd_edge.runtime.onnx.layout import REPORT
+from lsd_edge.runtime.onnx.layout import LAYOUT, REPORT
 
 
 def arch_manifest(name: str, config: dict[str, Any], seed: int) -> Manifest:
     return Manifest(
-        f"the {name} export in", {"config": config, "seed": seed, "lsd_edge": lsd_edge.__version__}
+        f"the {name} export in",
+        {"config": config, "seed": seed, "lsd_edge": lsd_edge.__version__, "layout": LAYOUT},
     )
 
 
@@ -57,6 +59,7 @@ def export_arch(name: str, config: dict[str, Any], seed: int, out: Path, threads
         quantize_graphs(tmp, "int8", "cpu")
         llava.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        package(tmp, ["fp32", "int8"], "int8")
         write_json(
             tmp / REPORT,
             {

@@ -59,9 +59,22 @@ def external_graphs(out: Path, variants: list[str]) -> dict[str, int]:
     return found
 
 
+def processor_config(out: Path) -> dict[str, Any]:
+    """`processor_config.json` counting the visual tokens the vision encoder graph returns as
+    transformers.js counts them (patches + num_additional_image_tokens): a 'default' selection, whose
+    CLS token the graph already dropped, is written as 'full' with one additional token fewer, which
+    transformers and lsd-edge's runner count the same way."""
+    cfg = read_json(out / "processor_config.json")
+    if cfg.get("vision_feature_select_strategy") == "default":
+        cfg["num_additional_image_tokens"] = int(cfg.get("num_additional_image_tokens") or 0) - 1
+        cfg["vision_feature_select_strategy"] = "full"
+    return cfg
+
+
 def package(out: Path, variants: list[str], default_variant: str) -> dict[str, Any]:
     """Write the web-ready files into the export folder `out`; returns what transformers.js is told."""
     write_json(out / "preprocessor_config.json", preprocessor_config(out))
+    write_json(out / "processor_config.json", processor_config(out))
     write_json(out / "tokenizer_config.json", tokenizer_config(out))
     config = read_json(out / "config.json")
     js: dict[str, Any] = {"dtype": JS_DTYPE[default_variant]}

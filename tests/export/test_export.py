@@ -385,6 +385,11 @@ def test_llava15_style_model_exports(tmp_path, processor, shapes_dir):
     r = export(tmp_path / "llava15", tmp_path / "onnx", onnx_settings(shapes_dir))
     assert r.report["gate"]["passed"] and r.report["parity"]["variants"]["fp32"]["vision_max_rel_diff"] < 1e-5
     runner = OnnxRunner(r.output)
+    # the export's processor counts what the vision encoder graph returns (CLS already dropped), as
+    # transformers.js counts: patches + num_additional_image_tokens
+    pc = json.loads((r.output / "processor_config.json").read_text())
+    assert (pc["vision_feature_select_strategy"], pc["num_additional_image_tokens"]) == ("full", 0)
+    assert runner.n_image_tokens == 4 and num_image_tokens(LlavaProcessor.from_pretrained(r.output)) == 4
     rng = np.random.default_rng(0)
     for shape in [(37, 53, 3), (64, 20, 3), (10, 12, 3)]:  # wide, tall, upscaled
         im = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))

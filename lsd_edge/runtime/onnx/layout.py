@@ -28,6 +28,7 @@ from lsd_edge.workspace import EXPORT_REPORT
 
 GRAPHS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
 GRAPH_DIR = "onnx"
+LAYOUT = 2  # 1: graphs beside config.json; 2: under onnx/, as transformers.js reads them
 # Precision -> file suffix: transformers.js's dtype names (fp32, int8, q4, fp16) and their suffixes.
 VARIANT_SUFFIX = {"fp32": "", "int8": "_int8", "int4": "_q4", "fp16": "_fp16"}
 JS_DTYPE = {"fp32": "fp32", "int8": "int8", "int4": "q4", "fp16": "fp16"}
