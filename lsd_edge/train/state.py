@@ -8,6 +8,7 @@ a run killed at any moment continues as if it had not stopped.
 
 from __future__ import annotations
 
+import pickle
 import random
 import shutil
 from dataclasses import dataclass
@@ -23,7 +24,19 @@ from lsd_edge.files import atomic_dir, read_json, write_json
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG's state as tensors, numbers and strings only (so a state loads with weights_only)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -32,7 +45,10 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -56,7 +72,14 @@ def latest_step_state(state_dir: str | Path) -> tuple[int, dict[str, Any]] | Non
         if not (folder / "step.json").is_file():
             continue
         try:
-            payload = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+            # weights_only: tensors, numbers, strings and containers of them; a state that holds
+            # anything else (a planted pickle runs code when loaded) is refused, never unpickled
+            payload = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise TrainingError(
+                f"resume state {folder} holds objects other than tensors and numbers, which could run code "
+                "if loaded; it was not loaded: delete that folder (or rerun with --restart)"
+            ) from None
         except Exception as e:  # a damaged state file: say which, keep the rest
             raise TrainingError(
                 f"resume state {folder} is damaged ({type(e).__name__}); delete that folder to resume from "
