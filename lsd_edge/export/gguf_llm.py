@@ -27,12 +27,8 @@ QUANTS = {
 ARCHS = {"qwen2": "qwen2", "llama": "llama"}
 # Pre-tokenizer regexes (tokenizer.json `Split` patterns) and llama.cpp's name for each
 # (src/llama-vocab.cpp); GPT-2's is what a plain ByteLevel pre-tokenizer applies.
-QWEN2_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 PRE_OF_REGEX = {QWEN2_REGEX: "qwen2", LLAMA3_REGEX: "llama-bpe"}
 NEEDS_BPE = "a byte-level BPE tokenizer, as Qwen's or Llama's, is needed"
 
@@ -71,7 +67,12 @@ def tokenizer_facts(tokenizer, what: str) -> dict:
         )
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
-    return {"vocab": tokenizer.get_vocab(), "merges": merges, "added": added, "pre": _pre_name(spec.get("pre_tokenizer"), what)}
+    return {
+        "vocab": tokenizer.get_vocab(),
+        "merges": merges,
+        "added": added,
+        "pre": _pre_name(spec.get("pre_tokenizer"), what),
+    }
 
 
 def _tokens(facts: dict, rows: int) -> tuple[list[str], list[int]]:
@@ -84,14 +85,18 @@ def _tokens(facts: dict, rows: int) -> tuple[list[str], list[int]]:
             types.append(gguf.TokenType.UNUSED)
         elif i in facts["added"]:
             tokens.append(by_id[i])
-            types.append(gguf.TokenType.CONTROL if facts["added"][i]["special"] else gguf.TokenType.USER_DEFINED)
+            types.append(
+                gguf.TokenType.CONTROL if facts["added"][i]["special"] else gguf.TokenType.USER_DEFINED
+            )
         else:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
     return tokens, types
 
 
-def write_tokenizer(writer: gguf.GGUFWriter, tokenizer, rows: int, eos: int | None, template: str | None, what: str) -> None:
+def write_tokenizer(
+    writer: gguf.GGUFWriter, tokenizer, rows: int, eos: int | None, template: str | None, what: str
+) -> None:
     facts = tokenizer_facts(tokenizer, what)
     tokens, types = _tokens(facts, rows)
     writer.add_tokenizer_model("gpt2")
@@ -101,7 +106,9 @@ def write_tokenizer(writer: gguf.GGUFWriter, tokenizer, rows: int, eos: int | No
     writer.add_token_merges(facts["merges"])
     if tokenizer.bos_token_id is not None:
         writer.add_bos_token_id(tokenizer.bos_token_id)
-    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)) and tokenizer.bos_token_id is not None)
+    writer.add_add_bos_token(
+        bool(getattr(tokenizer, "add_bos_token", False)) and tokenizer.bos_token_id is not None
+    )
     if eos is not None:
         writer.add_eos_token_id(eos)
     if tokenizer.pad_token_id is not None:
@@ -152,7 +159,9 @@ def check_text_config(cfg, what: str) -> str:
             f"{what}: its LLM is {cfg.model_type}; the GGUF export writes {' or '.join(ARCHS)} LLMs"
         )
     if (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default") != "default":
-        raise ExportError(f"{what}: its LLM scales rope, which the GGUF export does not write; use plain rope")
+        raise ExportError(
+            f"{what}: its LLM scales rope, which the GGUF export does not write; use plain rope"
+        )
     return arch
 
 
@@ -172,7 +181,12 @@ def _layer_tensors(writer, layer, i: int, cfg, arch: str, qtype) -> None:
         "ffn_up.weight": mlp.up_proj.weight,
         "ffn_down.weight": mlp.down_proj.weight,
     }
-    for proj, key in ((at.q_proj, "attn_q"), (at.k_proj, "attn_k"), (at.v_proj, "attn_v"), (at.o_proj, "attn_output")):
+    for proj, key in (
+        (at.q_proj, "attn_q"),
+        (at.k_proj, "attn_k"),
+        (at.v_proj, "attn_v"),
+        (at.o_proj, "attn_output"),
+    ):
         if proj.bias is not None:
             b = proj.bias.detach().float().numpy()
             if arch == "llama" and key in ("attn_q", "attn_k"):

@@ -43,7 +43,9 @@ def check_vision(config, what: str) -> tuple[str, int]:
     vc = config.vision_config
     want = SELECTION.get(vc.model_type)
     if want is None:
-        raise ExportError(f"{what}: its vision tower is {vc.model_type}; the GGUF export writes SigLIP or CLIP towers")
+        raise ExportError(
+            f"{what}: its vision tower is {vc.model_type}; the GGUF export writes SigLIP or CLIP towers"
+        )
     if config.vision_feature_select_strategy != want:
         raise ExportError(
             f"{what}: vision_feature_select_strategy '{config.vision_feature_select_strategy}' with a "
