@@ -174,7 +174,7 @@ def export_gguf(
     reporter.task(f"export {name} to GGUF", 2)
     with atomic_dir(out_final) as tmp:
         t0 = time.perf_counter()
-        eos = sorted(torch_runner.stop_ids)[0] if torch_runner.stop_ids else None
+        eos = _eos(model, processor)
         llm = write_llm(model, processor, eos, tmp / f"{name}.gguf", settings.quant, name, str(model_dir))
         mmproj = write_mmproj(
             model, processor, tmp / f"mmproj-{name}.gguf", settings.quant, name, str(model_dir)
@@ -207,6 +207,13 @@ def export_gguf(
             )
     shutil.rmtree(failed, ignore_errors=True)
     return ExportResult(out_final, report)
+
+
+def _eos(model, processor) -> int | None:
+    """The end-of-turn id llama.cpp stops on: the generation config's first, else the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    return eos if isinstance(eos, int) else processor.tokenizer.eos_token_id
 
 
 def _version(dist: str) -> str | None:

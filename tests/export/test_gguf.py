@@ -63,6 +63,71 @@ def bpe_student(standins, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def clip_llama_student(standins, tmp_path_factory) -> Path:
+    """LLaVA-1.5's shape over the BPE tokenizer: CLIP (CLS dropped, layer -2 of 3) and a Llama LLM."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from lsd_edge.models.load import save_model
+
+    bpe = LlavaProcessor.from_pretrained(standins["teacher"])
+    ip = CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True
+    )
+    proc = LlavaProcessor(
+        image_processor=ip,
+        tokenizer=bpe.tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=bpe.chat_template,
+        image_token="<image>",
+    )
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=320,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=None,
+            eos_token_id=None,
+        ),
+        image_token_index=proc.image_token_id,
+        image_seq_length=16,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "vision_tower" not in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 2 / p.shape[1] ** 0.5)
+    model.generation_config.eos_token_id = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    out = tmp_path_factory.mktemp("clip") / "clip-llama"
+    save_model(model, proc, out)
+    return out
+
+
 def _field(reader: gguf.GGUFReader, key: str):
     f = reader.fields[key]
     vals = [f.parts[i] for i in f.data]
@@ -110,6 +175,32 @@ def test_files_read_back(bpe_student, tmp_path, quant):
     vnames = {t.name for t in v.tensors}
     assert "v.blk.1.ffn_down.weight" in vnames and "v.blk.2.ln1.weight" not in vnames
     assert "v.post_ln.weight" not in vnames and {"mm.0.weight", "mm.2.bias"} <= vnames
+
+
+def test_clip_llama_files(clip_llama_student, tmp_path):
+    model, processor = load_llava(str(clip_llama_student), dtype="float32", device="cpu")
+    llm = write_llm(model, processor, None, tmp_path / "c.gguf", "q8_0", "c", "c")
+    mmproj = write_mmproj(model, processor, tmp_path / "mmproj-c.gguf", "q8_0", "c", "c")
+    r = gguf.GGUFReader(str(llm))
+    assert _field(r, "general.architecture") == "llama"
+    q = model.model.language_model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    got = _tensor(r, "blk.0.attn_q.weight")
+    assert not np.allclose(got, q, atol=0.05)  # permuted for llama.cpp's rope ...
+    assert np.allclose(np.sort(got, axis=None), np.sort(q, axis=None), atol=0.05)  # ... same values
+    v = gguf.GGUFReader(str(mmproj))
+    assert _field(v, "clip.use_gelu") is False  # CLIP's quick_gelu
+    names = {t.name for t in v.tensors}
+    assert {"v.class_embd", "v.pre_ln.weight", "v.blk.1.attn_q.weight"} <= names
+    assert "v.blk.2.attn_q.weight" not in names
+
+
+def test_selection_llama_cpp_does_not_make_is_refused(bpe_student, tmp_path):
+    from lsd_edge.export.gguf_vision import check_vision
+
+    model, _ = load_llava(str(bpe_student), dtype="float32", device="cpu")
+    model.config.vision_feature_select_strategy = "default"  # would drop a SigLIP patch
+    with pytest.raises(ExportError, match="llama.cpp always reads it as 'full'"):
+        check_vision(model.config, "m")
 
 
 def test_word_level_tokenizer_is_refused(student_dir, tmp_path):
@@ -160,6 +251,14 @@ def test_llama_cpp_greedy_tokens_equal_pytorch(bpe_student, standins, tmp_path, 
     # the answers depend on the image: llama.cpp reads the image embeddings, not only the text
     answers = {tuple(t["torch"]) for t in parity["tokens"]}
     assert len(answers) > 1, parity["tokens"]
+
+
+@pytest.mark.slow
+def test_llama_cpp_clip_llama_greedy_tokens_equal_pytorch(clip_llama_student, tmp_path):
+    needs_llama_cpp()
+    result = export_gguf(clip_llama_student, tmp_path / "gguf", {"quant": "f16", "samples": 4})
+    parity = result.report["parity"]
+    assert result.report["gate"]["passed"] and parity["greedy_agreement"] == 1.0, parity["tokens"]
 
 
 @pytest.mark.slow
