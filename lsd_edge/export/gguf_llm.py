@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from lsd_edge.errors import ExportError
+from lsd_edge.export.gguf_template import llama_cpp_template
 
 # quant choice -> (gguf file type, tensor type of the matrices)
 QUANTS = {
@@ -206,7 +207,7 @@ def write_llm(model, processor, eos: int | None, out: Path, quant: str, name: st
     embed = lm.embed_tokens.weight
     writer = gguf.GGUFWriter(str(out), arch)
     _hparams(writer, cfg, name, file_type)
-    template = getattr(processor, "chat_template", None) or processor.tokenizer.chat_template
+    template, _ = llama_cpp_template(processor)
     write_tokenizer(writer, processor.tokenizer, embed.shape[0], eos, template, what)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_tensor(writer, "token_embd.weight", embed, qtype)

@@ -29,6 +29,7 @@ from lsd_edge.export.gguf_parity import (
     llama_cpp_missing,
     tokenizer_agreement,
 )
+from lsd_edge.export.gguf_template import llama_cpp_template
 from lsd_edge.export.gguf_vision import check_vision, write_mmproj
 from lsd_edge.export.parity import SYNTHETIC_QUESTIONS, check_data, parity_items
 from lsd_edge.export.pipeline import ExportResult, latest_student, versions
@@ -182,6 +183,7 @@ def export_gguf(
         (tmp / "Modelfile").write_text(
             modelfile(name, f"exported by lsd-edge from {model_dir} ({settings.quant})")
         )
+        report["chat_template"] = llama_cpp_template(processor)[1]
         report["files"] = {p.name: check_gguf_file(p) for p in (llm, mmproj)}
         reporter.advance(1, "written")
         t1 = time.perf_counter()

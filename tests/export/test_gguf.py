@@ -17,6 +17,7 @@ from lsd_edge.errors import ExportError
 from lsd_edge.export.gguf_llm import write_llm
 from lsd_edge.export.gguf_parity import llama_cpp_missing
 from lsd_edge.export.gguf_pipeline import check_gguf_file, export_gguf
+from lsd_edge.export.gguf_template import MARKER_FIRST, llama_cpp_template
 from lsd_edge.export.gguf_vision import write_mmproj
 from lsd_edge.models.load import load_llava
 
@@ -158,7 +159,7 @@ def test_files_read_back(bpe_student, tmp_path, quant):
     tokens = _field(r, "tokenizer.ggml.tokens")
     assert len(tokens) == 320 and tokens[eos] == "<|im_end|>" and tokens[-1] == "[PAD319]"
     assert _field(r, "tokenizer.ggml.eos_token_id") == eos
-    assert "<|im_start|>" in _field(r, "tokenizer.chat_template")
+    assert _field(r, "tokenizer.chat_template") == MARKER_FIRST  # the interleave layout, for llama.cpp
     names = {t.name for t in r.tensors}
     assert "output.weight" not in names  # tied: llama.cpp reads token_embd as the output matrix
     want = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[quant]
@@ -201,6 +202,16 @@ def test_selection_llama_cpp_does_not_make_is_refused(bpe_student, tmp_path):
     model.config.vision_feature_select_strategy = "default"  # would drop a SigLIP patch
     with pytest.raises(ExportError, match="llama.cpp always reads it as 'full'"):
         check_vision(model.config, "m")
+
+
+def test_chat_template_for_llama_cpp(bpe_student, standins):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(bpe_student)
+    assert llama_cpp_template(processor)[0] == MARKER_FIRST
+    processor.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    template, note = llama_cpp_template(processor)
+    assert template == processor.chat_template and "model's own" in note
 
 
 def test_word_level_tokenizer_is_refused(student_dir, tmp_path):
