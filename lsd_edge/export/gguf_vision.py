@@ -5,8 +5,11 @@ llama.cpp's llava graph (tools/mtmd/models/llava.cpp) runs layers 0 .. n-2 of th
 given unless `clip.vision.feature_layer` names the layer to read; LLaVA reads
 `hidden_states[vision_feature_layer]`, never the tower's post-layernorm. So only the layers in use are
 written, `feature_layer` says to read after the last of them, and no `v.post_ln` is written. The
-selection must be one llama.cpp makes: 'full' for SigLIP (no CLS token), 'default' for CLIP (its CLS
-row dropped, which llama.cpp does whenever the tower has a class embedding).
+selection must be the one llama.cpp makes: 'full' for SigLIP (no CLS token). CLIP towers are refused:
+llama.cpp's llava graph (llama-cpp-python 0.3.36's vendored tools/mtmd/models/llava.cpp) concatenates
+the class embedding after the patches and adds the position embeddings in that order, so its
+features differ from PyTorch's (measured: max relative difference 1.2-1.5 on a CLIP stand-in, and
+0.012 against a PyTorch run with the CLS token last), which no file layout can undo.
 """
 
 from __future__ import annotations
@@ -45,6 +48,11 @@ def check_vision(config, what: str) -> tuple[str, int]:
     if want is None:
         raise ExportError(
             f"{what}: its vision tower is {vc.model_type}; the GGUF export writes SigLIP or CLIP towers"
+        )
+    if vc.model_type == "clip_vision_model":
+        raise ExportError(
+            f"{what}: its vision tower is CLIP, whose CLS token llama.cpp's llava graph (llama-cpp-python "
+            "0.3.36) puts after the patches, so its image features differ from PyTorch's; use a SigLIP tower"
         )
     if config.vision_feature_select_strategy != want:
         raise ExportError(
@@ -89,10 +97,6 @@ def _tower_tensors(writer: gguf.GGUFWriter, tower, used: int, qtype) -> None:
     if emb.patch_embedding.bias is not None:
         add_tensor(writer, "v.patch_embd.bias", emb.patch_embedding.bias, qtype)
     add_tensor(writer, "v.position_embd.weight", emb.position_embedding.weight, gguf.GGMLQuantizationType.F16)
-    if getattr(emb, "class_embedding", None) is not None:  # CLIP
-        add_tensor(writer, "v.class_embd", emb.class_embedding, qtype)
-        add_tensor(writer, "v.pre_ln.weight", tower.pre_layrnorm.weight, qtype)
-        add_tensor(writer, "v.pre_ln.bias", tower.pre_layrnorm.bias, qtype)
     for i, layer in enumerate(tower.encoder.layers[:used]):
         at = layer.self_attn
         parts = {
