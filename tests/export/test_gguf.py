@@ -336,3 +336,12 @@ def test_cli_export_gguf(bpe_student, tmp_path, monkeypatch, capsys):
     assert "parity gate passed" in out
     modelfile = (tmp_path / "g" / "Modelfile").read_text()
     assert "FROM ./bpe-student.gguf" in modelfile and "FROM ./mmproj-bpe-student.gguf" in modelfile
+
+
+def test_missing_llama_cpp_is_refused_before_writing(bpe_student, tmp_path, monkeypatch):
+    import lsd_edge.export.gguf_pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "llama_cpp_missing", lambda: "llama-cpp-python is not importable (x)")
+    with pytest.raises(ExportError, match=r"the GGUF parity gate runs llama.cpp through it; pip install"):
+        export_gguf(bpe_student, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
