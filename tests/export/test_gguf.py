@@ -345,3 +345,15 @@ def test_missing_llama_cpp_is_refused_before_writing(bpe_student, tmp_path, monk
     with pytest.raises(ExportError, match=r"the GGUF parity gate runs llama.cpp through it; pip install"):
         export_gguf(bpe_student, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_untied_padded_teacher_stand_in(standins, tmp_path):
+    """The stand-in teacher as a LLaVA to export: untied lm_head (output.weight), 64 padded rows, a
+    48-wide LLM whose rows Q8_0 cannot block (F16 fallback)."""
+    needs_llama_cpp()
+    result = export_gguf(standins["teacher"], tmp_path / "gguf", {"quant": "q8_0", "samples": 3})
+    assert result.report["gate"]["passed"], result.report["parity"]["tokens"]
+    r = gguf.GGUFReader(str(tmp_path / "gguf" / "teacher.gguf"))
+    types = {t.name: t.tensor_type for t in r.tensors}
+    assert types["output.weight"] == gguf.GGMLQuantizationType.F16
