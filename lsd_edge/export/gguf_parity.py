@@ -60,6 +60,10 @@ class LlamaCppRunner:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         self.mtmd = None
         if mmproj_path is not None:
+            # mtmd logs through its own callback: route it to llama-cpp-python's (errors only, as verbose=False)
+            from llama_cpp._logger import llama_log_callback
+
+            mtmd_cpp.mtmd_log_set(llama_log_callback, None)
             params = mtmd_cpp.mtmd_context_params_default()
             params.use_gpu, params.n_threads, params.print_timings, params.warmup = False, 1, False, False
             self.mtmd = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode(), self.model, params)
