@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lsd_edge.errors import ExportError
-from lsd_edge.export.gguf_llm import write_llm
+from lsd_edge.export.gguf_llm import LLAMA3_REGEX, QWEN2_REGEX, tokenizer_facts, write_llm
 from lsd_edge.export.gguf_parity import llama_cpp_missing
 from lsd_edge.export.gguf_pipeline import check_gguf_file, export_gguf
 from lsd_edge.export.gguf_template import MARKER_FIRST, llama_cpp_template
@@ -357,3 +357,56 @@ def test_untied_padded_teacher_stand_in(standins, tmp_path):
     r = gguf.GGUFReader(str(tmp_path / "gguf" / "teacher.gguf"))
     types = {t.name: t.tensor_type for t in r.tensors}
     assert types["output.weight"] == gguf.GGMLQuantizationType.F16
+
+
+def _with_pre_tokenizer(tokenizer, regex: str | None):
+    """A copy of `tokenizer` whose pre-tokenizer splits with `regex` first (Qwen2's and Llama 3's way)."""
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    raw.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(regex), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize(
+    "regex, name",
+    [(QWEN2_REGEX, "qwen2"), (LLAMA3_REGEX, "llama-bpe"), (r"\s+|\w+", None)],
+)
+def test_pre_tokenizer_names(standins, regex, name):
+    from transformers import AutoTokenizer
+
+    tok = _with_pre_tokenizer(AutoTokenizer.from_pretrained(standins["teacher"]), regex)
+    if name is None:
+        with pytest.raises(ExportError, match="neither GPT-2's, Qwen2's nor Llama 3's"):
+            tokenizer_facts(tok, "t")
+    else:
+        assert tokenizer_facts(tok, "t")["pre"] == name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("regex", [QWEN2_REGEX, LLAMA3_REGEX])
+def test_llama_cpp_splits_as_the_hf_pre_tokenizer(bpe_student, tmp_path, regex):
+    """The pre-tokenizer name written makes llama.cpp split text (digits, contractions, newlines) as HF does."""
+    needs_llama_cpp()
+    from lsd_edge.export.gguf_parity import LlamaCppRunner
+
+    model, processor = load_llava(str(bpe_student), dtype="float32", device="cpu")
+    processor.tokenizer = _with_pre_tokenizer(processor.tokenizer, regex)
+    path = write_llm(model, processor, None, tmp_path / "p.gguf", "f16", "p", "p")
+    runner = LlamaCppRunner(path)
+    try:
+        for text in (
+            "there are 12345 shapes , isn't it ?\n\n  what's RED",
+            "<|im_start|>user\nhi 3.14<|im_end|>\n",
+        ):
+            assert (
+                runner.tokenize(text) == processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ), text
+    finally:
+        runner.close()
