@@ -19,6 +19,7 @@ from lsd_edge.demo.examples import shapes_examples
 from lsd_edge.demo.models import load_models, resolve_paths
 from lsd_edge.demo.web_page import make_server, serve, web_settings
 from lsd_edge.errors import LsdEdgeError
+from lsd_edge.export.gguf_pipeline import export_gguf
 from lsd_edge.export.pipeline import export
 
 PANEL = "Export, bench and demo"
@@ -55,8 +56,26 @@ def export_(
         int | None, typer.Option("--eval-samples", min=1, help="Questions for the accuracy comparison.")
     ] = None,
     opset: Annotated[int | None, typer.Option("--opset", min=17, max=23, help="ONNX opset.")] = None,
+    gguf: Annotated[
+        bool,
+        typer.Option(
+            "--gguf", help="Write <name>.gguf + mmproj-<name>.gguf for llama.cpp, Ollama, LM Studio."
+        ),
+    ] = False,
+    quant: Annotated[
+        str | None, typer.Option("--quant", help="With --gguf: q8_0 (default) or f16 matrices.")
+    ] = None,
 ) -> None:
-    """Export a student to ONNX (three graphs + a quantized variant), check parity with PyTorch, report sizes and speed."""
+    """Export a student to ONNX (three graphs + a quantized variant), check parity with PyTorch, report sizes and speed.
+
+    With --gguf, to GGUF instead: the LLM with its tokenizer and chat template, the mmproj file, a
+    Modelfile for Ollama, gated on llama.cpp's greedy tokens (needs `pip install -e .[gguf]`)."""
+    if gguf:
+        return gguf_export(
+            model_dir, output, quant, data, images, samples, (int8, int4, fp16, fp32, target, opset)
+        )
+    if quant is not None:
+        raise LsdEdgeError("--quant goes with --gguf; for ONNX pick one of --int8, --int4, --fp16, --fp32")
     chosen = [name for name, on in (("int8", int8), ("int4", int4), ("fp16", fp16), ("none", fp32)) if on]
     if len(chosen) > 1:
         raise LsdEdgeError("pick one of --int8, --int4, --fp16, --fp32")
@@ -73,6 +92,18 @@ def export_(
     }
     result = export(model_dir, output, overrides, reporter())
     for line in render.export_report(result.report):
+        out.print(line)
+
+
+def gguf_export(model_dir, output, quant, data, images, samples, onnx_options) -> None:
+    """`lsd-edge export --gguf`: the GGUF pair, gated on llama.cpp, and its summary."""
+    if any(onnx_options):
+        raise LsdEdgeError(
+            "--gguf takes --quant q8_0|f16; --int8, --int4, --fp16, --fp32, --target, --opset are ONNX's"
+        )
+    settings = {"quant": quant, "data": data, "images": images, "samples": samples}
+    result = export_gguf(model_dir, output, settings, reporter())
+    for line in render.gguf_report(result.report):
         out.print(line)
 
 

@@ -295,3 +295,22 @@ def demo_models(teacher, students: dict[str, Any]) -> Table:
         params = f"{i['params']:,}" if i.get("params") else "?"
         t.add_row(column, backend, i["path"], params, f"{i['memory']['peak_rss_mib']:.1f}")
     return t
+
+
+def gguf_report(report: dict[str, Any]) -> list[RenderableType]:
+    t = Table(title=f"lsd-edge export --gguf: {report['output']}")
+    for col in ("file", "architecture", "tensors", "MB"):
+        t.add_column(col, justify="left" if col in ("file", "architecture") else "right")
+    for name, f in report["files"].items():
+        t.add_row(name, f["architecture"], str(f["tensors"]), f"{f['mb']:.3f}")
+    p = report["parity"]
+    return [
+        f"model: {report['model_dir']} ({report['settings']['quant']})",
+        t,
+        f"parity on {p['samples']} prompts ({p['source']}): llama.cpp greedy agreement "
+        f"{100 * p['greedy_agreement']:.0f}% (first token {100 * p['first_token_agreement']:.0f}%), "
+        f"logits max rel diff {p['max_rel_logit_diff']:.1e}, "
+        f"tokenizer agreement {100 * p['tokenizer']['agreement']:.0f}%",
+        f"[green]parity gate passed[/green]; report: {report['output']}/export_report.json; "
+        f"Ollama: cd {report['output']} && ollama create NAME -f Modelfile",
+    ]

@@ -1,0 +1,223 @@
+"""The student's language model as a GGUF file llama.cpp runs: Qwen2 or Llama weights, the byte-level
+BPE tokenizer (gguf-py's "gpt2" model with llama.cpp's pre-tokenizer name) and the chat template.
+
+Written with gguf-py, as llama.cpp's own `convert_hf_to_gguf.py` does (its Qwen2Model and LlamaModel
+classes, and `get_vocab_base` for the vocabulary): the same key and tensor names, embedding rows past
+the tokenizer as `[PAD{i}]` tokens, Llama's q/k rows permuted for llama.cpp's rope. Matrices are
+stored F16 or Q8_0 (gguf.quants); norms and biases stay F32, and a matrix whose rows are not a multiple
+of Q8_0's 32-value block falls back to F16, as the converter does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from lsd_edge.errors import ExportError
+from lsd_edge.export.gguf_template import llama_cpp_template
+
+# quant choice -> (gguf file type, tensor type of the matrices)
+QUANTS = {
+    "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
+    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
+}
+ARCHS = {"qwen2": "qwen2", "llama": "llama"}
+# Pre-tokenizer regexes (tokenizer.json `Split` patterns) and llama.cpp's name for each
+# (src/llama-vocab.cpp); GPT-2's is what a plain ByteLevel pre-tokenizer applies.
+QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+PRE_OF_REGEX = {QWEN2_REGEX: "qwen2", LLAMA3_REGEX: "llama-bpe"}
+NEEDS_BPE = "a byte-level BPE tokenizer, as Qwen's or Llama's, is needed"
+
+
+def check_quant(quant: str) -> None:
+    if quant not in QUANTS:
+        raise ExportError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
+
+
+def _pre_name(pre: dict | None, what: str) -> str:
+    """llama.cpp's pre-tokenizer name for a tokenizer.json `pre_tokenizer`, or ExportError."""
+    if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    parts = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else []
+    splits = [p for p in parts if p.get("type") == "Split"]
+    if len(parts) == 2 and len(splits) == 1 and parts[1].get("type") == "ByteLevel":
+        name = PRE_OF_REGEX.get(splits[0].get("pattern", {}).get("Regex", ""))
+        if name is not None:
+            return name
+    raise ExportError(
+        f"{what}: its pre-tokenizer is neither GPT-2's, Qwen2's nor Llama 3's, which llama.cpp would "
+        f"split differently; {NEEDS_BPE}"
+    )
+
+
+def tokenizer_facts(tokenizer, what: str) -> dict:
+    """Vocabulary, merges and pre-tokenizer name of a byte-level BPE tokenizer, or ExportError."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        kind = model.get("type", type(tokenizer).__name__)
+        raise ExportError(
+            f"{what}: its tokenizer is {kind}, which GGUF has no equivalent for; {NEEDS_BPE} "
+            "(train the student on a Qwen or Llama LLM)"
+        )
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    added = {t["id"]: t for t in spec.get("added_tokens", [])}
+    return {
+        "vocab": tokenizer.get_vocab(),
+        "merges": merges,
+        "added": added,
+        "pre": _pre_name(spec.get("pre_tokenizer"), what),
+    }
+
+
+def _tokens(facts: dict, rows: int) -> tuple[list[str], list[int]]:
+    """Token strings and types for every embedding row, as convert_hf_to_gguf's get_vocab_base."""
+    by_id = {i: t for t, i in facts["vocab"].items()}
+    tokens, types = [], []
+    for i in range(rows):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in facts["added"]:
+            tokens.append(by_id[i])
+            types.append(
+                gguf.TokenType.CONTROL if facts["added"][i]["special"] else gguf.TokenType.USER_DEFINED
+            )
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def write_tokenizer(
+    writer: gguf.GGUFWriter, tokenizer, rows: int, eos: int | None, template: str | None, what: str
+) -> None:
+    facts = tokenizer_facts(tokenizer, what)
+    tokens, types = _tokens(facts, rows)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(facts["pre"])
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(facts["merges"])
+    if tokenizer.bos_token_id is not None:
+        writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_add_bos_token(
+        bool(getattr(tokenizer, "add_bos_token", False)) and tokenizer.bos_token_id is not None
+    )
+    if eos is not None:
+        writer.add_eos_token_id(eos)
+    if tokenizer.pad_token_id is not None:
+        writer.add_pad_token_id(tokenizer.pad_token_id)
+    if template:
+        writer.add_chat_template(template)
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """HF's rotate-half rows -> llama.cpp's interleaved rope rows (convert_hf_to_gguf LlamaModel.permute)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def add_tensor(writer: gguf.GGUFWriter, name: str, t: torch.Tensor | np.ndarray, qtype) -> None:
+    """Matrices in `qtype` (F16 when Q8_0 does not fit their rows), vectors in F32."""
+    data = t.detach().float().cpu().numpy() if isinstance(t, torch.Tensor) else t.astype(np.float32)
+    if data.ndim < 2 or qtype == gguf.GGMLQuantizationType.F32:
+        writer.add_tensor(name, data.astype(np.float32))
+        return
+    if qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32 == 0:
+        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        return
+    writer.add_tensor(name, data.astype(np.float16))
+
+
+def _hparams(writer: gguf.GGUFWriter, cfg, name: str, file_type) -> None:
+    writer.add_name(name)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_file_type(file_type)
+    head_dim = getattr(cfg, "head_dim", None)
+    if head_dim and head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+
+def check_text_config(cfg, what: str) -> str:
+    arch = ARCHS.get(cfg.model_type)
+    if arch is None:
+        raise ExportError(
+            f"{what}: its LLM is {cfg.model_type}; the GGUF export writes {' or '.join(ARCHS)} LLMs"
+        )
+    if (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default") != "default":
+        raise ExportError(
+            f"{what}: its LLM scales rope, which the GGUF export does not write; use plain rope"
+        )
+    return arch
+
+
+def _layer_tensors(writer, layer, i: int, cfg, arch: str, qtype) -> None:
+    at, mlp = layer.self_attn, layer.mlp
+    q, k = at.q_proj.weight.detach().float().numpy(), at.k_proj.weight.detach().float().numpy()
+    if arch == "llama":
+        q, k = _permute(q, cfg.num_attention_heads), _permute(k, cfg.num_key_value_heads)
+    parts = {
+        "attn_norm.weight": layer.input_layernorm.weight,
+        "attn_q.weight": q,
+        "attn_k.weight": k,
+        "attn_v.weight": at.v_proj.weight,
+        "attn_output.weight": at.o_proj.weight,
+        "ffn_norm.weight": layer.post_attention_layernorm.weight,
+        "ffn_gate.weight": mlp.gate_proj.weight,
+        "ffn_up.weight": mlp.up_proj.weight,
+        "ffn_down.weight": mlp.down_proj.weight,
+    }
+    for proj, key in (
+        (at.q_proj, "attn_q"),
+        (at.k_proj, "attn_k"),
+        (at.v_proj, "attn_v"),
+        (at.o_proj, "attn_output"),
+    ):
+        if proj.bias is not None:
+            b = proj.bias.detach().float().numpy()
+            if arch == "llama" and key in ("attn_q", "attn_k"):
+                b = _permute(b, cfg.num_attention_heads if key == "attn_q" else cfg.num_key_value_heads)
+            parts[f"{key}.bias"] = b
+    for key, t in parts.items():
+        add_tensor(writer, f"blk.{i}.{key}", t, qtype)
+
+
+def write_llm(model, processor, eos: int | None, out: Path, quant: str, name: str, what: str) -> Path:
+    """`model`'s LLM (a LlavaForConditionalGeneration's language model and lm_head) as `out`, a GGUF file."""
+    check_quant(quant)
+    cfg = model.config.text_config
+    arch = check_text_config(cfg, what)
+    file_type, qtype = QUANTS[quant]
+    lm = model.model.language_model
+    embed = lm.embed_tokens.weight
+    writer = gguf.GGUFWriter(str(out), arch)
+    _hparams(writer, cfg, name, file_type)
+    template, _ = llama_cpp_template(processor)
+    write_tokenizer(writer, processor.tokenizer, embed.shape[0], eos, template, what)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_tensor(writer, "token_embd.weight", embed, qtype)
+    for i, layer in enumerate(lm.layers):
+        _layer_tensors(writer, layer, i, cfg, arch, qtype)
+    add_tensor(writer, "output_norm.weight", lm.norm.weight, qtype)
+    if not cfg.tie_word_embeddings:
+        add_tensor(writer, "output.weight", model.lm_head.weight, qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

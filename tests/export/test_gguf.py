@@ -1,0 +1,412 @@
+"""GGUF export: the LLM and mmproj files as gguf-py reads them back, the refusals, and llama.cpp's
+greedy tokens against PyTorch's (through llama-cpp-python: `slow`, skipped when it is not importable
+unless LSD_EDGE_REQUIRE_LLAMA_CPP=1)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from lsd_edge.errors import ExportError
+from lsd_edge.export.gguf_llm import LLAMA3_REGEX, QWEN2_REGEX, tokenizer_facts, write_llm
+from lsd_edge.export.gguf_parity import llama_cpp_missing
+from lsd_edge.export.gguf_pipeline import check_gguf_file, export_gguf
+from lsd_edge.export.gguf_template import MARKER_FIRST, llama_cpp_template
+from lsd_edge.export.gguf_vision import write_mmproj
+from lsd_edge.models.load import load_llava
+
+from ..helpers import one_red_line, run
+from ..realshape import IMAGE_SIZE
+
+MISSING = llama_cpp_missing()
+
+
+def needs_llama_cpp():
+    if MISSING is not None:
+        if os.environ.get("LSD_EDGE_REQUIRE_LLAMA_CPP") == "1":
+            pytest.fail(f"LSD_EDGE_REQUIRE_LLAMA_CPP=1 but {MISSING}")
+        pytest.skip(MISSING)
+
+
+@pytest.fixture(scope="module")
+def bpe_student(standins, tmp_path_factory) -> Path:
+    """A LLaVA over the stand-ins' byte-level BPE tokenizer: SigLIP read at layer -2 with 'full'
+    selection, a tied Qwen2 64 wide (so Q8_0's 32-value blocks fit its rows), weights drawn at
+    2/sqrt(fan-in) so that greedy answers depend on the question and the image."""
+    from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+    from lsd_edge.models.archs import llava_config, qwen2_config, siglip_config
+    from lsd_edge.models.load import save_model
+
+    processor = LlavaProcessor.from_pretrained(standins["teacher"])
+    tok = processor.tokenizer
+    config = llava_config(
+        siglip_config(32, 64, 3, 2, IMAGE_SIZE),
+        qwen2_config(320, 64, 2, 4, 2, tied=True, intermediate=128),
+        tok.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "vision_tower" not in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 2 / p.shape[1] ** 0.5)
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+    out = tmp_path_factory.mktemp("bpe") / "bpe-student"
+    save_model(model, processor, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def clip_llama_student(standins, tmp_path_factory) -> Path:
+    """LLaVA-1.5's shape over the BPE tokenizer: CLIP (CLS dropped, layer -2 of 3) and a Llama LLM
+    (llama.cpp runs the LLM; the CLIP tower is refused, see lsd_edge.export.gguf_vision)."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from lsd_edge.models.load import save_model
+
+    bpe = LlavaProcessor.from_pretrained(standins["teacher"])
+    ip = CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True
+    )
+    proc = LlavaProcessor(
+        image_processor=ip,
+        tokenizer=bpe.tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=bpe.chat_template,
+        image_token="<image>",
+    )
+    cfg = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=320,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=None,
+            eos_token_id=None,
+        ),
+        image_token_index=proc.image_token_id,
+        image_seq_length=16,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(cfg)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "vision_tower" not in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 2 / p.shape[1] ** 0.5)
+    model.generation_config.eos_token_id = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    out = tmp_path_factory.mktemp("clip") / "clip-llama"
+    save_model(model, proc, out)
+    return out
+
+
+def _field(reader: gguf.GGUFReader, key: str):
+    f = reader.fields[key]
+    vals = [f.parts[i] for i in f.data]
+    if f.types[0] == gguf.GGUFValueType.STRING or (
+        f.types[0] == gguf.GGUFValueType.ARRAY and f.types[-1] == gguf.GGUFValueType.STRING
+    ):
+        vals = [bytes(v).decode("utf-8") for v in vals]
+    else:
+        vals = [v.tolist()[0] for v in vals]
+    return vals if f.types[0] == gguf.GGUFValueType.ARRAY else vals[0]
+
+
+def _tensor(reader: gguf.GGUFReader, name: str) -> np.ndarray:
+    t = next(t for t in reader.tensors if t.name == name)
+    return gguf.quants.dequantize(t.data, t.tensor_type).reshape(list(reversed(t.shape.tolist())))
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_files_read_back(bpe_student, tmp_path, quant):
+    model, processor = load_llava(str(bpe_student), dtype="float32", device="cpu")
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    llm = write_llm(model, processor, eos, tmp_path / "s.gguf", quant, "s", "student")
+    mmproj = write_mmproj(model, processor, tmp_path / "mmproj-s.gguf", quant, "s", "student")
+    r = gguf.GGUFReader(str(llm))
+    assert _field(r, "general.architecture") == "qwen2"
+    assert _field(r, "tokenizer.ggml.model") == "gpt2"
+    assert _field(r, "tokenizer.ggml.pre") == "gpt-2"  # a plain ByteLevel pre-tokenizer
+    tokens = _field(r, "tokenizer.ggml.tokens")
+    assert len(tokens) == 320 and tokens[eos] == "<|im_end|>" and tokens[-1] == "[PAD319]"
+    assert _field(r, "tokenizer.ggml.eos_token_id") == eos
+    assert _field(r, "tokenizer.chat_template") == MARKER_FIRST  # the interleave layout, for llama.cpp
+    names = {t.name for t in r.tensors}
+    assert "output.weight" not in names  # tied: llama.cpp reads token_embd as the output matrix
+    want = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[quant]
+    assert next(t for t in r.tensors if t.name == "blk.0.attn_q.weight").tensor_type == want
+    ref = model.model.language_model.layers[1].mlp.down_proj.weight.detach().numpy()
+    tol = 1e-2 if quant == "f16" else 3e-2
+    assert np.abs(_tensor(r, "blk.1.ffn_down.weight") - ref).max() <= tol * np.abs(ref).max()
+    v = gguf.GGUFReader(str(mmproj))
+    assert _field(v, "clip.projector_type") == "mlp"
+    assert _field(v, "clip.vision.block_count") == 2  # layer -2 of 3: the last is never run
+    assert _field(v, "clip.vision.feature_layer") == [2]
+    assert _field(v, "clip.vision.image_size") == IMAGE_SIZE
+    assert _field(v, "clip.vision.image_mean") == pytest.approx([0.5, 0.5, 0.5])
+    vnames = {t.name for t in v.tensors}
+    assert "v.blk.1.ffn_down.weight" in vnames and "v.blk.2.ln1.weight" not in vnames
+    assert "v.post_ln.weight" not in vnames and {"mm.0.weight", "mm.2.bias"} <= vnames
+
+
+def test_llama_llm_file_and_clip_refusal(clip_llama_student, tmp_path):
+    model, processor = load_llava(str(clip_llama_student), dtype="float32", device="cpu")
+    llm = write_llm(model, processor, None, tmp_path / "c.gguf", "q8_0", "c", "c")
+    r = gguf.GGUFReader(str(llm))
+    assert _field(r, "general.architecture") == "llama"
+    q = model.model.language_model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    got = _tensor(r, "blk.0.attn_q.weight")
+    assert not np.allclose(got, q, atol=0.05)  # permuted for llama.cpp's rope ...
+    assert np.allclose(np.sort(got, axis=None), np.sort(q, axis=None), atol=0.05)  # ... same values
+    with pytest.raises(ExportError, match="CLS token llama.cpp's llava graph .* puts after the patches"):
+        write_mmproj(model, processor, tmp_path / "mmproj-c.gguf", "q8_0", "c", "c")
+
+
+def test_selection_llama_cpp_does_not_make_is_refused(bpe_student, tmp_path):
+    from lsd_edge.export.gguf_vision import check_vision
+
+    model, _ = load_llava(str(bpe_student), dtype="float32", device="cpu")
+    model.config.vision_feature_select_strategy = "default"  # would drop a SigLIP patch
+    with pytest.raises(ExportError, match="llama.cpp always reads it as 'full'"):
+        check_vision(model.config, "m")
+
+
+def test_chat_template_for_llama_cpp(bpe_student, standins):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(bpe_student)
+    assert llama_cpp_template(processor)[0] == MARKER_FIRST
+    processor.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    template, note = llama_cpp_template(processor)
+    assert template == processor.chat_template and "model's own" in note
+
+
+def test_word_level_tokenizer_is_refused(student_dir, tmp_path):
+    with pytest.raises(ExportError, match="byte-level BPE tokenizer, as Qwen's or Llama's, is needed"):
+        export_gguf(student_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_word_level_refusal_is_one_red_line(student_dir, tmp_path, monkeypatch, capsys):
+    code, _, err = run(
+        monkeypatch, capsys, "export", str(student_dir), "--gguf", "--output", str(tmp_path / "o")
+    )
+    assert code == 1
+    assert "WordLevel, which GGUF has no equivalent for" in one_red_line(err)
+
+
+def test_cli_gguf_options(student_dir, monkeypatch, capsys):
+    code, _, err = run(monkeypatch, capsys, "export", str(student_dir), "--gguf", "--int4")
+    assert code == 1 and "--gguf takes --quant" in one_red_line(err)
+    code, _, err = run(monkeypatch, capsys, "export", str(student_dir), "--gguf", "--quant", "q4")
+    assert code == 1 and "--quant q4: choose one of f16, q8_0" in one_red_line(err)
+
+
+def test_missing_or_corrupt_gguf_is_one_line(tmp_path):
+    with pytest.raises(ExportError, match="no such GGUF file") as e:
+        check_gguf_file(tmp_path / "nope.gguf")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(64))
+    with pytest.raises(ExportError, match="not a readable GGUF file") as e:
+        check_gguf_file(bad)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_llama_cpp_greedy_tokens_equal_pytorch(bpe_student, standins, tmp_path, quant):
+    needs_llama_cpp()
+    data = standins["data"]
+    settings = {"quant": quant, "samples": 4, "data": data / "eval/gqa_testdev_balanced.json", "images": data}
+    result = export_gguf(bpe_student, tmp_path / "gguf", settings)
+    out = result.output
+    assert {p.name for p in out.iterdir()} >= {"bpe-student.gguf", "mmproj-bpe-student.gguf", "Modelfile"}
+    report = json.loads((out / "export_report.json").read_text())
+    parity = report["parity"]
+    assert report["gate"]["passed"] and parity["first_token_agreement"] == 1.0, parity["tokens"]
+    if quant == "f16":  # Q8_0 quantizes activations too: later tokens of a random model may drift
+        assert parity["greedy_agreement"] == 1.0, parity["tokens"]
+    assert parity["tokenizer"]["agreement"] == 1.0
+    assert parity["max_rel_logit_diff"] < (2e-2 if quant == "f16" else 3e-1)
+    # the answers depend on the image: llama.cpp reads the image embeddings, not only the text
+    answers = {tuple(t["torch"]) for t in parity["tokens"]}
+    assert len(answers) > 1, parity["tokens"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["qwen2", "llama"])
+def test_llama_cpp_text_only_greedy(bpe_student, clip_llama_student, tmp_path, which):
+    """The LLM file alone, no mmproj: llama.cpp's greedy tokens of text-only prompts equal PyTorch's."""
+    needs_llama_cpp()
+    from lsd_edge.export.gguf_parity import LlamaCppRunner
+    from lsd_edge.runtime.torch_runner import TorchRunner
+
+    torch_runner = TorchRunner(bpe_student if which == "qwen2" else clip_llama_student, dtype="float32")
+    eos = torch_runner.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    path = write_llm(torch_runner.model, torch_runner.processor, eos, tmp_path / "t.gguf", "f16", "t", "t")
+    runner = LlamaCppRunner(path)
+    try:
+        for q in ("what color is the circle ?", "how many shapes are there ?", "say the word blue ."):
+            ids = torch_runner.prompt_ids(q, with_image=False)
+            want = torch_runner.generate_ids(ids, None, 8).token_ids
+            got, _ = runner.greedy(ids, -1, [], 8, torch_runner.stop_ids, torch_runner.vocab_rows)
+            assert got == want, q
+            assert (
+                runner.tokenize(
+                    torch_runner.encoder.render(
+                        [{"role": "user", "content": [{"type": "text", "text": q}]}], True
+                    )
+                )
+                == ids
+            )
+    finally:
+        runner.close()
+
+
+@pytest.mark.slow
+def test_failed_gate_is_kept_aside(bpe_student, tmp_path):
+    needs_llama_cpp()
+    out = tmp_path / "gguf"
+    with pytest.raises(ExportError, match="GGUF parity gate failed") as e:
+        export_gguf(bpe_student, out, {"quant": "f16", "samples": 2, "min_greedy_agreement": 1.01})
+    assert "\n" not in str(e.value) and not out.exists()
+    report = json.loads((tmp_path / "gguf.failed" / "export_report.json").read_text())
+    assert not report["gate"]["passed"] and report["gate"]["reasons"]
+
+
+@pytest.mark.slow
+def test_llama_cpp_refuses_a_corrupt_file_in_one_line(tmp_path):
+    needs_llama_cpp()
+    from lsd_edge.export.gguf_parity import LlamaCppRunner
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(256))
+    with pytest.raises(ExportError, match="llama.cpp cannot load it") as e:
+        LlamaCppRunner(bad)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ExportError, match="no such GGUF file"):
+        LlamaCppRunner(tmp_path / "missing.gguf")
+
+
+@pytest.mark.slow
+def test_cli_export_gguf(bpe_student, tmp_path, monkeypatch, capsys):
+    needs_llama_cpp()
+    code, out, err = run(
+        monkeypatch,
+        capsys,
+        "export",
+        str(bpe_student),
+        "--gguf",
+        "--quant",
+        "f16",
+        "--output",
+        str(tmp_path / "g"),
+    )
+    assert code == 0, err
+    assert "parity gate passed" in out
+    modelfile = (tmp_path / "g" / "Modelfile").read_text()
+    assert "FROM ./bpe-student.gguf" in modelfile and "FROM ./mmproj-bpe-student.gguf" in modelfile
+
+
+def test_missing_llama_cpp_is_refused_before_writing(bpe_student, tmp_path, monkeypatch):
+    import lsd_edge.export.gguf_pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "llama_cpp_missing", lambda: "llama-cpp-python is not importable (x)")
+    with pytest.raises(ExportError, match=r"the GGUF parity gate runs llama.cpp through it; pip install"):
+        export_gguf(bpe_student, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_untied_padded_teacher_stand_in(standins, tmp_path):
+    """The stand-in teacher as a LLaVA to export: untied lm_head (output.weight), 64 padded rows, a
+    48-wide LLM whose rows Q8_0 cannot block (F16 fallback)."""
+    needs_llama_cpp()
+    result = export_gguf(standins["teacher"], tmp_path / "gguf", {"quant": "q8_0", "samples": 3})
+    assert result.report["gate"]["passed"], result.report["parity"]["tokens"]
+    r = gguf.GGUFReader(str(tmp_path / "gguf" / "teacher.gguf"))
+    types = {t.name: t.tensor_type for t in r.tensors}
+    assert types["output.weight"] == gguf.GGMLQuantizationType.F16
+
+
+def _with_pre_tokenizer(tokenizer, regex: str | None):
+    """A copy of `tokenizer` whose pre-tokenizer splits with `regex` first (Qwen2's and Llama 3's way)."""
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    raw.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(regex), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize(
+    "regex, name",
+    [(QWEN2_REGEX, "qwen2"), (LLAMA3_REGEX, "llama-bpe"), (r"\s+|\w+", None)],
+)
+def test_pre_tokenizer_names(standins, regex, name):
+    from transformers import AutoTokenizer
+
+    tok = _with_pre_tokenizer(AutoTokenizer.from_pretrained(standins["teacher"]), regex)
+    if name is None:
+        with pytest.raises(ExportError, match="neither GPT-2's, Qwen2's nor Llama 3's"):
+            tokenizer_facts(tok, "t")
+    else:
+        assert tokenizer_facts(tok, "t")["pre"] == name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("regex", [QWEN2_REGEX, LLAMA3_REGEX])
+def test_llama_cpp_splits_as_the_hf_pre_tokenizer(bpe_student, tmp_path, regex):
+    """The pre-tokenizer name written makes llama.cpp split text (digits, contractions, newlines) as HF does."""
+    needs_llama_cpp()
+    from lsd_edge.export.gguf_parity import LlamaCppRunner
+
+    model, processor = load_llava(str(bpe_student), dtype="float32", device="cpu")
+    processor.tokenizer = _with_pre_tokenizer(processor.tokenizer, regex)
+    path = write_llm(model, processor, None, tmp_path / "p.gguf", "f16", "p", "p")
+    runner = LlamaCppRunner(path)
+    try:
+        for text in (
+            "there are 12345 shapes , isn't it ?\n\n  what's RED",
+            "<|im_start|>user\nhi 3.14<|im_end|>\n",
+        ):
+            assert (
+                runner.tokenize(text) == processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ), text
+    finally:
+        runner.close()
