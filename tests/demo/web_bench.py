@@ -1,5 +1,6 @@
-"""Time the in-browser page (`lsd-edge demo --web`) in headless Chromium beside lsd-edge's own ONNX
-runner, on the same export, prompts and machine; prints one Markdown row per (backend, threads).
+"""Time the in-browser page (`lsd-edge demo --web`) in headless Chromium and transformers.js in Node
+beside lsd-edge's own ONNX runner, on the same export, prompts and machine; prints one Markdown row
+per (backend, threads).
 
     python -m tests.demo.web_bench EXPORT_DIR SHAPES_DIR --variant int8 [--tokens 64] [--prompts 6]
 
@@ -60,6 +61,24 @@ def in_runner(export: Path, variant: str, pairs, tokens: int, threads: int) -> t
     )
 
 
+def in_node(export: Path, variant: str, pairs, tokens: int, threads: int) -> tuple[float, float]:
+    """Median (time to first token in ms, decode tokens/s) of transformers.js in Node (web/bench.mjs)."""
+    import subprocess
+    import tempfile
+
+    from lsd_edge.runtime.onnx.layout import JS_DTYPE
+
+    web = Path(__file__).resolve().parents[2] / "web"
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump([{"image": str(image), "question": q} for image, q in pairs], f)
+    cmd = ["node", str(web / "bench.mjs"), str(export), JS_DTYPE[variant], f.name, str(tokens), str(threads)]
+    out = json.loads(
+        subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    )
+    Path(f.name).unlink()
+    return 1000 * out["ttft_s"], out["decode_tokens_per_s"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("export", type=Path)
@@ -80,6 +99,7 @@ def main() -> None:
     for threads in args.threads:
         for name, measure in (
             ("Chromium, transformers.js WASM", in_browser),
+            ("Node, transformers.js (onnxruntime-node)", in_node),
             ("lsd-edge OnnxRunner", in_runner),
         ):
             ttft, rate = measure(args.export, variant, pairs, args.tokens, threads)
