@@ -210,25 +210,23 @@ def _rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def _decode(source, name: str) -> Image.Image:
+    """An image file (a path or a file object) decoded as RGB; a corrupt one is a BadSample."""
+    try:
+        with Image.open(source) as im:
+            im.load()
+            return _rgb(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadSample(f"corrupt image: {name} ({type(e).__name__})") from None
+
+
 def load_image(path: Path) -> Image.Image:
     """Open an image as RGB; grayscale, palette, 16-bit and RGBA images are converted (alpha over white)."""
     if not path.is_file():
         raise BadSample(f"missing image: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return _rgb(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadSample(f"corrupt image: {path.name} ({type(e).__name__})") from None
+    return _decode(path, path.name)
 
 
 def open_image_bytes(data: bytes) -> Image.Image:
     """An image file's bytes as RGB, as `load_image` opens a file."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return _rgb(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadSample(
-            f"corrupt image: {len(data)} bytes that are not an image ({type(e).__name__})"
-        ) from None
+    return _decode(io.BytesIO(data), f"{len(data)} bytes that are not an image")

@@ -112,12 +112,15 @@ def loss_terms(
         terms["response_kl"] = kd / max(1, counts.response)
     # A micro-batch without images adds nothing to the visual terms (METHOD.md), its CE and response
     # KL still train; the counts are the whole step's, so its share of the step stays right.
-    vis = batch.visual_mask
-    if w["visual_kl"] > 0 and counts.visual > 0 and bool(vis.any()):
-        _, kd = logit_sums(student, s.hidden[vis], lc, vocab_rows, teacher=t.visual)
+    # A micro-batch has visual tokens exactly when it has images (each gives K): known without a sync.
+    s_vis = None
+    if n_images(s) > 0 and (w["visual_kl"] > 0 or w["relation"] > 0):
+        s_vis = s.hidden[batch.visual_mask]  # (I*K, Ds), gathered once for both terms
+    if w["visual_kl"] > 0 and s_vis is not None:
+        _, kd = logit_sums(student, s_vis, lc, vocab_rows, teacher=t.visual)
         terms["visual_kl"] = kd / max(1, counts.visual)
-    sv = per_image(s.hidden[vis], n_images(s))
-    if w["relation"] > 0 and counts.images > 0 and sv is not None:
+    if w["relation"] > 0 and s_vis is not None:
+        sv = per_image(s_vis, n_images(s))
         if t.relation is not None:
             rel = losses.relation_sum_to(sv, t.relation)
         else:

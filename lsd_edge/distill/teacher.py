@@ -34,10 +34,11 @@ def online_targets(teacher, batch: Batch, need_hidden: bool) -> losses.TeacherTa
     resp = batch.labels[:, 1:] != IGNORE_INDEX
     vis = batch.visual_mask
     weight = teacher.lm_head.weight
+    t_vis = t.hidden[vis]  # (I*K, Dt), gathered once
     return losses.TeacherTargets(
         response=losses.DenseTargets(t.hidden[:, :-1][resp], weight),
-        visual=losses.DenseTargets(t.hidden[vis], weight),
-        visual_tokens=per_image(t.hidden[vis], n_images(t)),
+        visual=losses.DenseTargets(t_vis, weight),
+        visual_tokens=per_image(t_vis, n_images(t)),
         image_features=t.image_features,
         hidden_states=t.hidden_states,
     )

@@ -31,6 +31,7 @@ from lsd_edge.export.quantize import quantize_graphs, sizes_mb
 from lsd_edge.export.speed import speed_report
 from lsd_edge.files import atomic_dir, read_json, write_json
 from lsd_edge.models.card import CardFacts, read_facts, write_card
+from lsd_edge.models.groups import count_params
 from lsd_edge.progress import QuietReporter, Reporter
 from lsd_edge.recipe.load import folder_recipe
 from lsd_edge.runtime.onnx.layout import GRAPHS, REPORT
@@ -284,7 +285,7 @@ def export_card(model_dir: Path, out: Path, settings: ExportSettings, model, rep
     the folder and the parity check say, with the export's figures."""
     facts = read_facts(model_dir)
     if facts is None:
-        params = sum(p.numel() for p in model.parameters())
+        params = count_params(model)["total"]
         facts = CardFacts(
             name=model_dir.name,
             pytorch_dir=str(model_dir),

@@ -167,9 +167,9 @@ def global_counts(batches: list[Batch], n_img_tokens: int, dist: Dist, device) -
     return Counts(*(int(v) for v in dist.sum_floats([c.response, c.visual, c.images, c.tokens], device)))
 
 
-def merged_bad(dist: Dist, bad: BadSampleLog) -> dict[str, Any]:
+def merged_bad(dist: Dist, bad: BadSampleLog) -> BadSampleLog:
     """Bad samples met by all processes (each process sees only its own micro-batches)."""
-    return BadSampleLog.merged(dist.gather(bad.as_dict())).as_dict()
+    return BadSampleLog.merged(dist.gather(bad.as_dict()))
 
 
 def accumulate(job: StageJob, s: StageSetup, slots: list[Batch | None], counts: Counts, lam: float):
@@ -233,7 +233,7 @@ def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
                 if unusable >= len(job.dataset):
                     raise TrainingError(
                         f"{job.key}: no usable sample in {unusable} samples in a row of "
-                        f"{job.dataset.path} ({BadSampleLog.merged(dist.gather(s.bad.as_dict())).summary()}); "
+                        f"{job.dataset.path} ({merged_bad(dist, s.bad).summary()}); "
                         "check the data"
                     )
                 continue
@@ -270,7 +270,7 @@ def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
                 info = " ".join(f"{k}={v:.3f}" for k, v in last.items()) + f" {tok_s:,.0f} tok/s"
             reporter.advance(1, info)
             if job.run.checkpoint_every and s.step % job.run.checkpoint_every == 0 and s.step < s.steps:
-                bad_now = merged_bad(dist, s.bad)
+                bad_now = merged_bad(dist, s.bad).as_dict()
                 if dist.main:
                     TrainingProgress.capture(
                         s.step, s.position, job.model, s.latent, s.optimizer, s.scheduler, bad_now
@@ -284,7 +284,7 @@ def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
     job.model.eval()
     seconds = time.perf_counter() - started
     bad_all = merged_bad(dist, s.bad)
-    line = BadSampleLog.merged([bad_all]).report()
+    line = bad_all.report()
     if line:
         reporter.message(f"[yellow]{job.key}: {line}[/yellow]")
-    return StageResult(job.key, s.steps, seconds, last, bad_all, tokens_seen / max(seconds, 1e-9))
+    return StageResult(job.key, s.steps, seconds, last, bad_all.as_dict(), tokens_seen / max(seconds, 1e-9))
