@@ -116,13 +116,14 @@ def standins(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def onnx_student_dir(tmp_path_factory, tiny_teacher, processor) -> Path:
-    """A student wide enough that its weights, not graph structure, dominate the ONNX files' size."""
+    """A student wide enough that its weights, not graph structure, dominate the ONNX files' size, with
+    a head size (32) that onnxruntime-genai's model builder takes: its export has the builder's decoder."""
     from lsd_edge.models.build import build_tiny_model
     from lsd_edge.models.load import save_model
     from lsd_edge.recipe.schema import TinyConfig
 
     cfg = TinyConfig(
-        hidden_size=96, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256, vision="teacher"
+        hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256, vision="teacher"
     )
     model = build_tiny_model(cfg, processor, vision_from=tiny_teacher, seed=2)
     out = tmp_path_factory.mktemp("onnx_student")

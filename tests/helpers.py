@@ -91,7 +91,8 @@ def tiny_recipe_dict(data_root: str, output_dir: str) -> dict:
 def lively_student(out: Path) -> Path:
     """A tiny student saved to `out` whose LLM weights are drawn at 2/sqrt(fan-in), not at the
     initializer's 0.02: untrained, yet its greedy answers differ from question to question, so a
-    runtime that gets a token wrong shows it. Built over the ShapesVQA vocabulary."""
+    runtime that gets a token wrong shows it. Built over the ShapesVQA vocabulary, with a head size
+    (16) that onnxruntime-genai's model builder takes."""
     import torch
 
     from lsd_edge.data.shapes import vocabulary
@@ -105,7 +106,9 @@ def lively_student(out: Path) -> Path:
         TinyConfig(hidden_size=32, intermediate_size=64, vision=TINY_VISION, **size), proc, seed=0
     )
     student = build_tiny_model(
-        TinyConfig(hidden_size=96, intermediate_size=256, vision="teacher", **size),
+        TinyConfig(
+            hidden_size=96, intermediate_size=256, vision="teacher", num_layers=2, num_heads=6, num_kv_heads=2
+        ),
         proc,
         vision_from=teacher,
         seed=2,

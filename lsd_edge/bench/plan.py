@@ -45,6 +45,8 @@ class BenchSettings:
     copy_mb: int = 1024  # bandwidth measurement: MiB copied
     cache: Path | None = None  # --arch ONNX exports (default runs/bench-arch)
     seed: int = 0
+    llama_bench: Path | None = None  # a llama.cpp `llama-bench` binary, run on each of `gguf`
+    gguf: list[Path] | None = None
 
     def check(self) -> None:
         if self.device not in DEVICES:

@@ -27,6 +27,7 @@ from typing import Any
 from transformers import LlavaConfig
 
 import lsd_edge
+from lsd_edge.bench.llama_cpp import LlamaBench, llama_rows
 from lsd_edge.bench.machine import cuda_bandwidth, machine_info, memory_bandwidth
 from lsd_edge.bench.plan import BenchSettings, Target, bench_defaults, pick_prompts, plan
 from lsd_edge.bench.report import BenchResult, BenchRow
@@ -211,6 +212,10 @@ def bench(
     settings = settings or BenchSettings()
     reporter = reporter or QuietReporter()
     settings.check()
+    llama = None
+    if settings.llama_bench is not None or settings.gguf:
+        llama = LlamaBench(settings.llama_bench, list(settings.gguf or []))
+        llama.check()
     targets, source, run = plan(teacher, student, list(onnx or []), list(archs or []), settings, runs_root)
     knobs = bench_defaults(targets, settings)
     threads = settings.threads or os.cpu_count() or 1
@@ -235,6 +240,10 @@ def bench(
             w = run_worker(spec, tmp / f"row{i}.json", reporter)
             reporter.done()
             rows.append(make_row(t, w, precision, settings.device, params_of(t), bandwidth))
+        if llama is not None:  # at the depth the other rows decoded at
+            reporter.message(f"llama-bench on {len(llama.ggufs)} GGUF file(s)")
+            depth = max((r.prompt_tokens for r in rows), default=512)
+            rows += llama_rows(llama, threads, depth, knobs["max_new_tokens"], knobs["repeats"], bandwidth)
     machine["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     notes = [prompts.note] if prompts.note else []
     if any(t.arch is not None for t in targets):

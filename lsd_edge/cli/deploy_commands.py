@@ -56,6 +56,10 @@ def export_(
         int | None, typer.Option("--eval-samples", min=1, help="Questions for the accuracy comparison.")
     ] = None,
     opset: Annotated[int | None, typer.Option("--opset", min=17, max=23, help="ONNX opset.")] = None,
+    decoder: Annotated[
+        str | None,
+        typer.Option("--decoder", help="auto (the model builder's where it can), builder, or traced."),
+    ] = None,
     gguf: Annotated[
         bool,
         typer.Option(
@@ -72,7 +76,7 @@ def export_(
     Modelfile for Ollama, gated on llama.cpp's greedy tokens (needs `pip install -e .[gguf]`)."""
     if gguf:
         return gguf_export(
-            model_dir, output, quant, data, images, samples, (int8, int4, fp16, fp32, target, opset)
+            model_dir, output, quant, data, images, samples, (int8, int4, fp16, fp32, target, opset, decoder)
         )
     if quant is not None:
         raise LsdEdgeError("--quant goes with --gguf; for ONNX pick one of --int8, --int4, --fp16, --fp32")
@@ -89,6 +93,7 @@ def export_(
         "parity_samples": samples,
         "eval_samples": eval_samples,
         "opset": opset,
+        "decoder": decoder,
     }
     result = export(model_dir, output, overrides, reporter())
     for line in render.export_report(result.report):
@@ -99,7 +104,7 @@ def gguf_export(model_dir, output, quant, data, images, samples, onnx_options) -
     """`lsd-edge export --gguf`: the GGUF pair, gated on llama.cpp, and its summary."""
     if any(onnx_options):
         raise LsdEdgeError(
-            "--gguf takes --quant q8_0|f16; --int8, --int4, --fp16, --fp32, --target, --opset are ONNX's"
+            "--gguf takes --quant q8_0|f16; --int8, --int4, --fp16, --fp32, --target, --opset, --decoder are ONNX's"
         )
     settings = {"quant": quant, "data": data, "images": images, "samples": samples}
     result = export_gguf(model_dir, output, settings, reporter())
@@ -183,6 +188,10 @@ def bench_(
     markdown_out: Annotated[
         Path | None, typer.Option("--markdown", help="Write the table as Markdown here.")
     ] = None,
+    llama_bench: Annotated[
+        Path | None, typer.Option("--llama-bench", help="llama.cpp's llama-bench: a row per --gguf file.")
+    ] = None,
+    gguf: Annotated[list[Path] | None, typer.Option("--gguf", help="A GGUF file (repeatable).")] = None,
 ) -> None:
     """Teacher vs student vs ONNX student: TTFT, tokens/s, memory, size, accuracy, against the roofline."""
     settings = BenchSettings(
@@ -199,6 +208,8 @@ def bench_(
         variants=variant or None,
         threads=threads,
         copy_mb=copy_mb,
+        llama_bench=llama_bench,
+        gguf=gguf or None,
     )
     result = bench(
         teacher, student, onnx, arch, settings, reporter(), command="lsd-edge " + " ".join(sys.argv[1:])

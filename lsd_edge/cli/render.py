@@ -223,7 +223,16 @@ def export_report(report: dict[str, Any]) -> list[RenderableType]:
         t.add_row(f"[bold]{g}" if g == "total" else g, *cells)
     p = report["parity"]
     tm = report["timing_s"]
-    line = f"export {tm['export']:.1f}s (trace {tm['trace']:.1f}s, quantize {tm['quantize']:.1f}s)"
+    dec = report.get("decoder", {}).get(report["default_variant"], {})
+    made_by = "model builder" if dec.get("kv_cache") == "shared" else "traced"
+    line = (
+        f"export {tm['export']:.1f}s (trace {tm.get('trace', 0):.1f}s, quantize {tm.get('quantize', 0):.1f}s, "
+        f"waiting for the model builder {tm.get('builder_wait', 0):.1f}s; decoder: {made_by}"
+        f"{', ' + dec['reason'] if dec.get('reason') else ''})"
+    )
+    mem = report.get("peak_rss_mb")
+    if mem:
+        line += f", peak memory {mem['process'] / 1024:.1f} GiB (builder {mem['subprocess'] / 1024:.1f} GiB)"
     speed = report.get("speed")
     if speed:
         v = report["default_variant"]

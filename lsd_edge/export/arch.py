@@ -17,21 +17,32 @@ from transformers import LlavaConfig
 
 import lsd_edge
 from lsd_edge.data.shapes import vocabulary
-from lsd_edge.export.graphs import export_graphs
+from lsd_edge.export.assemble import peak_rss_mb, write_graphs
+from lsd_edge.export.decoder import builder_version
 from lsd_edge.export.package import package
 from lsd_edge.export.pipeline import versions
-from lsd_edge.export.quantize import quantize_graphs, sizes_mb
+from lsd_edge.export.quantize import sizes_mb
 from lsd_edge.files import atomic_dir, write_json
 from lsd_edge.identity import Manifest
 from lsd_edge.models.archs import arch_processor
 from lsd_edge.models.info import random_model
 from lsd_edge.runtime.onnx.layout import LAYOUT, REPORT
 
+# The quantized variants measured beside fp32: llama.cpp's Q8_0 and Q4_0 have these as counterparts.
+ARCH_VARIANTS = ("int8", "int4")
+
 
 def arch_manifest(name: str, config: dict[str, Any], seed: int) -> Manifest:
     return Manifest(
         f"the {name} export in",
-        {"config": config, "seed": seed, "lsd_edge": lsd_edge.__version__, "layout": LAYOUT},
+        {
+            "config": config,
+            "seed": seed,
+            "lsd_edge": lsd_edge.__version__,
+            "layout": LAYOUT,
+            "variants": list(ARCH_VARIANTS),
+            "decoder_builder": builder_version(),
+        },
     )
 
 
@@ -44,8 +55,16 @@ def is_current(folder: Path, name: str, config: dict[str, Any], seed: int) -> bo
     return (folder / REPORT).is_file() and arch_manifest(name, config, seed).matches(folder)
 
 
-def export_arch(name: str, config: dict[str, Any], seed: int, out: Path, threads: int) -> Path:
-    """Random weights of the architecture in fp32 -> the three graphs and their int8 variant in `out`,
+def export_arch(
+    name: str,
+    config: dict[str, Any],
+    seed: int,
+    out: Path,
+    threads: int,
+    variants: tuple[str, ...] = ARCH_VARIANTS,
+    decoder: str = "auto",
+) -> Path:
+    """Random weights of the architecture in fp32 -> the three graphs and their `variants` in `out`,
     with the processor files the ONNX runner reads. Run in a worker process (`lsd_edge.bench.worker`):
     the fp32 model and the exporter take several times the weights' memory."""
     torch.set_num_threads(threads)
@@ -53,22 +72,24 @@ def export_arch(name: str, config: dict[str, Any], seed: int, out: Path, threads
     processor = arch_processor(llava.vision_config.image_size, llava.vision_config.patch_size, vocabulary())
     t0 = time.perf_counter()
     with atomic_dir(Path(out)) as tmp:
-        model = random_model(llava, torch.float32, torch.device("cpu"), seed)
-        export_graphs(model, tmp)
-        del model
-        quantize_graphs(tmp, "int8", "cpu")
         llava.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        package(tmp, ["fp32", "int8"], "int8")
+        model = random_model(llava, torch.float32, torch.device("cpu"), seed)
+        made = write_graphs(model, tmp, ["fp32", *variants], decoder=decoder)
+        del model
+        package(tmp, ["fp32", *variants], variants[0])
         write_json(
             tmp / REPORT,
             {
                 "arch": name,
                 "random_weights": True,
-                "default_variant": "int8",
-                "variants": ["fp32", "int8"],
-                "sizes_mb": sizes_mb(tmp, ["fp32", "int8"]),
+                "default_variant": variants[0],
+                "variants": ["fp32", *variants],
+                "decoder": made["decoder"],
+                "sizes_mb": sizes_mb(tmp, ["fp32", *variants]),
                 "seconds": round(time.perf_counter() - t0, 1),
+                "timing_s": made["seconds"],
+                "peak_rss_mb": peak_rss_mb(),
                 "versions": versions(),
             },
         )

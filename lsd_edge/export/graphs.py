@@ -23,7 +23,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from lsd_edge.errors import ExportError
-from lsd_edge.runtime.onnx.layout import GRAPH_DIR, graph_file
+from lsd_edge.runtime.onnx.layout import GRAPH_DIR, GRAPHS, graph_file
 
 
 class VisionEncoder(nn.Module):
@@ -222,12 +222,16 @@ def graph_specs(model) -> dict[str, GraphSpec]:
     }
 
 
-def export_graphs(model, out: Path, opset: int = 18, external_data_mb: float = 1536.0) -> dict[str, float]:
-    """Trace the three fp32 graphs of a LlavaForConditionalGeneration into `out`; seconds per graph."""
+def export_graphs(
+    model, out: Path, opset: int = 18, external_data_mb: float = 1536.0, graphs: tuple[str, ...] = GRAPHS
+) -> dict[str, float]:
+    """Trace the fp32 `graphs` of a LlavaForConditionalGeneration into `out`; seconds per graph."""
     check_exportable(model)
     (out / GRAPH_DIR).mkdir(exist_ok=True)
     times = {}
     for name, g in graph_specs(model.float().eval()).items():
+        if name not in graphs:
+            continue
         t0 = time.perf_counter()
         external = weight_mb(g.module) > external_data_mb
         trace(

@@ -24,10 +24,11 @@ import transformers
 
 from lsd_edge.data.questions import first_questions
 from lsd_edge.errors import ExportError
-from lsd_edge.export.graphs import export_graphs
+from lsd_edge.export.assemble import peak_rss_mb, write_graphs
+from lsd_edge.export.decoder import builder_version
 from lsd_edge.export.package import package
 from lsd_edge.export.parity import check_data, parity_report
-from lsd_edge.export.quantize import quantize_graphs, sizes_mb
+from lsd_edge.export.quantize import sizes_mb
 from lsd_edge.export.speed import speed_report
 from lsd_edge.files import atomic_dir, read_json, write_json
 from lsd_edge.models.card import CardFacts, read_facts, write_card
@@ -69,6 +70,7 @@ class ExportSettings:
     images: Path | None = None
     eval_samples: int | None = None  # accuracy questions; default: the recipe's eval.max_samples (all)
     max_new_tokens: int = 8
+    decoder: str = "auto"  # auto | builder | traced (lsd_edge.export.decoder)
     bench_tokens: int = 32
     bench_repeats: int = 3
     external_data_mb: float = 1536.0  # graphs with more weights than this keep them in <file>_data
@@ -88,6 +90,7 @@ class ExportSettings:
                 parity_samples=ex.parity_samples,
                 max_rel_logit_diff=ex.max_rel_logit_diff,
                 max_accuracy_drop=ex.max_accuracy_drop,
+                decoder=ex.decoder,
                 eval_samples=recipe.eval.max_samples,
                 max_new_tokens=recipe.eval.max_new_tokens,
                 bench_tokens=recipe.bench.max_new_tokens,
@@ -110,6 +113,8 @@ class ExportSettings:
             raise ExportError(f"quantize '{settings.quantize}': choose one of {', '.join(VARIANT_OF)}")
         if settings.target not in ("cpu", "cuda"):
             raise ExportError(f"target '{settings.target}': choose cpu or cuda")
+        if settings.decoder not in ("auto", "builder", "traced"):
+            raise ExportError(f"decoder '{settings.decoder}': choose auto, builder or traced")
         return settings
 
     @property
@@ -239,34 +244,34 @@ def export(
     }
     with atomic_dir(out_final) as tmp:
         t0 = time.perf_counter()
-        graph_s = export_graphs(torch_runner.model, tmp, settings.opset, settings.external_data_mb)
         _carry_files(model_dir, tmp)
-        reporter.advance(1, "graphs traced")
-        t1 = time.perf_counter()
-        if variant != "fp32":
-            report["quantization"] = quantize_graphs(tmp, variant, settings.target)
-            reporter.advance(1, f"{variant} written")
+        made = write_graphs(
+            torch_runner.model,
+            tmp,
+            variants,
+            settings.target,
+            settings.opset,
+            settings.external_data_mb,
+            settings.decoder,
+        )
+        report["decoder"] = made["decoder"]
+        if "quantization" in made:
+            report["quantization"] = made["quantization"]
+        reporter.advance(1 + (variant != "fp32"), "graphs written")
         report["transformers_js"] = package(tmp, variants, variant)
         t2 = time.perf_counter()
         report.update(size_report(tmp, model_dir, variants))
         reasons = _parity_and_gate(torch_runner, tmp, variants, settings, report, reporter)
         t3 = time.perf_counter()
+        image = report["parity"].pop("bench_image")
         if not reasons:
-            image = report["parity"]["bench_image"]
             report["speed"] = speed_report(
                 torch_runner, tmp, variants, image, settings.bench_tokens, settings.bench_repeats
             )
             reporter.advance(1, "speed")
-        report["parity"].pop("bench_image")
-        report["timing_s"] = {
-            "trace": round(t1 - t0, 2),
-            "trace_by_graph": {g: round(s, 2) for g, s in graph_s.items()},
-            "quantize": round(t2 - t1, 2),
-            "export": round(t2 - t0, 2),
-            "parity": round(t3 - t2, 2),
-            "total": round(time.perf_counter() - started, 2),
-        }
-        report["versions"] = versions()
+        times = {"export": t2 - t0, "parity": t3 - t2, "total": time.perf_counter() - started}
+        report["timing_s"] = {**made["seconds"], **{k: round(v, 2) for k, v in times.items()}}
+        report.update(peak_rss_mb=peak_rss_mb(), versions=versions())
         write_card(tmp, export_card(model_dir, out_final, settings, torch_runner.model, report))
         write_json(tmp / REPORT, report)
         reporter.done()
@@ -326,6 +331,7 @@ def versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
+        "onnxruntime_genai": builder_version() or "not installed",
     }
 
 

@@ -109,10 +109,14 @@ def _dynamic_int8(src: Path, dst: Path) -> None:
         p.unlink()
 
 
-def _matmul_nbits(src: Path, dst: Path, bits: int) -> None:
+def matmul_nbits(src: Path, dst: Path, bits: int, accuracy_level: int | None = None) -> None:
+    """Weight-only `bits`-bit MatMulNBits (blocks of 32, symmetric) of every constant-weight MatMul;
+    `accuracy_level` 4 computes in int8 on the CPU."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=32, is_symmetric=True)
+    q = MatMulNBitsQuantizer(
+        onnx.load(str(src)), bits=bits, block_size=32, is_symmetric=True, accuracy_level=accuracy_level
+    )
     q.process()
     save_proto(q.model.model, dst, is_external(src))
 
@@ -124,10 +128,10 @@ def _fp16(src: Path, dst: Path) -> None:
     save_proto(model, dst, is_external(src))
 
 
-def quantize_graphs(out: Path, variant: str, target: str) -> dict[str, Any]:
-    """Write the `variant` graphs beside the fp32 ones in `out`; returns what was done to each."""
+def quantize_graphs(out: Path, variant: str, target: str, graphs: tuple[str, ...] = GRAPHS) -> dict[str, Any]:
+    """Write the `variant` of `graphs` beside their fp32 ones in `out`; returns what was done to each."""
     done: dict[str, Any] = {"variant": variant, "target": target, "graphs": {}}
-    for graph in GRAPHS:
+    for graph in graphs:
         src, dst = out / graph_file(graph), out / graph_file(graph, variant)
         with quiet():
             if variant == "fp16":
@@ -141,7 +145,7 @@ def quantize_graphs(out: Path, variant: str, target: str) -> dict[str, Any]:
                 how = "dynamic quantization: MatMul weights int8 per channel (MatMulInteger)"
             else:
                 bits = 8 if variant == "int8" else 4
-                _matmul_nbits(src, dst, bits)
+                matmul_nbits(src, dst, bits)
                 how = f"weight-only MatMulNBits, {bits} bits, block 32, symmetric"
         done["graphs"][graph] = how
     return done

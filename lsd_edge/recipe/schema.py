@@ -333,6 +333,9 @@ class ExportConfig(Strict):
     parity_samples: PositiveInt = 16
     max_rel_logit_diff: PositiveFloat = 1e-3
     max_accuracy_drop: NonNegFloat = 0.02
+    # auto: onnxruntime-genai's model builder where it supports the LLM (GroupQueryAttention, in-place
+    # KV cache), else lsd-edge's traced decoder; builder: that or an error; traced: lsd-edge's own
+    decoder: Literal["auto", "builder", "traced"] = "auto"
 
 
 class EvalConfig(Strict):

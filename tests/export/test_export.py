@@ -55,16 +55,32 @@ def test_layout_and_report(onnx_dir):
 
 
 def test_decoder_io_names_and_dynamic_axes(onnx_dir):
+    """The model builder's decoder keeps the names transformers.js and the runner feed."""
     s = ort.InferenceSession(str(onnx_dir / "onnx" / "decoder_model_merged.onnx"))
     ins = {i.name: i.shape for i in s.get_inputs()}
     outs = {o.name: o.shape for o in s.get_outputs()}
-    assert list(ins)[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
-    assert [n for n in ins if n.startswith("past")] == [
-        f"past_key_values.{i}.{k}" for i in range(2) for k in ("key", "value")
-    ]
-    assert list(outs) == ["logits"] + [f"present.{i}.{k}" for i in range(2) for k in ("key", "value")]
+    assert {"inputs_embeds", "attention_mask"} <= set(ins) and "input_ids" not in ins
+    past = [f"past_key_values.{i}.{k}" for i in range(2) for k in ("key", "value")]
+    assert sorted(n for n in ins if n.startswith("past")) == sorted(past)
+    assert sorted(outs) == sorted(["logits"] + [p.replace("past_key_values", "present") for p in past])
     assert all(isinstance(d, str) for d in ins["inputs_embeds"][:2])  # batch and sequence are dynamic
     assert isinstance(ins["past_key_values.0.key"][2], str) and isinstance(outs["present.0.key"][2], str)
+    assert outs["logits"][1] == 1  # the last position's logits only
+
+
+def test_the_decoder_is_the_model_builders(onnx_dir):
+    r = _report(onnx_dir)
+    for v in ("fp32", "int8"):
+        d = r["decoder"][v]
+        assert d["graph"].startswith("onnxruntime-genai model builder") and d["kv_cache"] == "shared"
+        assert d["precision"] == v and d["options"] == {"exclude_embeds": "true", "prune_lm_head": "true"}
+    # on the CPU the builder runs once, in fp32; int8 is its weights through MatMulNBits
+    assert "quantized" not in r["decoder"]["fp32"] and "8 bits" in r["decoder"]["int8"]["quantized"]
+    ops = {n.op_type for n in onnx.load(str(onnx_dir / graph_file("decoder_model_merged"))).graph.node}
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
+    assert not {"Concat", "Transpose", "Softmax"} & ops  # no cache concatenation, no transposed keys
+    assert set(r["timing_s"]["decoder_builder_by_variant"]) == {"fp32", "int8"}
+    assert not list((onnx_dir / "onnx").glob("model.onnx*")) and not (onnx_dir / ".builder").exists()
 
 
 def test_quantized_decoder_is_small(onnx_dir):
@@ -73,8 +89,13 @@ def test_quantized_decoder_is_small(onnx_dir):
     int8 = (onnx_dir / graph_file("decoder_model_merged", "int8")).stat().st_size
     assert int8 <= 0.35 * fp32
     assert sizes["int8"]["total"] < sizes["fp32"]["total"]
-    ops = {n.op_type for n in onnx.load(str(onnx_dir / "onnx" / "decoder_model_merged_int8.onnx")).graph.node}
-    assert "MatMulInteger" in ops
+    nodes = onnx.load(str(onnx_dir / "onnx" / "decoder_model_merged_int8.onnx")).graph.node
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+    assert nbits and not [n for n in nodes if n.op_type == "MatMul"]  # lm_head included
+    attrs = {a.name: a.i for a in nbits[0].attribute}
+    assert (attrs["bits"], attrs["block_size"], attrs["accuracy_level"]) == (8, 32, 4)
+    vision = {n.op_type for n in onnx.load(str(onnx_dir / "onnx" / "vision_encoder_int8.onnx")).graph.node}
+    assert "MatMulInteger" in vision
     embed = onnx.load(str(onnx_dir / "onnx" / "embed_tokens_int8.onnx"))
     assert {i.data_type for i in embed.graph.initializer} >= {onnx.TensorProto.INT8}
 
@@ -90,6 +111,8 @@ def test_vision_encoder_is_the_models_image_path(onnx_dir, onnx_student_dir):
 
 
 def test_merged_decoder_prefill_then_decode_batch_of_two(onnx_dir, onnx_student_dir):
+    """The builder's decoder, fed as transformers.js feeds it (a growing past, no position ids), on a
+    batch of two computes the model's last-position logits, prefill and decode."""
     model, _ = load_llava(str(onnx_student_dir))
     model.eval()
     tc = model.config.text_config
@@ -98,8 +121,37 @@ def test_merged_decoder_prefill_then_decode_batch_of_two(onnx_dir, onnx_student_
         full = model(input_ids=ids).logits.numpy()  # (2, 7, V)
         embeds = model.get_input_embeddings()(ids)
     s = ort.InferenceSession(str(onnx_dir / "onnx" / "decoder_model_merged.onnx"))
+    head = tc.hidden_size // tc.num_attention_heads
     past = {
-        i.name: np.zeros((2, tc.num_key_value_heads, 0, tc.hidden_size // tc.num_attention_heads), np.float32)
+        i.name: np.zeros((2, tc.num_key_value_heads, 0, head), np.float32)
+        for i in s.get_inputs()
+        if i.name.startswith("past")
+    }
+    presents = [n.replace("past_key_values", "present") for n in past]
+    feed = {"inputs_embeds": embeds[:, :6].numpy(), "attention_mask": np.ones((2, 6), np.int64)}
+    outs = s.run(["logits", *presents], {**feed, **past})
+    assert outs[0].shape == (2, 1, full.shape[-1]) and np.abs(outs[0][:, 0] - full[:, 5]).max() <= 1e-4
+    step = {"inputs_embeds": embeds[:, 6:].numpy(), "attention_mask": np.ones((2, 7), np.int64)}
+    outs = s.run(["logits", *presents], {**step, **dict(zip(past, outs[1:], strict=True))})
+    assert np.abs(outs[0][:, 0] - full[:, 6]).max() <= 1e-4 and outs[1].shape[2] == 7
+
+
+def test_traced_decoder_prefill_then_decode(tmp_path, student_dir, shapes_dir):
+    """A head size GroupQueryAttention cannot take (8) gets lsd-edge's traced decoder, and says why."""
+    r = export(student_dir, tmp_path / "o", onnx_settings(shapes_dir, quantize="none"))
+    d = r.report["decoder"]["fp32"]
+    assert d["kv_cache"] == "concat" and "multiple of 16, this LLM's is 8" in d["reason"]
+    model, _ = load_llava(str(student_dir))
+    tc = model.config.text_config
+    ids = torch.randint(5, tc.vocab_size, (2, 7))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits.numpy()  # (2, 7, V)
+        embeds = model.get_input_embeddings()(ids)
+    s = ort.InferenceSession(str(r.output / "onnx" / "decoder_model_merged.onnx"))
+    assert [i.name for i in s.get_inputs()][:3] == ["inputs_embeds", "attention_mask", "position_ids"]
+    head = tc.hidden_size // tc.num_attention_heads
+    past = {
+        i.name: np.zeros((2, tc.num_key_value_heads, 0, head), np.float32)
         for i in s.get_inputs()
         if i.name.startswith("past")
     }
@@ -110,13 +162,12 @@ def test_merged_decoder_prefill_then_decode_batch_of_two(onnx_dir, onnx_student_
     }
     outs = s.run(None, {**feed, **past})
     assert np.abs(outs[0] - full[:, :6]).max() <= 1e-4
-    present = dict(zip(past, outs[1:], strict=True))
     step = {
         "inputs_embeds": embeds[:, 6:].numpy(),
         "attention_mask": np.ones((2, 7), np.int64),
         "position_ids": np.full((2, 1), 6),
     }
-    outs = s.run(None, {**step, **present})
+    outs = s.run(None, {**step, **dict(zip(past, outs[1:], strict=True))})
     assert np.abs(outs[0][:, 0] - full[:, 6]).max() <= 1e-4 and outs[1].shape[2] == 7
     # the wrapper that was traced computes what the model computes
     empty = [torch.zeros(a.shape) for a in past.values()]
@@ -152,12 +203,13 @@ def test_quantize_gather_rows_keeps_rows_within_their_own_range():
 
 
 def _reuse_graphs(src: Path, damage: float = 0.0):
-    """An `export_graphs` stand-in that copies already traced graphs (optionally with a damaged decoder)."""
+    """A `write_graphs` stand-in that copies already exported graphs (optionally with a damaged decoder)."""
 
-    def fake(model, out, opset=18, external_data_mb=1536.0):
+    def fake(model, out, variants, target="cpu", opset=18, external_data_mb=1536.0, decoder="auto"):
         (out / "onnx").mkdir(exist_ok=True)
-        for g in GRAPHS:
-            shutil.copy2(src / graph_file(g), out / graph_file(g))
+        for v in variants:
+            for g in GRAPHS:
+                shutil.copy2(src / graph_file(g, v), out / graph_file(g, v))
         if damage:
             path = out / graph_file("decoder_model_merged")
             m = onnx.load(str(path))
@@ -165,13 +217,13 @@ def _reuse_graphs(src: Path, damage: float = 0.0):
             arr = onnx.numpy_helper.to_array(big) * (1 + damage)
             big.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), big.name))
             onnx.save(m, str(path))
-        return dict.fromkeys(GRAPHS, 0.0)
+        return {"decoder": {v: _report(src)["decoder"][v] for v in variants}, "seconds": {}}
 
     return fake
 
 
 def test_failed_gate_keeps_artifacts_beside(tmp_path, monkeypatch, onnx_dir, onnx_student_dir, shapes_dir):
-    monkeypatch.setattr("lsd_edge.export.pipeline.export_graphs", _reuse_graphs(onnx_dir, damage=0.05))
+    monkeypatch.setattr("lsd_edge.export.pipeline.write_graphs", _reuse_graphs(onnx_dir, damage=0.05))
     out = tmp_path / "onnx"
     with pytest.raises(ExportError, match="parity gate failed: fp32 logits differ") as e:
         export(onnx_student_dir, out, onnx_settings(shapes_dir))
@@ -181,7 +233,7 @@ def test_failed_gate_keeps_artifacts_beside(tmp_path, monkeypatch, onnx_dir, onn
     assert r["gate"]["passed"] is False and "fp32 logits" in r["gate"]["reasons"][0]
     assert (tmp_path / "onnx.failed" / "onnx" / "decoder_model_merged_int8.onnx").is_file()
     # a later good export replaces the failed folder
-    monkeypatch.setattr("lsd_edge.export.pipeline.export_graphs", _reuse_graphs(onnx_dir))
+    monkeypatch.setattr("lsd_edge.export.pipeline.write_graphs", _reuse_graphs(onnx_dir))
     export(onnx_student_dir, out, onnx_settings(shapes_dir, quantize="none"))
     assert out.is_dir() and not (tmp_path / "onnx.failed").exists()
     assert _report(out)["variants"] == ["fp32"]
@@ -198,7 +250,7 @@ def test_gate_rules():
 
 
 def test_without_eval_data_checks_random_images(tmp_path, monkeypatch, onnx_dir, onnx_student_dir):
-    monkeypatch.setattr("lsd_edge.export.pipeline.export_graphs", _reuse_graphs(onnx_dir))
+    monkeypatch.setattr("lsd_edge.export.pipeline.write_graphs", _reuse_graphs(onnx_dir))
     s = ExportSettings(quantize="none", parity_samples=2, max_new_tokens=3, bench_tokens=4, bench_repeats=1)
     r = export(onnx_student_dir, tmp_path / "o", s).report
     assert r["parity"]["source"].startswith("synthetic") and r["parity"]["accuracy_onnx"] is None
@@ -289,7 +341,7 @@ def test_latest_student_and_default_output(tmp_path, onnx_student_dir):
 def test_cli_bare_export_picks_the_latest_run(
     tmp_path, monkeypatch, capsys, onnx_dir, onnx_student_dir, shapes_dir
 ):
-    monkeypatch.setattr("lsd_edge.export.pipeline.export_graphs", _reuse_graphs(onnx_dir))
+    monkeypatch.setattr("lsd_edge.export.pipeline.write_graphs", _reuse_graphs(onnx_dir))
     run_dir = _fake_run(tmp_path / "runs", "tiny", onnx_student_dir)
     monkeypatch.chdir(tmp_path)
     code, out, err = run(

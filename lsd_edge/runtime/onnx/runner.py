@@ -6,6 +6,7 @@ PyTorch runner and generates through the same decode loop (`lsd_edge.runtime.tex
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import onnxruntime as ort
 from lsd_edge.errors import RuntimeModelError
 from lsd_edge.models.tokens import stop_ids
 from lsd_edge.runtime.onnx.image import ImagePreprocessor
+from lsd_edge.runtime.onnx.kv import ConcatCache, SharedCache, concat_step, new_concat_cache, shared_step
 from lsd_edge.runtime.onnx.layout import (
     GRAPHS,
     REPORT,
@@ -30,23 +32,31 @@ from lsd_edge.runtime.runner import RunnerBase
 from lsd_edge.runtime.textgen import Generation, SamplingParams, generate_tokens
 
 _ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# Weight bytes per intra-op thread below which one more thread costs more (waking, splitting, joining
+# the work of each op) than it saves: a graph gets one thread per this many bytes, at most the cores.
+THREAD_BYTES = 8 * 2**20
 
 
-class KVCache:
-    """Past keys and values of every layer, by decoder input name; numpy arrays or device OrtValues."""
-
-    def __init__(self, tensors: dict, length: int):
-        self.tensors = tensors
-        self.length = length
+def graph_threads(path: Path, requested: int | None = None) -> int:
+    """Intra-op threads for one graph: `requested` (default: every core), but no more than its size
+    makes worth it, so that more threads are never slower than fewer (a tiny decoder runs on one)."""
+    cores = requested or os.cpu_count() or 1
+    data = path.parent / f"{path.name}_data"
+    size = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+    return max(1, min(cores, size // THREAD_BYTES))
 
 
 class OnnxRunner(RunnerBase):
     """Greedy or sampled generation with a KV cache over an export folder, in ONNX Runtime alone.
 
     `variant` picks the graphs (fp32, int8, int4, fp16); by default the one the export was asked
-    for (export_report.json), else fp32. On CUDA the cache stays on the device through IO binding;
-    `io_binding=True` forces that path on the CPU too. `session_config` entries go to every
-    session (e.g. {"session.intra_op.allow_spinning": "0"} beside busy PyTorch work).
+    for (export_report.json), else fp32. The model builder's decoder keeps its KV cache in one
+    preallocated buffer per layer that it updates in place (`lsd_edge.runtime.onnx.kv.SharedCache`,
+    on the device on CUDA); lsd-edge's traced decoder grows it by concatenation (on CUDA kept on the
+    device through IO binding; `io_binding=True` forces that path on the CPU too). `threads` caps
+    each graph's intra-op threads (default: every core), and a small graph gets fewer
+    (`graph_threads`). `session_config` entries go to every session (e.g.
+    {"session.intra_op.allow_spinning": "0"} beside busy PyTorch work).
     """
 
     backend = "onnx"
@@ -90,12 +100,14 @@ class OnnxRunner(RunnerBase):
         self.config = read_json_file(self.path / "config.json", "model config")
         gen_path = self.path / "generation_config.json"
         self.generation_config = read_json_file(gen_path, "generation config") if gen_path.is_file() else {}
+        self.graph_threads: dict[str, int] = {}
         self.sessions = {g: self._session(g) for g in GRAPHS}
         self._inspect_graphs()
         self.prompts = PromptBuilder(self.path, self.n_image_tokens)
         self.preprocess = ImagePreprocessor.from_folder(self.path)
         self.stop_ids = self._stop_ids()
         self.vocab_rows = self.prompts.vocab_rows()
+        self._token_rows: dict[int, np.ndarray] = {}
 
     # -- loading
 
@@ -119,8 +131,8 @@ class OnnxRunner(RunnerBase):
         path = self.path / graph_file(graph, self.variant)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
+        if self.device == "cpu":
+            opts.intra_op_num_threads = self.graph_threads[graph] = graph_threads(path, self.threads)
         for k, v in self.session_config.items():
             opts.add_session_config_entry(k, v)
         try:
@@ -133,25 +145,60 @@ class OnnxRunner(RunnerBase):
     def _inspect_graphs(self) -> None:
         dec = self.sessions["decoder_model_merged"]
         inputs = {i.name: i for i in dec.get_inputs()}
-        for need in ("inputs_embeds", "attention_mask", "position_ids"):
+        for need in ("inputs_embeds", "attention_mask"):
             if need not in inputs:
                 raise RuntimeModelError(
                     f"{self.path / graph_file('decoder_model_merged', self.variant)}: no input '{need}'; "
                     "not a decoder written by `lsd-edge export`"
                 )
+        self.has_position_ids = "position_ids" in inputs
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [o.name for o in dec.get_outputs() if o.name.startswith("present.")]
-        if len(self.past_names) != len(self.present_names) or not self.past_names:
+        self.present_names_by_past = [n.replace("past_key_values.", "present.", 1) for n in self.past_names]
+        if not self.past_names or sorted(self.present_names) != sorted(self.present_names_by_past):
             raise RuntimeModelError(
                 f"{self.path}: the decoder's past_key_values and present outputs do not pair up; re-run `lsd-edge export`"
             )
         first = inputs[self.past_names[0]]
-        self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
+        self.kv_heads = int(first.shape[1])
+        self.head_dim = int(first.shape[3]) if isinstance(first.shape[3], int) else self._config_head_dim()
         self.kv_dtype = _ORT_FLOATS.get(first.type, np.float32)
         self.embeds_dtype = _ORT_FLOATS.get(inputs["inputs_embeds"].type, np.float32)
+        logits = next(o for o in dec.get_outputs() if o.name == "logits")
+        self.logits_dtype = _ORT_FLOATS.get(logits.type, np.float32)
+        self.logit_rows = int(logits.shape[2]) if isinstance(logits.shape[2], int) else self._vocab()
+        # The builder's decoder shares past and present in place (export_report.json says so).
+        source = (self.report.get("decoder") or {}).get(self.variant) or {}
+        self.kv_cache = source.get("kv_cache", "concat")
+        if self.kv_cache == "shared" and logits.shape[1] != 1:
+            raise RuntimeModelError(
+                f"{self.path}: a shared-KV decoder must return the last position's logits only; re-run `lsd-edge export`"
+            )
         feats = self.sessions["vision_encoder"].get_outputs()[0]
         k = feats.shape[1]
         self.n_image_tokens = int(k) if isinstance(k, int) else int(self.config.get("image_seq_length", 0))
+
+    def _text_config(self) -> dict:
+        return self.config.get("text_config") or {}
+
+    def _config_head_dim(self) -> int:
+        tc = self._text_config()
+        if tc.get("head_dim"):
+            return int(tc["head_dim"])
+        if not tc.get("hidden_size") or not tc.get("num_attention_heads"):
+            raise RuntimeModelError(
+                f"{self.path / 'config.json'}: no text_config head size (head_dim, or hidden_size and "
+                "num_attention_heads); re-run `lsd-edge export`"
+            )
+        return int(tc["hidden_size"]) // int(tc["num_attention_heads"])
+
+    def _vocab(self) -> int:
+        rows = self._text_config().get("vocab_size")
+        if not rows:
+            raise RuntimeModelError(
+                f"{self.path / 'config.json'}: no text_config vocab_size; re-run `lsd-edge export`"
+            )
+        return int(rows)
 
     def _stop_ids(self) -> set[int]:
         tok = self.prompts.tokenizer
@@ -175,6 +222,8 @@ class OnnxRunner(RunnerBase):
             "size_mb": round(size / 2**20, 3),
             "device": self.device,
             "providers": self.sessions["decoder_model_merged"].get_providers(),
+            "kv_cache": self.kv_cache,
+            "threads": dict(self.graph_threads),
         }
 
     # -- pieces of one generation, each one graph call
@@ -205,44 +254,27 @@ class OnnxRunner(RunnerBase):
             x[0, slots] = flat.astype(x.dtype)
         return x.astype(self.embeds_dtype, copy=False)
 
-    def new_cache(self, batch: int = 1) -> KVCache:
-        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
-        if self.io_binding:
-            tensors = {
-                n: self.ort.OrtValue.ortvalue_from_numpy(empty, self.binding_device, 0)
-                for n in self.past_names
-            }
-        else:
-            tensors = dict.fromkeys(self.past_names, empty)
-        return KVCache(tensors, 0)
+    def new_cache(self, capacity: int = 256) -> ConcatCache | SharedCache:
+        """An empty KV cache for one sequence; a shared one is preallocated for `capacity` positions."""
+        if self.kv_cache == "shared":
+            return SharedCache(self, capacity)
+        return new_concat_cache(self)
 
-    def decode(self, embeds: np.ndarray, cache: KVCache) -> tuple[np.ndarray, KVCache]:
-        """One decoder call: embeds (1, S, D) after `cache` -> logits (1, S, V) and the grown cache."""
-        b, s = embeds.shape[:2]
-        p = cache.length
-        feed = {
-            "inputs_embeds": embeds,
-            "attention_mask": np.ones((b, p + s), dtype=np.int64),
-            "position_ids": np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy(),
-        }
-        dec = self.sessions["decoder_model_merged"]
-        if not self.io_binding:
-            outs = dec.run(["logits", *self.present_names], {**feed, **cache.tensors})
-            present = dict(zip(self.past_names, outs[1:], strict=True))
-            return outs[0], KVCache(present, p + s)
-        # The cache never leaves the device: present outputs are bound on it and fed back as the next past.
-        binding = dec.io_binding()
-        for k, v in feed.items():
-            binding.bind_cpu_input(k, v)
-        for k, v in cache.tensors.items():
-            binding.bind_ortvalue_input(k, v)
-        binding.bind_output("logits", "cpu")
-        for n in self.present_names:
-            binding.bind_output(n, self.binding_device, 0)
-        dec.run_with_iobinding(binding)
-        outs = binding.get_outputs()
-        present = dict(zip(self.past_names, outs[1:], strict=True))
-        return outs[0].numpy(), KVCache(present, p + s)
+    def decode(self, embeds: np.ndarray, cache):
+        """One decoder call: embeds (1, S, D) after `cache` -> logits and the grown cache. Logits are
+        (1, S, V) from a traced decoder, (1, 1, V) (the last position) from the builder's."""
+        if isinstance(cache, SharedCache):
+            return shared_step(self, embeds, cache)
+        return concat_step(self, embeds, cache)
+
+    def embed_token(self, token: int) -> np.ndarray:
+        """inputs_embeds (1, 1, D) of one generated token, looked up once per token id."""
+        row = self._token_rows.get(token)
+        if row is None:
+            row = self.embed([token])
+            if len(self._token_rows) < 65536:
+                self._token_rows[token] = row
+        return row
 
     # -- generation
 
@@ -258,7 +290,7 @@ class OnnxRunner(RunnerBase):
         t0: float | None = None,
     ) -> Generation:
         """Generate after prompt ids (visual tokens expanded) and the image's pixel values, if any."""
-        cache = self.new_cache()
+        cache = self.new_cache(len(ids) + max_new_tokens)
 
         def prefill() -> np.ndarray:
             nonlocal cache
@@ -267,7 +299,7 @@ class OnnxRunner(RunnerBase):
 
         def step(token: int) -> np.ndarray:
             nonlocal cache
-            logits, cache = self.decode(self.embed([token]), cache)
+            logits, cache = self.decode(self.embed_token(token), cache)
             return logits[0, -1]
 
         return generate_tokens(

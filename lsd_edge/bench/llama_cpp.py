@@ -1,0 +1,157 @@
+"""A llama.cpp row for `lsd-edge bench`: a given `llama-bench` binary on a given GGUF file.
+
+Two `llama-bench -o json` runs, the way llama.cpp reports its own speed: prefill (`-p P -n 0`) of
+the bench's prompt length from an empty context, and decode (`-p 0 -n N -d P`) of the bench's new
+tokens after that many tokens of context, so the row decodes at the same depth as the ONNX and
+PyTorch rows. llama-bench measures the LLM alone: its time to first token is the prefill's, with no
+vision encoder. Peak memory is the process's resident set, polled.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from lsd_edge.bench.report import BenchRow
+from lsd_edge.errors import BenchError
+
+
+@dataclass
+class LlamaBench:
+    """What a llama.cpp row needs: the binary, the GGUF files, and the depth (prompt tokens) to decode at."""
+
+    binary: Path | None
+    ggufs: list[Path]
+
+    def check(self) -> None:
+        if self.binary is None:
+            raise BenchError("--gguf needs --llama-bench BINARY (llama.cpp's llama-bench) to measure it")
+        b = Path(self.binary)
+        if not b.is_file():
+            raise BenchError(
+                f"--llama-bench {b}: no such file; build it from llama.cpp (docs/BENCHMARKS.md: llama.cpp)"
+            )
+        if not self.ggufs:
+            raise BenchError("--llama-bench needs at least one --gguf FILE to measure")
+        for g in self.ggufs:
+            if not Path(g).is_file():
+                raise BenchError(f"--gguf {g}: no such file; write one with `lsd-edge export --gguf`")
+
+
+def run_json(cmd: list[str]) -> tuple[list[dict], float]:
+    """One llama-bench run: its JSON records and the process's peak resident memory (MiB)."""
+    try:
+        proc = psutil.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except OSError as e:
+        raise BenchError(f"{cmd[0]}: cannot run it ({e.strerror}); give a llama-bench binary") from None
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, proc.memory_info().rss)
+        except psutil.Error:
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    lines = [s for s in err.strip().splitlines() if s.strip()]
+    if proc.returncode != 0:
+        why = lines[-1][:300] if lines else f"exit status {proc.returncode}"
+        raise BenchError(f"{cmd[0]} failed on {cmd[cmd.index('-m') + 1]}: {why}")
+    try:
+        records = json.loads(out)
+    except json.JSONDecodeError:
+        raise BenchError(
+            f"{cmd[0]}: its -o json output is not JSON; is it llama.cpp's llama-bench?"
+        ) from None
+    if not isinstance(records, list) or not records or "avg_ts" not in records[0]:
+        raise BenchError(f"{cmd[0]}: no results with avg_ts in its output; is it llama.cpp's llama-bench?")
+    return records, peak / 2**20
+
+
+def measure_gguf(
+    binary: Path, gguf: Path, threads: int, prompt_tokens: int, new_tokens: int, repeats: int
+) -> dict[str, Any]:
+    """Prefill and decode tokens/s of one GGUF file, with what a bench row reports beside them."""
+    base = [str(binary), "-m", str(gguf), "-t", str(threads), "-r", str(repeats), "-o", "json"]
+    t0 = time.perf_counter()
+    (pp, *_), pp_mem = run_json([*base, "-p", str(prompt_tokens), "-n", "0"])
+    (tg, *_), tg_mem = run_json([*base, "-p", "0", "-n", str(new_tokens), "-d", str(prompt_tokens)])
+    prefill, decode = float(pp["avg_ts"]), float(tg["avg_ts"])
+    ttft = prompt_tokens / prefill
+    total = ttft + (new_tokens - 1) / decode
+    return {
+        "decode_tokens_per_s": decode,
+        "prefill_tokens_per_s": prefill,
+        "e2e_tokens_per_s": new_tokens / total,
+        "ttft_ms_p50": 1000 * ttft,
+        "ttft_ms_p90": 1000 * ttft,
+        "peak_rss_mb": max(pp_mem, tg_mem),
+        "size_mb": Path(gguf).stat().st_size / 2**20,
+        "weight_mb_per_token": float(tg.get("model_size") or Path(gguf).stat().st_size) / 2**20,
+        "params": int(tg.get("model_n_params") or 0),
+        "precision": str(tg.get("model_type", "")).split()[-1] if tg.get("model_type") else "gguf",
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "runs": repeats,
+        "load_s": time.perf_counter() - t0,
+        "threads": threads,
+        "build": f"{tg.get('build_commit', '?')} ({tg.get('cpu_info', tg.get('backends', ''))})",
+    }
+
+
+def llama_rows(
+    spec: LlamaBench, threads: int, prompt_tokens: int, new_tokens: int, repeats: int, bandwidth: float
+) -> list[BenchRow]:
+    """One bench row per GGUF file, labelled `<file stem> (llama.cpp <type>)`."""
+    rows = []
+    for gguf in spec.ggufs:
+        m = measure_gguf(Path(spec.binary), Path(gguf), threads, prompt_tokens, new_tokens, repeats)
+        top = bandwidth / (m["weight_mb_per_token"] * 2**20)
+        name = Path(gguf).stem
+        rows.append(
+            BenchRow(
+                name=name,
+                label=f"{name} (llama.cpp {m['precision']})",
+                role="student",
+                backend="llama.cpp",
+                precision=m["precision"],
+                device="cpu",
+                path=str(gguf),
+                accuracy=None,
+                accuracy_samples=0,
+                peak_mem_mb=m["peak_rss_mb"],
+                cuda_max_allocated_mb=None,
+                nvml_peak_mb=None,
+                roofline_tokens_per_s=top,
+                roofline_fraction=m["decode_tokens_per_s"] / top,
+                cpu_share=1.0,
+                pid=0,
+                torch_imported=False,
+                samples=[{"llama_bench_build": m["build"]}],
+                **{k: m[k] for k in LLAMA_FIELDS},
+            )
+        )
+    return rows
+
+
+LLAMA_FIELDS = (
+    "decode_tokens_per_s",
+    "prefill_tokens_per_s",
+    "e2e_tokens_per_s",
+    "ttft_ms_p50",
+    "ttft_ms_p90",
+    "size_mb",
+    "params",
+    "weight_mb_per_token",
+    "peak_rss_mb",
+    "prompt_tokens",
+    "new_tokens",
+    "runs",
+    "load_s",
+    "threads",
+)

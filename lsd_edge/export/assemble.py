@@ -1,0 +1,80 @@
+"""Every graph of an export, for every variant: what `lsd-edge export` and the bench's architecture
+exports share.
+
+The vision encoder and the token embeddings are traced by lsd-edge (`lsd_edge.export.graphs`) and
+quantized by it (`lsd_edge.export.quantize`); the decoder of each variant comes from
+onnxruntime-genai's model builder where it supports the LLM (`lsd_edge.export.decoder`), else it is
+traced and quantized like the other two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lsd_edge.export.decoder import DECODER, decoder_plans, decoder_report, start_builds
+from lsd_edge.export.graphs import export_graphs
+from lsd_edge.export.quantize import quantize_graphs
+from lsd_edge.runtime.onnx.layout import GRAPHS
+
+BUILDER_QUANT = {  # a builder run of its own per variant (CUDA): fp16 activations and KV cache
+    "int8": "onnxruntime-genai model builder: MatMulNBits, 8 bits, block 32, fp16 activations",
+    "int4": "onnxruntime-genai model builder: MatMulNBits, 4 bits, block 32, fp16 activations",
+    "fp16": "onnxruntime-genai model builder: float16 weights, activations and KV cache",
+}
+
+
+def write_graphs(
+    model,
+    out: Path,
+    variants: list[str],
+    target: str = "cpu",
+    opset: int = 18,
+    external_data_mb: float = 1536.0,
+    decoder: str = "auto",
+) -> dict[str, Any]:
+    """The graphs of `variants` (fp32 first) into `out`, which holds the model's tokenizer; what was
+    made and how long each part took: {"decoder": per-variant source, "quantization": ..., "seconds"}.
+
+    The model builder's runs (subprocesses) go on while the vision encoder and the embeddings are
+    traced and quantized here: on a 2-core machine that is most of the export's time."""
+    plans = decoder_plans(model.config.text_config, variants, target, decoder)
+    builder = plans["fp32"].builder
+    traced = tuple(g for g in GRAPHS if not (builder and g == DECODER))
+    t0 = time.perf_counter()
+    wait = start_builds(model, out, plans, external_data_mb)
+    done: dict[str, Any] = {"decoder": decoder_report(plans)}
+    try:
+        by_graph = export_graphs(model, out, opset, external_data_mb, traced)
+        t1 = time.perf_counter()
+        for v in variants[1:]:
+            done["quantization"] = quantize_graphs(out, v, target, traced)
+            if builder:
+                done["quantization"]["graphs"][DECODER] = plans[v].quantized or BUILDER_QUANT[v]
+        t2 = time.perf_counter()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the first failure is the one to report
+            wait()
+        raise
+    by_variant = wait()
+    done["seconds"] = {
+        "trace_by_graph": {g: round(s, 2) for g, s in by_graph.items()},
+        "decoder_builder_by_variant": {v: round(s, 2) for v, s in by_variant.items()},
+        "trace": round(t1 - t0, 2),
+        "quantize": round(t2 - t1, 2),
+        "builder_wait": round(time.perf_counter() - t2, 2),  # after the rest was done: the builder's share
+        "graphs": round(time.perf_counter() - t0, 2),
+    }
+    return done
+
+
+def peak_rss_mb() -> dict[str, float]:
+    """Peak resident memory of this process and of its largest finished subprocess (the builder), MiB."""
+    scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
+    return {"process": round(own, 1), "subprocess": round(child, 1)}

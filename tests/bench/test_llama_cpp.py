@@ -1,0 +1,108 @@
+"""The llama.cpp row of `lsd-edge bench`: llama-bench's JSON read into a row, at the other rows' depth."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from lsd_edge.bench.llama_cpp import LlamaBench, llama_rows, measure_gguf
+from lsd_edge.bench.plan import BenchSettings
+from lsd_edge.bench.report import check_schema, to_markdown
+from lsd_edge.bench.runner import bench
+from lsd_edge.errors import BenchError
+
+from ..helpers import one_red_line, run
+
+# A stand-in for llama-bench: answers -o json as llama.cpp's does (prefill at -p, decode at -n after
+# -d tokens), and logs each command line, so the test sees what the row asked for.
+FAKE = """#!{python}
+import json, sys
+args = sys.argv[1:]
+with open({log!r}, "a") as f:
+    f.write(json.dumps(args) + "\\n")
+opt = lambda k: args[args.index(k) + 1]
+if {fail!r}:
+    sys.stderr.write("llama_model_load: error loading model\\nmain: error: failed to load model\\n")
+    sys.exit(1)
+p, n, d = int(opt("-p")), int(opt("-n")), int(opt("-d")) if "-d" in args else 0
+rec = dict(n_prompt=p, n_gen=n, n_depth=d, n_threads=int(opt("-t")), avg_ts=800.0 if p else 40.0,
+           model_size=500_000_000, model_n_params=460_000_000, model_type="qwen2 0.5B Q8_0",
+           build_commit="abc123", cpu_info="a fake CPU")
+print({out!r} if {out!r} else json.dumps([rec]))
+"""
+
+
+def fake_llama_bench(tmp_path: Path, fail: bool = False, out: str = "") -> tuple[Path, Path]:
+    log = tmp_path / "calls.jsonl"
+    exe = tmp_path / "llama-bench"
+    exe.write_text(FAKE.format(python=sys.executable, log=str(log), fail=fail, out=out))
+    exe.chmod(0o755)
+    gguf = tmp_path / "student-Q8_0.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(1020))
+    return exe, gguf
+
+
+def test_prefill_from_empty_and_decode_at_depth(tmp_path):
+    exe, gguf = fake_llama_bench(tmp_path)
+    m = measure_gguf(exe, gguf, threads=2, prompt_tokens=740, new_tokens=64, repeats=3)
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert [c[c.index("-p") + 1 : c.index("-p") + 4] for c in calls] == [
+        ["740", "-n", "0"],
+        ["0", "-n", "64"],
+    ]
+    assert calls[1][-2:] == ["-d", "740"] and all(c[c.index("-t") + 1] == "2" for c in calls)
+    assert m["decode_tokens_per_s"] == 40.0 and m["prefill_tokens_per_s"] == 800.0
+    assert m["ttft_ms_p50"] == pytest.approx(1000 * 740 / 800)
+    assert m["e2e_tokens_per_s"] == pytest.approx(64 / (740 / 800 + 63 / 40))
+    assert m["precision"] == "Q8_0" and m["params"] == 460_000_000 and m["peak_rss_mb"] >= 0
+    (row,) = llama_rows(LlamaBench(exe, [gguf]), 2, 740, 64, 3, bandwidth=50e9)
+    assert (row.label, row.backend, row.accuracy) == ("student-Q8_0 (llama.cpp Q8_0)", "llama.cpp", None)
+    assert row.roofline_fraction == pytest.approx(40.0 / (50e9 / 500_000_000))
+
+
+@pytest.mark.parametrize(
+    "kind,needle",
+    [
+        ("no binary", "--llama-bench .*missing: no such file"),
+        ("no gguf", "--gguf .*nope.gguf: no such file"),
+        ("gguf only", "--gguf needs --llama-bench BINARY"),
+        ("fails", "failed on .*student-Q8_0.gguf: main: error: failed to load model"),
+        ("not json", "its -o json output is not JSON"),
+    ],
+)
+def test_bad_llama_bench_input_is_one_line(tmp_path, kind, needle):
+    exe, gguf = fake_llama_bench(tmp_path, fail=kind == "fails", out="| md |" if kind == "not json" else "")
+    spec = {
+        "no binary": LlamaBench(tmp_path / "missing", [gguf]),
+        "no gguf": LlamaBench(exe, [tmp_path / "nope.gguf"]),
+        "gguf only": LlamaBench(None, [gguf]),
+    }.get(kind, LlamaBench(exe, [gguf]))
+    with pytest.raises(BenchError, match=needle) as e:
+        spec.check()
+        measure_gguf(spec.binary, gguf, 1, 8, 4, 1)
+    assert "\n" not in str(e.value)
+
+
+def test_cli_gguf_without_llama_bench(tmp_path, monkeypatch, capsys, onnx_dir):
+    _, gguf = fake_llama_bench(tmp_path)
+    code, _, err = run(monkeypatch, capsys, "bench", "--onnx", str(onnx_dir), "--gguf", str(gguf))
+    assert code == 1 and "--gguf needs --llama-bench BINARY" in one_red_line(err)
+
+
+@pytest.mark.slow  # one ONNX worker process
+def test_llama_rows_beside_the_onnx_row(tmp_path, onnx_dir, shapes_dir):
+    exe, gguf = fake_llama_bench(tmp_path)
+    settings = BenchSettings(
+        prompts=1, max_new_tokens=4, repeats=1, warmup=0, threads=1, copy_mb=4, accuracy=False,
+        data=shapes_dir / "eval.json", images=shapes_dir / "images", variants=["int8"],
+        llama_bench=exe, gguf=[gguf],
+    )  # fmt: skip
+    result = bench(onnx=[onnx_dir], settings=settings)
+    onnx_row, llama_row = result.results
+    assert llama_row.backend == "llama.cpp" and llama_row.prompt_tokens == onnx_row.prompt_tokens
+    assert llama_row.new_tokens == 4 and llama_row.threads == 1
+    assert check_schema(result.as_dict()) == []
+    assert "| student-Q8_0 | llama.cpp Q8_0 | 40.0 |" in to_markdown(result)
