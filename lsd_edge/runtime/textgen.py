@@ -62,11 +62,11 @@ def pick_token(
 
     Rows past `vocab_rows` (padded embedding rows) are never chosen.
     """
+    if not params.do_sample or params.temperature <= 0:  # greedy: no copy of the row
+        return int(np.argmax(logits[:vocab_rows] if vocab_rows is not None else logits))
     x = np.asarray(logits, dtype=np.float64)
     if vocab_rows is not None:
         x = x[:vocab_rows]
-    if not params.do_sample or params.temperature <= 0:
-        return int(np.argmax(x))
     x = x / params.temperature
     if params.top_k and params.top_k < x.shape[0]:
         kth = np.partition(x, -params.top_k)[-params.top_k]

@@ -86,3 +86,28 @@ def test_decoder_setting_is_checked(tmp_path, monkeypatch, capsys, onnx_student_
         ExportSettings.from_model_dir(onnx_student_dir, decoder="fast")
     code, _, err = run(monkeypatch, capsys, "export", str(onnx_student_dir), "--decoder", "fast")
     assert code == 1 and "choose auto, builder or traced" in one_red_line(err)
+
+
+def test_builder_int4_with_external_data(tmp_path, onnx_student_dir, shapes_dir):
+    """A decoder past the external-data threshold keeps its weights in <file>_data (moved, not
+    reloaded), the int4 variant is quantized from it, and both pass the gate through the runner."""
+    from lsd_edge.export.pipeline import export
+    from lsd_edge.runtime.onnx.runner import OnnxRunner
+
+    from ..helpers import onnx_settings
+
+    r = export(
+        onnx_student_dir, tmp_path / "o", onnx_settings(shapes_dir, quantize="int4", external_data_mb=0.0)
+    )
+    onnx_dir = r.output / "onnx"
+    assert (onnx_dir / "decoder_model_merged.onnx_data").is_file()
+    assert (onnx_dir / "decoder_model_merged_q4.onnx_data").is_file()
+    assert not list(onnx_dir.glob("*.onnx.data")) and r.report["gate"]["passed"]
+    assert (
+        r.report["decoder"]["int4"]["kv_cache"] == "shared"
+        and "4 bits" in r.report["decoder"]["int4"]["quantized"]
+    )
+    assert r.report["parity"]["variants"]["int4"]["samples"] > 0
+    assert (
+        OnnxRunner(r.output).generate(None, "how many shapes are there ?", 4, ignore_eos=True).new_tokens == 4
+    )
