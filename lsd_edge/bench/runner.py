@@ -251,7 +251,7 @@ def bench(
     return BenchResult(
         machine=machine,
         settings={
-            **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+            **{k: _plain(v) for k, v in asdict(settings).items()},
             **knobs,
             "threads": threads,
             "prompt_source": prompts.source,
@@ -265,6 +265,13 @@ def bench(
         notes=notes,
         command=command,
     )
+
+
+def _plain(v):
+    """A setting as JSON holds it: paths (alone or in a list) as strings."""
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    return str(v) if isinstance(v, Path) else v
 
 
 def ensure_arch_export(arch, cache: Path, seed: int, threads: int, tmp: Path, reporter: Reporter) -> Path:

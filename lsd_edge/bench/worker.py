@@ -203,8 +203,10 @@ def measure(spec: RowSpec) -> dict[str, Any]:
             gens.append(runner.generate(img, p["question"], spec.max_new_tokens, ignore_eos=True))
             tick()
     # CPU seconds of all the process's threads per second of wall time per thread: well below 1 on a
-    # busy machine, where other processes hold the cores.
-    cpu_share = (time.process_time() - cpu0) / ((time.perf_counter() - wall0) * spec.threads)
+    # busy machine, where other processes hold the cores. An ONNX row counts the threads its graphs
+    # use (a small graph gets fewer than asked for).
+    used = max((runner.info().get("threads") or {}).values(), default=spec.threads)
+    cpu_share = (time.process_time() - cpu0) / ((time.perf_counter() - wall0) * used)
     row: dict[str, Any] = {"pid": os.getpid(), "load_s": load_s, "cpu_share": cpu_share, **summarize(gens)}
     row["peak_rss_mb"] = peak_rss_mb()
     row["cuda_max_allocated_mb"] = row["nvml_peak_mb"] = None

@@ -105,4 +105,5 @@ def test_llama_rows_beside_the_onnx_row(tmp_path, onnx_dir, shapes_dir):
     assert llama_row.backend == "llama.cpp" and llama_row.prompt_tokens == onnx_row.prompt_tokens
     assert llama_row.new_tokens == 4 and llama_row.threads == 1
     assert check_schema(result.as_dict()) == []
+    assert json.loads(json.dumps(result.as_dict()))["settings"]["gguf"] == [str(gguf)]
     assert "| student-Q8_0 | llama.cpp Q8_0 | 40.0 |" in to_markdown(result)
