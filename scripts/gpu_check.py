@@ -70,10 +70,16 @@ def memory_figures(path: Path) -> dict[str, str]:
     measured = m.get("measured", {})
     est = {row["stage"]: row["total"] for row in m.get("estimate", [])}
     out = {f"estimate {k}": f"{v / 2**30:.1f} GiB" for k, v in est.items()}
-    for key in ("peak_bytes", "tokens_per_s", "mfu", "step_ms"):
-        if key in measured and measured[key] is not None:
-            v = measured[key]
-            out[key] = f"{v / 2**30:.1f} GiB" if key == "peak_bytes" else f"{v:,.3g}"
+    shown = {
+        "peak_bytes": lambda v: f"{v / 2**30:.1f} GiB",
+        "step_seconds": lambda v: f"{v:.2f} s",
+        "tokens_per_s": lambda v: f"{v:,.0f}",
+        "tflops": lambda v: f"{v:.1f}",
+        "mfu": lambda v: f"{v:.1%}",
+    }
+    for key, fmt in shown.items():
+        if measured.get(key) is not None:
+            out[key] = fmt(measured[key])
     return out
 
 

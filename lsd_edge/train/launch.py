@@ -1,7 +1,7 @@
 """The run's Accelerator, made from the launch config that `accelerate launch` put in the environment.
 
-What lsd-edge reads of a launch config: the distributed type (MULTI_GPU / MULTI_CPU = DDP, FSDP,
-DEEPSPEED) and, under FSDP, `fsdp_config` as written: `fsdp_version` (2 only),
+What lsd-edge reads of a launch config: the distributed type (MULTI_GPU / MULTI_CPU = DDP, FSDP;
+DEEPSPEED is refused, see `check_deepspeed`) and, under FSDP, `fsdp_config` as written: `fsdp_version` (2 only),
 `fsdp_reshard_after_forward` (true / FULL_SHARD, or false / SHARD_GRAD_OP), the auto-wrap policy and
 layer classes, CPU offload and RAM-efficient loading. Settings lsd-edge owns elsewhere are refused
 with the recipe key that replaces them (mixed precision: `run.precision`; activation checkpointing:
@@ -71,10 +71,14 @@ def check_wrap_classes(plugin: FullyShardedDataParallelPlugin, model) -> None:
 
 
 def check_deepspeed() -> None:
-    if _env("ACCELERATE_USE_DEEPSPEED", "false") == "true" and importlib.util.find_spec("deepspeed") is None:
+    """DeepSpeed is refused: its engine accumulates micro-batches and scales the loss by its own count,
+    where a step here is a fixed set of slots per process normalised by counts summed over all of
+    them, and its checkpoints are not the distributed checkpoints a resume reads."""
+    if _env("ACCELERATE_USE_DEEPSPEED", "false") == "true":
         raise LsdEdgeError(
-            "launch config: distributed_type is DEEPSPEED but deepspeed is not installed; "
-            "pip install 'lsd-edge[deepspeed]' or launch with recipes/accelerate/ddp.yaml or fsdp.yaml"
+            "launch config: distributed_type DEEPSPEED is not supported; launch with "
+            "recipes/accelerate/fsdp.yaml (FSDP2 shards the student's weights, gradients and optimizer "
+            "state as ZeRO-3 does) or ddp.yaml"
         )
 
 

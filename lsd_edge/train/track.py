@@ -14,16 +14,9 @@ from lsd_edge.recipe.schema import Recipe
 from lsd_edge.train.distributed import Dist
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, by a name part
-# of torch.cuda.get_device_name; a GPU not listed gets no MFU figure rather than a guessed one.
-PEAK_BF16_TFLOPS = {
-    "H200": 989.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "A10G": 125.0,
-    "L4": 121.0,
-    "RTX 4090": 165.0,
-}
+# of torch.cuda.get_device_name; a GPU not listed gets no MFU figure rather than a guessed one
+# (`lsd-edge memory --measure` takes --peak-tflops for it).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
 LOGGED = ("loss", "ce", "response_kl", "visual_kl", "relation", "latent", "lambda", "lr", "tokens_per_s")
 
 
@@ -37,22 +30,19 @@ def flops_per_token(student, teacher) -> float:
     return float(n)
 
 
-def peak_flops(device: torch.device) -> float | None:
+def device_peak_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for part, tflops in PEAK_BF16_TFLOPS.items():
-        if part in name:
-            return tflops * 1e12
-    return None
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
 def mfu(flops: float, tokens_per_s: float, device: torch.device, processes: int) -> float | None:
     """Model FLOPs utilisation of the run's GPUs (None off CUDA or on an unlisted GPU)."""
-    peak = peak_flops(device)
+    peak = device_peak_tflops(device)
     if peak is None or not flops:
         return None
-    return flops * tokens_per_s / (peak * processes)
+    return flops * tokens_per_s / (peak * 1e12 * processes)
 
 
 def flat_config(recipe: Recipe) -> dict[str, Any]:

@@ -70,12 +70,12 @@ def test_layer_classes_to_wrap_must_be_the_students(fsdp, tiny_student):
     assert "Qwen2DecoderLayer" in msg and "\n" not in msg
 
 
-def test_deepspeed_without_deepspeed_installed_is_refused(monkeypatch):
-    if importlib.util.find_spec("deepspeed") is not None:
-        pytest.skip("deepspeed is installed here")
+def test_a_deepspeed_launch_is_refused_with_what_to_launch_instead(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    check_deepspeed()
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(
-        LsdEdgeError, match=r"deepspeed is not installed; pip install 'lsd-edge\[deepspeed\]'"
+        LsdEdgeError, match=r"DEEPSPEED is not supported; launch with recipes/accelerate/fsdp.yaml"
     ):
         check_deepspeed()
 
