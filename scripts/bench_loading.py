@@ -1,12 +1,14 @@
 """Data-loading time per step with 0 and N DataLoader workers at the real recipes' image size.
 
-    python scripts/bench_loading.py [--workers 0,1,2] [--steps 6] [--micro 4] [--accum 8]
+    python scripts/bench_loading.py [--workers 0,1,2] [--steps 6] [--micro 4] [--accum 8] [--compute 1.0]
 
 Random 640x480 JPEG photos (COCO's typical size) preprocessed as SigLIP-so400m takes them (384 px,
 patch 14, resized bicubic and normalised), one image per sample; the data set is read uncached, as
 a large one is. A step is `accum` micro-batches of `micro` samples; each worker count reads the same
-steps after one warm-up step, and the script prints seconds per step, its ratio to 0 workers, and
-checks that every count read the same batches.
+steps after one warm-up step. Between steps the main process computes for `--compute` seconds on
+one thread (a stand-in for the training step, during which workers read ahead); the figure is the
+time the loop waits for a step's data, with its ratio to 0 workers. Every worker count must read
+the same batches.
 """
 
 from __future__ import annotations
@@ -53,14 +55,25 @@ def write_data(folder: Path, n: int) -> Path:
     return path
 
 
-def seconds_per_step(ds, pad_id: int, workers: int, steps: int, micro: int, accum: int):
+def busy(seconds: float) -> None:
+    a = torch.randn(256, 256)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        a = torch.tanh(a @ a)
+
+
+def seconds_per_step(ds, pad_id: int, workers: int, steps: int, micro: int, accum: int, compute: float):
     sampler = SlotSampler(IndexStream(len(ds), seed=0), 0, micro, micro * accum, list(range(accum)))
     reader = SlotReader(ds, pad_id, "skip", sampler, BadSampleLog(), workers, pin_memory=False)
     try:
         reader.step()  # warm-up: workers start, first batches in flight
-        t0 = time.perf_counter()
-        read = [reader.step() for _ in range(steps)]
-        return (time.perf_counter() - t0) / steps, read
+        waited, read = 0.0, []
+        for _ in range(steps):
+            busy(compute)
+            t0 = time.perf_counter()
+            read.append(reader.step())
+            waited += time.perf_counter() - t0
+        return waited / steps, read
     finally:
         reader.close()
 
@@ -71,6 +84,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--accum", type=int, default=8)
+    ap.add_argument("--compute", type=float, default=1.0)
     a = ap.parse_args()
     torch.set_num_threads(1)
     processor = word_level_processor(WORDS, 384, 14)
@@ -78,15 +92,17 @@ def main() -> None:
         data = write_data(Path(tmp), (a.steps + 1) * a.micro * a.accum)
         ds = LlavaDataset(data, Path(tmp) / "images", processor, max_length=2048, cache=False)
         base, first = None, None
-        print(f"| workers | s / step ({a.accum} x {a.micro} images) | vs 0 workers |")
+        print(f"| workers | data wait per step, s ({a.accum} x {a.micro} images) | vs 0 workers |")
         print("|---|---|---|")
         for w in (int(x) for x in a.workers.split(",")):
-            s, read = seconds_per_step(ds, processor.tokenizer.pad_token_id, w, a.steps, a.micro, a.accum)
+            s, read = seconds_per_step(
+                ds, processor.tokenizer.pad_token_id, w, a.steps, a.micro, a.accum, a.compute
+            )
             pixels = [b.pixel_values for step in read for b in step]
             first = first or pixels
             assert all(torch.equal(x, y) for x, y in zip(first, pixels, strict=True)), "other batches"
             base = base or s
-            print(f"| {w} | {s:.3f} | {base / s:.2f}x |")
+            print(f"| {w} | {s:.3f} | {s / base:.2f} |")
 
 
 if __name__ == "__main__":
