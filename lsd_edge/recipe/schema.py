@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -91,6 +91,9 @@ class DataConfig(Strict):
     # DataLoader worker processes per training process that decode and collate micro-batches ahead
     # of the loop; left out: the cores per process less one, at most 8 (lsd_edge.data.loading).
     num_workers: NonNegInt | None = None
+
+    # Settings that leave every result the same: not part of what a made folder is tied to.
+    NOT_IDENTITY: ClassVar[tuple[str, ...]] = ("num_workers",)
 
     def dataset(self, name: str) -> DatasetConfig:
         ds = getattr(self, name, None)
