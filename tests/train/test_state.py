@@ -96,3 +96,16 @@ def test_a_planted_pickle_in_the_checkpoint_metadata_is_refused_not_run(tmp_path
     msg = str(e.value)
     assert "\n" not in msg and "could run code" in msg, msg
     assert not marker.exists(), "nothing in the file was executed"
+
+
+def test_a_state_of_the_earlier_format_is_refused_in_one_line(tmp_path):
+    """Before distributed checkpoints a step folder held one state.pt: it is named, not half-loaded."""
+    folder = tmp_path / "step-0000004"
+    folder.mkdir()
+    torch.save({"position": 32}, folder / "state.pt")
+    (folder / "step.json").write_text('{"step": 4}')
+    with pytest.raises(TrainingError) as e:
+        TrainingProgress.load(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and f"resume state {folder} is damaged or was written by another run" in msg
+    assert "--restart" in msg
