@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from lsd_edge.data.dataset import Batch
@@ -138,8 +139,6 @@ def plain_student(p: Prepared, device: torch.device) -> nn.Module:
     student = p.step.student
     if not p.step.sharded:
         return student
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True))
     with torch.device("meta"):
         model = type(student)(student.config)
