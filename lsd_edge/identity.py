@@ -36,8 +36,10 @@ def fingerprint(*parts: Any) -> str:
 
 
 def settings(section: Any) -> dict[str, Any]:
-    """A recipe section as it identifies a made folder: only what differs from the defaults."""
-    return section.model_dump(mode="json", exclude_defaults=True)
+    """A recipe section as it identifies a made folder: only what differs from the defaults, less the
+    settings that change how fast it is made, not what (a section's `NOT_IDENTITY`)."""
+    skip = set(getattr(section, "NOT_IDENTITY", ()))
+    return section.model_dump(mode="json", exclude_defaults=True, exclude=skip or None)
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -93,6 +93,11 @@ class Workspace:
         return self.root / "log.jsonl"
 
     @property
+    def trackers(self) -> Path:
+        """Experiment trackers' files (run.report_to): TensorBoard event files, Trackio, W&B offline runs."""
+        return self.root / "trackers"
+
+    @property
     def report(self) -> Path:
         return self.root / "report.json"
 

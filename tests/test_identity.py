@@ -70,3 +70,13 @@ def test_a_folder_without_or_with_a_damaged_identity_is_stale(tmp_path):
 def test_the_digest_follows_the_identity():
     a, b = Manifest("x", {"k": 1}), Manifest("y", {"k": 1})
     assert a.digest == b.digest and a.digest != Manifest("x", {"k": 2}).digest and len(a.digest) == 16
+
+
+def test_the_number_of_data_workers_is_not_part_of_an_identity():
+    """Workers change how fast batches are made, never which: a cached teacher or a finished stage
+    made with another data.num_workers is still the same."""
+    from lsd_edge.identity import settings
+    from lsd_edge.recipe.schema import DataConfig
+
+    assert settings(DataConfig(num_workers=3)) == settings(DataConfig()) == {}
+    assert settings(DataConfig(max_length=64, num_workers=0)) == {"max_length": 64}

@@ -15,6 +15,8 @@ from lsd_edge.cli import train_commands  # noqa: F401
 from lsd_edge.cli import deploy_commands  # noqa: F401
 
 # isort: on
+from rich.markup import escape
+
 from lsd_edge.cli.app import app, err
 from lsd_edge.errors import LsdEdgeError, RecipeError
 
@@ -26,9 +28,10 @@ def main() -> None:
         if os.environ.get("LSD_EDGE_DEBUG") == "1":
             raise
         lines = e.lines() if isinstance(e, RecipeError) else [str(e)]
-        err.print(f"[bold red]error:[/bold red] {lines[0]}", highlight=False, soft_wrap=True)
+        # escaped: a message may hold brackets (stage names, `pip install 'lsd-edge[track]'`)
+        err.print(f"[bold red]error:[/bold red] {escape(lines[0])}", highlight=False, soft_wrap=True)
         for line in lines[1:]:
-            err.print(f"[red]{line}[/red]", highlight=False, soft_wrap=True)
+            err.print(f"[red]{escape(line)}[/red]", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print(

@@ -201,16 +201,24 @@ class Batch:
     visual_mask: torch.Tensor  # (B, T) bool, True at visual-token positions
     indices: list[int] = field(default_factory=list)  # each sample's position in its data set
 
-    def to(self, device) -> Batch:
+    def apply(self, fn) -> Batch:
+        """The same batch with `fn` applied to each tensor."""
         return Batch(
             self.ids,
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.labels.to(device),
-            None if self.pixel_values is None else self.pixel_values.to(device),
-            self.visual_mask.to(device),
+            fn(self.input_ids),
+            fn(self.attention_mask),
+            fn(self.labels),
+            None if self.pixel_values is None else fn(self.pixel_values),
+            fn(self.visual_mask),
             self.indices,
         )
+
+    def to(self, device, non_blocking: bool = False) -> Batch:
+        return self.apply(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies, so a copy to the GPU can overlap compute (DataLoader(pin_memory=True))."""
+        return self.apply(lambda t: t.pin_memory())
 
     @property
     def n_tokens(self) -> int:

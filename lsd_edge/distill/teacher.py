@@ -3,7 +3,8 @@
 A `Teacher` gives the teacher side of a micro-batch (`targets`) and its hidden size. `OnlineTeacher`
 runs the frozen model under `torch.no_grad()`; `lsd_edge.distill.teacher_cache.TeacherCache` reads
 the same targets from disk with no model in memory. A teacher sharded over processes (FSDP2) needs
-every process in each forward, so a process with nothing to run calls `idle` instead.
+every process in each forward: the stage loop runs every slot on every process (a pad micro-batch
+where a process has nothing to learn), so the teacher's forwards meet.
 """
 
 from __future__ import annotations
@@ -20,11 +21,8 @@ from lsd_edge.models.tokens import IGNORE_INDEX
 
 class Teacher(Protocol):
     hidden_size: int
-    sharded: bool
 
     def targets(self, batch: Batch, need_hidden: bool) -> losses.TeacherTargets: ...
-
-    def idle(self, device: torch.device) -> None: ...
 
 
 def online_targets(teacher, batch: Batch, need_hidden: bool) -> losses.TeacherTargets:
@@ -47,9 +45,8 @@ def online_targets(teacher, batch: Batch, need_hidden: bool) -> losses.TeacherTa
 class OnlineTeacher:
     """The frozen teacher model, run on each micro-batch without a graph."""
 
-    def __init__(self, model, sharded: bool = False):
+    def __init__(self, model):
         self.model = model.eval()
-        self.sharded = sharded
 
     @property
     def hidden_size(self) -> int:
@@ -57,13 +54,3 @@ class OnlineTeacher:
 
     def targets(self, batch: Batch, need_hidden: bool) -> losses.TeacherTargets:
         return online_targets(self.model, batch, need_hidden)
-
-    def idle(self, device: torch.device) -> None:
-        """The collectives of a forward with nothing to learn: a sharded teacher runs one token, so the
-        processes whose micro-batch slot is full are not left waiting for this one."""
-        if not self.sharded:
-            return
-        with torch.no_grad():
-            self.model.model.language_model(
-                input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False
-            )

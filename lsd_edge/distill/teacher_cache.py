@@ -116,11 +116,6 @@ class TeacherCache:
     def hidden_size(self) -> int:
         return self.teacher_hidden
 
-    sharded = False  # a cache needs no collectives
-
-    def idle(self, device: torch.device) -> None:
-        """Nothing to do: only a sharded online teacher must run when a process has no micro-batch."""
-
     def problems(self, identity: Manifest, parts: list[str]) -> list[str]:
         """Why this cache cannot serve a stage with this identity and these needs (empty if it can)."""
         out = identity.problems(self.folder)

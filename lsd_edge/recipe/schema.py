@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -52,7 +52,10 @@ class RunConfig(Strict):
     # The progress bar's loss figures refresh every N steps; log.jsonl holds every step.
     log_every: PositiveInt = 10
     checkpoint_every: NonNegInt = 50
+    # Threads of the whole run on this machine, shared among its processes (0 = one per core).
     num_threads: NonNegInt = 0
+    # Experiment trackers (Accelerate's), written offline under <output_dir>/trackers; off by default.
+    report_to: list[Literal["tensorboard", "trackio", "wandb"]] = []
     # torch.compile the student's decoder layers (worth it on CUDA; the first steps compile).
     compile: bool = False
 
@@ -85,7 +88,12 @@ class DataConfig(Strict):
     # A sample that cannot be used (docs/TRAINING.md lists the reasons) is skipped and counted, or
     # stops the run with its id and reason.
     bad_samples: Literal["skip", "error"] = "skip"
-    num_workers: NonNegInt = 0
+    # DataLoader worker processes per training process that decode and collate micro-batches ahead
+    # of the loop; left out: the cores per process less one, at most 8 (lsd_edge.data.loading).
+    num_workers: NonNegInt | None = None
+
+    # Settings that leave every result the same: not part of what a made folder is tied to.
+    NOT_IDENTITY: ClassVar[tuple[str, ...]] = ("num_workers",)
 
     def dataset(self, name: str) -> DatasetConfig:
         ds = getattr(self, name, None)

@@ -11,11 +11,13 @@ from typing import Any
 import torch
 
 from lsd_edge.data.dataset import LlavaDataset
+from lsd_edge.data.loading import auto_workers
 from lsd_edge.distill.teacher import Teacher
 from lsd_edge.evaluate.greedy import eval_split
 from lsd_edge.models.load import save_checkpoint
 from lsd_edge.progress import Reporter
 from lsd_edge.recipe.schema import Recipe, StageConfig
+from lsd_edge.train import track
 from lsd_edge.train.distributed import SINGLE, Dist
 from lsd_edge.train.loop import StageJob
 from lsd_edge.workspace import Workspace
@@ -28,6 +30,7 @@ class RunContext:
     device: torch.device
     reporter: Reporter
     dist: Dist = SINGLE
+    tracked: int = 0  # evaluations sent to the trackers so far (their step)
 
     def job(
         self,
@@ -55,6 +58,9 @@ class RunContext:
             device=self.device,
             dist=self.dist,
             checkpointing=checkpointing,
+            num_workers=auto_workers(self.dist.local_world)
+            if r.data.num_workers is None
+            else r.data.num_workers,
         )
 
     def save(
@@ -78,4 +84,7 @@ class RunContext:
         """The recipe's eval split scored by rank 0 ({} on the other processes, or without eval data)."""
         if not self.dist.main:
             return {}
-        return eval_split(self.recipe, model, processor, label, self.reporter)
+        metrics = eval_split(self.recipe, model, processor, label, self.reporter)
+        track.log_eval(self.dist, label, metrics, self.tracked)
+        self.tracked += 1
+        return metrics

@@ -6,29 +6,26 @@ process and every method here is a no-op, so the single-process path is the plai
 
 How a step is shared: a step is `grad_accum` micro-batches of `batch_size` samples taken from one
 global sample stream; process r runs micro-batches r, r + W, r + 2W, ... (W processes). Loss terms
-are divided by counts summed over all processes and gradients are summed, so a step computes the
-same gradient with any W, and a resume state (step, stream position) is valid for any W.
-The student is replicated; the frozen teacher is replicated, or its decoder layers are sharded with
-FSDP2 when the launch config asks for FSDP.
+are divided by counts summed over all processes and gradients are summed (by the engine Accelerate
+prepared, `lsd_edge.train.engine`), so a step computes the same gradient with any W, and a resume
+state (step, stream position) is valid for any W. The frozen teacher is replicated, or its decoder
+layers are sharded with FSDP2 when the launch config asks for FSDP.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
-from accelerate import PartialState
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.fsdp import fully_shard
 
 from lsd_edge.errors import LsdEdgeError
 from lsd_edge.models.load import resolve_device
-
-# Gradients are summed in flat buckets of about this many bytes: one collective per bucket, and never
-# a second copy of all gradients at once.
-BUCKET_BYTES = 64 * 2**20
+from lsd_edge.recipe.schema import RunConfig
+from lsd_edge.train.launch import make_accelerator
 
 
 @dataclass(frozen=True)
@@ -36,6 +33,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     shard_teacher: bool = False
+    accelerator: Any = field(default=None, compare=False, repr=False)  # None: a stage run on its own
 
     @property
     def main(self) -> bool:
@@ -44,6 +42,11 @@ class Dist:
     @property
     def active(self) -> bool:
         return self.world > 1
+
+    @property
+    def local_world(self) -> int:
+        """Processes on this machine."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
 
     def micro_batches(self, grad_accum: int) -> list[int | None]:
         """This process's micro-batch indices within a step, padded with None so every process runs
@@ -63,28 +66,6 @@ class Dist:
         t = torch.tensor(values, dtype=torch.float64, device=device)
         torch.distributed.all_reduce(t)
         return t.tolist()
-
-    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Sum every parameter's gradient over processes. A gradient missing on some processes counts
-        as zeros there; one missing on all stays missing, so the optimizer skips it as with one process."""
-        if not self.active:
-            return
-        has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
-        torch.distributed.all_reduce(has)
-        used = [p for p, n in zip(params, has.tolist(), strict=True) if n > 0]
-        for p in used:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        bucket: list[torch.Tensor] = []
-        size = 0
-        for p in used:
-            bucket.append(p.grad)
-            size += p.grad.numel() * p.grad.element_size()
-            if size >= BUCKET_BYTES:
-                _all_reduce_bucket(bucket)
-                bucket, size = [], 0
-        if bucket:
-            _all_reduce_bucket(bucket)
 
     def raise_together(self, error: LsdEdgeError | None) -> None:
         """Raise `error` (one process's, or the first of several) on every process, so that no process
@@ -121,17 +102,6 @@ class Dist:
         return out
 
 
-def _all_reduce_bucket(grads: list[torch.Tensor]) -> None:
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
-    for group in by_dtype.values():
-        flat = _flatten_dense_tensors(group)
-        torch.distributed.all_reduce(flat)
-        for g, reduced in zip(group, _unflatten_dense_tensors(flat, group), strict=True):
-            g.copy_(reduced)
-
-
 SINGLE = Dist()
 
 
@@ -139,18 +109,25 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def setup(device_choice: str) -> tuple[Dist, torch.device]:
-    """The run's processes and this process's device, from the launcher's environment."""
-    if launched_world() <= 1:
-        return SINGLE, resolve_device(device_choice)
-    resolve_device(device_choice)  # refuses 'cuda' without CUDA, in every process
+def threads_per_process(num_threads: int, local_processes: int) -> int:
+    """Threads for each of this machine's processes: `run.num_threads` (0 = one per core) shared out,
+    so that W processes on one machine do not start W times as many threads as there are cores."""
+    total = num_threads or os.cpu_count() or 1
+    return max(1, total // max(1, local_processes))
 
-    cpu = device_choice == "cpu" or not torch.cuda.is_available()
-    # Rank 0 evaluates and writes checkpoints while the others wait at a barrier.
-    state = PartialState(cpu=cpu, timeout=timedelta(minutes=60))
-    device = torch.device("cpu") if cpu else state.device
+
+def setup(run: RunConfig, logging_dir: Path) -> tuple[Dist, torch.device]:
+    """The run's processes and this process's device, from the launcher's environment; the
+    Accelerator (one per process) prepares each stage's student and holds the trackers."""
+    device = resolve_device(run.device)  # refuses 'cuda' without CUDA, in every process
+    world = launched_world()
+    acc = make_accelerator(device.type == "cpu", world, list(run.report_to), logging_dir)
+    if world <= 1:
+        return Dist(accelerator=acc), device
+    if device.type == "cuda":
+        device = acc.device
     shard = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    return Dist(state.process_index, state.num_processes, shard), device
+    return Dist(acc.process_index, acc.num_processes, shard, acc), device
 
 
 def shard_decoder_layers(model) -> int:

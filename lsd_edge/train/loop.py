@@ -1,10 +1,11 @@
 """The one stage loop: `run_stage(job)` trains one stage (pt, dpt, sft or dft) of teacher or student.
 
 `prepare_stage` builds everything the loop needs (trainable groups, latent projections, optimizer,
-schedule, the data stream and loader) and restores a resume state; the loop then takes a step's
-micro-batches from the one global sample stream, runs the objective (`lsd_edge.distill.objective`)
-on this process's share, sums losses and gradients over processes, steps, logs every step to
-log.jsonl, and saves a resume state every `run.checkpoint_every` steps.
+schedule prepared by Accelerate (`lsd_edge.train.engine`), the data stream and its worker loader)
+and restores a resume state; the loop then takes a step's micro-batches from the one global sample
+stream, runs the objective (`lsd_edge.distill.objective`) on this process's share with gradients
+communicated once, in the last micro-batch's backward, steps, logs every step to log.jsonl and the
+trackers, and saves a resume state every `run.checkpoint_every` steps.
 """
 
 from __future__ import annotations
@@ -19,18 +20,21 @@ from typing import Any
 
 import torch
 
-from lsd_edge.data.dataset import Batch, BatchLoader, LlavaDataset
+from lsd_edge.data.dataset import Batch, LlavaDataset
+from lsd_edge.data.loading import SlotReader, SlotSampler
 from lsd_edge.data.records import BadSampleLog
 from lsd_edge.data.sampling import IndexStream
-from lsd_edge.distill.objective import TERMS, Counts, LatentProjector, loss_terms, weighted_total
-from lsd_edge.distill.teacher import Teacher
+from lsd_edge.distill.objective import TERMS, Counts, LatentProjector
+from lsd_edge.distill.teacher import OnlineTeacher, Teacher
 from lsd_edge.errors import LsdEdgeError, TrainingError
 from lsd_edge.models.groups import set_activation_checkpointing, set_trainable
 from lsd_edge.progress import Reporter
 from lsd_edge.recipe.schema import DISTILL_TERMS, RunConfig, StageConfig
+from lsd_edge.train import engine, track
 from lsd_edge.train.distributed import SINGLE, Dist
+from lsd_edge.train.engine import Prepared, StudentStep
 from lsd_edge.train.setup import autocast, make_optimizer, total_steps
-from lsd_edge.train.state import TrainingProgress, latest_step_state
+from lsd_edge.train.state import TrainingProgress, has_state
 from lsd_edge.workspace import Workspace
 
 
@@ -52,6 +56,7 @@ class StageJob:
     device: torch.device
     dist: Dist = SINGLE
     checkpointing: bool = False  # activation checkpointing for the whole run (the model's setting)
+    num_workers: int = 0  # DataLoader workers decoding micro-batches (0: decoded in this process)
 
     @property
     def state_dir(self) -> Path:
@@ -66,6 +71,7 @@ class StageResult:
     last_terms: dict[str, float]
     bad_samples: dict[str, Any]
     tokens_per_s: float
+    model: Any = None  # the trained student, plain (gathered from its shards under FSDP2)
 
 
 @dataclass
@@ -73,23 +79,35 @@ class StageSetup:
     """What the loop works with, made by `prepare_stage`."""
 
     teacher: Teacher | None
-    latent: LatentProjector | None
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    params: list[torch.nn.Parameter]
+    prepared: Prepared
     steps: int
     stream: IndexStream
-    loader: BatchLoader
+    reader: SlotReader | None
     bad: BadSampleLog
     vocab_rows: int
     checkpointing: bool
+    pad: Batch  # what a slot with nothing to run feeds the model, so every process runs each slot
+    flops_per_token: float = 0.0
     step: int = 0
     position: int = 0
 
 
+def open_reader(job: StageJob, s: StageSetup) -> SlotReader:
+    """This process's micro-batches from stream position `s.position` on, decoded by workers."""
+    stage, dist = job.stage, job.dist
+    per_step = stage.grad_accum * stage.batch_size
+    sampler = SlotSampler(
+        s.stream, s.position, stage.batch_size, per_step, dist.micro_batches(stage.grad_accum)
+    )
+    pad_id = job.processor.tokenizer.pad_token_id
+    pin = job.device.type == "cuda"
+    return SlotReader(job.dataset, pad_id, job.bad_samples, sampler, s.bad, job.num_workers, pin)
+
+
 def prepare_stage(job: StageJob, reporter: Reporter) -> StageSetup:
-    """Trainable groups, latent projections, optimizer and schedule, data stream and loader; then the
-    stage's newest resume state, if it has one (a state exists only for a stage cut short)."""
+    """Trainable groups, latent projections, optimizer and schedule (prepared by Accelerate), data
+    stream and loader; then the stage's newest resume state, if it has one (a state exists only for
+    a stage cut short), loaded into the prepared objects."""
     stage, model = job.stage, job.model
     set_trainable(model, stage.trainable)
     model.train()
@@ -105,27 +123,30 @@ def prepare_stage(job: StageJob, reporter: Reporter) -> StageSetup:
                 stage.loss.latent_pairs, model.config.text_config.hidden_size, teacher.hidden_size
             ).to(job.device)
     steps = total_steps(stage, len(job.dataset))
-    optimizer, scheduler, params = make_optimizer(model, latent, stage, steps)
-    bad = BadSampleLog()
-    setup = StageSetup(
+    optimizer, scheduler, _ = make_optimizer(model, latent, stage, steps)
+    s = StageSetup(
         teacher=teacher,
-        latent=latent,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        params=params,
+        prepared=engine.prepare(job.dist, StudentStep(model, latent), optimizer, scheduler),
         steps=steps,
         stream=IndexStream(len(job.dataset), job.run.seed * 31 + job.index),
-        loader=BatchLoader(job.dataset, job.processor.tokenizer.pad_token_id, job.bad_samples, bad),
-        bad=bad,
+        reader=None,
+        bad=BadSampleLog(),
         vocab_rows=len(job.processor.tokenizer),
         checkpointing=checkpointing,
+        pad=engine.pad_batch(job.processor.tokenizer.pad_token_id, job.device),
+        flops_per_token=track.flops_per_token(model, teacher),
     )
-    progress = TrainingProgress.load(job.state_dir)
-    if progress is not None:
-        progress.restore(model, latent, optimizer, scheduler, bad, job.dist.main)
-        setup.step, setup.position = progress.step, progress.position
+    found = TrainingProgress.load(job.state_dir)
+    if found is not None:
+        progress, folder = found
+        p = s.prepared
+        progress.restore(folder, p.module, p.optimizer, p.scheduler)
+        if job.dist.main:  # the bad-sample counts (all processes') are carried on by rank 0 only
+            s.bad.update(progress.bad)
+        s.step, s.position = progress.step, progress.position
         reporter.message(f"[dim]{job.key}: resuming at step {progress.step}/{steps}[/dim]")
-    return setup
+    s.reader = open_reader(job, s)
+    return s
 
 
 def truncate_log(log_path: Path, key: str, step: int) -> None:
@@ -147,17 +168,11 @@ def truncate_log(log_path: Path, key: str, step: int) -> None:
 
 
 def step_batches(job: StageJob, s: StageSetup) -> list[Batch | None]:
-    """This process's micro-batches of the step whose samples start at stream position `s.position`.
-
-    Micro-batch k of a step holds samples [position + k*B, position + (k+1)*B) of the one global
-    stream, whichever process runs it; None marks a slot with nothing to run (all bad, or past the
-    end of the step when processes do not divide grad_accum)."""
-    per_micro = job.stage.batch_size
-    out: list[Batch | None] = []
-    for k in job.dist.micro_batches(job.stage.grad_accum):
-        b = None if k is None else s.loader.batch(s.stream.take(s.position + k * per_micro, per_micro))
-        out.append(None if b is None else b.to(job.device))
-    return out
+    """This process's micro-batches of the next step (see `lsd_edge.data.loading`), on its device;
+    None marks a slot with nothing to run (all bad, or past the end of the step when processes do
+    not divide grad_accum)."""
+    pinned = job.device.type == "cuda"
+    return [None if b is None else b.to(job.device, non_blocking=pinned) for b in s.reader.step()]
 
 
 def global_counts(batches: list[Batch], n_img_tokens: int, dist: Dist, device) -> Counts:
@@ -173,29 +188,36 @@ def merged_bad(dist: Dist, bad: BadSampleLog) -> BadSampleLog:
 
 
 def accumulate(job: StageJob, s: StageSetup, slots: list[Batch | None], counts: Counts, lam: float):
-    """Forward and backward of this process's micro-batches of one step; the loss terms' sums."""
+    """Forward and backward of this process's micro-batches of one step; the loss terms' sums.
+    Gradients are communicated in the last one's backward only. With several processes a slot with
+    nothing to run still runs (a pad token at weight 0), so every process meets each collective."""
     sums = {t: 0.0 for t in TERMS}
-    for b in slots:
+    p, dist = s.prepared, job.dist
+    for i, b in enumerate(slots):
+        weight, teacher = 1.0, s.teacher
         if b is None:
-            if s.teacher is not None:
-                s.teacher.idle(job.device)
-            continue
-        with autocast(job.device, job.run.precision):
-            terms = loss_terms(job.model, s.teacher, b, job.stage, counts, s.vocab_rows, s.latent)
-        total = weighted_total(terms, job.stage, lam)
-        for name, value in terms.items():
-            sums[name] += float(value.detach())
-        if total.requires_grad:  # a projector-only stage on a text-only batch has nothing to learn
-            total.backward()
-    if job.dist.active:
-        sums = dict(zip(TERMS, job.dist.sum_floats([sums[t] for t in TERMS], job.device), strict=True))
+            if not dist.active:
+                continue
+            # a sharded teacher's forward is collective too; a replicated one or a cache is not run
+            b, weight = s.pad, 0.0
+            teacher = teacher if dist.shard_teacher and isinstance(teacher, OnlineTeacher) else None
+        with engine.sync_context(dist, p, last=i == len(slots) - 1):
+            with autocast(job.device, job.run.precision):
+                total, terms = p.module(b, teacher, job.stage, counts, s.vocab_rows, lam, weight, dist.active)
+            if weight:
+                for name, value in terms.items():
+                    sums[name] += float(value.detach())
+            if total.requires_grad:  # a projector-only stage on a text-only batch has nothing to learn
+                engine.backward(dist, total)
+    if dist.active:
+        sums = dict(zip(TERMS, dist.sum_floats([sums[t] for t in TERMS], job.device), strict=True))
     return sums
 
 
 def check_finite(job: StageJob, sums: dict[str, float], step: int) -> None:
     for name in TERMS:
         if not math.isfinite(sums[name]):
-            where = job.state_dir if latest_step_state(job.state_dir) else "the previous stage's folder"
+            where = job.state_dir if has_state(job.state_dir) else "the previous stage's folder"
             raise TrainingError(
                 f"{job.key} step {step + 1}: loss term '{name}' is {sums[name]}; the last good "
                 f"checkpoint is kept ({where}); lower stages.lr or check the data"
@@ -205,10 +227,11 @@ def check_finite(job: StageJob, sums: dict[str, float], step: int) -> None:
 def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
     stage, dist = job.stage, job.dist
     s = prepare_stage(job, reporter)
+    p = s.prepared
     if dist.main:
         truncate_log(job.workspace.log, job.key, s.step)
     weights = {t: stage.loss.weight(t) for t in DISTILL_TERMS}
-    n_img_tokens = s.loader.dataset.encoder.n_image_tokens
+    n_img_tokens = job.dataset.encoder.n_image_tokens
     reporter.task(job.key, s.steps)
     reporter.advance(s.step)
     started = time.perf_counter()
@@ -241,12 +264,11 @@ def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
             lam = stage.distill_schedule.factor(s.step, s.steps)
             sums = accumulate(job, s, slots, counts, lam)
             check_finite(job, sums, s.step)
-            dist.sum_gradients(s.params)
             if stage.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(s.params, stage.max_grad_norm)
-            s.optimizer.step()
-            s.optimizer.zero_grad(set_to_none=True)
-            s.scheduler.step()
+                engine.clip(dist, p, stage.max_grad_norm)
+            p.optimizer.step()
+            p.optimizer.zero_grad(set_to_none=True)
+            p.scheduler.step()
             s.step += 1
             dt = time.perf_counter() - t0
             tokens_seen += counts.tokens
@@ -259,32 +281,35 @@ def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
                 "loss": total_loss,
                 **last,
                 "lambda": lam,
-                "lr": s.scheduler.get_last_lr()[0],
+                "lr": p.scheduler.get_last_lr()[0],
                 "tokens": counts.tokens,
                 "tokens_per_s": tok_s,
             }
             if log is not None:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
+            track.log_step(dist, rec, track.mfu(s.flops_per_token, tok_s, job.device, dist.world))
             if s.step == 1 or s.step % job.run.log_every == 0 or s.step == s.steps:
                 info = " ".join(f"{k}={v:.3f}" for k, v in last.items()) + f" {tok_s:,.0f} tok/s"
             reporter.advance(1, info)
             if job.run.checkpoint_every and s.step % job.run.checkpoint_every == 0 and s.step < s.steps:
                 bad_now = merged_bad(dist, s.bad).as_dict()
-                if dist.main:
-                    TrainingProgress.capture(
-                        s.step, s.position, job.model, s.latent, s.optimizer, s.scheduler, bad_now
-                    ).save(job.state_dir)
+                progress = TrainingProgress.capture(s.step, s.position, p.scheduler, bad_now)
+                progress.save(job.state_dir, p.module, p.optimizer, dist)
     finally:
         if log is not None:
             log.close()
+        s.reader.close()
         reporter.done()
+    model = engine.plain_student(p, job.device)
+    engine.release(dist)
     if s.checkpointing:
-        set_activation_checkpointing(job.model, False)
-    job.model.eval()
+        set_activation_checkpointing(model, False)
+    model.eval()
     seconds = time.perf_counter() - started
     bad_all = merged_bad(dist, s.bad)
     line = bad_all.report()
     if line:
         reporter.message(f"[yellow]{job.key}: {line}[/yellow]")
-    return StageResult(job.key, s.steps, seconds, last, bad_all.as_dict(), tokens_seen / max(seconds, 1e-9))
+    tok_s = tokens_seen / max(seconds, 1e-9)
+    return StageResult(job.key, s.steps, seconds, last, bad_all.as_dict(), tok_s, model)

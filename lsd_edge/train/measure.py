@@ -27,6 +27,7 @@ from lsd_edge.models.tokens import IGNORE_INDEX, image_tokens
 from lsd_edge.recipe.schema import Recipe, StageConfig
 from lsd_edge.train.memory import recipe_configs
 from lsd_edge.train.setup import autocast
+from lsd_edge.train.track import device_peak_tflops
 
 
 @dataclass
@@ -43,17 +44,6 @@ class StepMeasurement:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# Peak dense bf16 TFLOPS by device name (no sparsity), for MFU; others need --peak-tflops.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
-
-
-def device_peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
 def synthetic_batch(config, batch_size: int, seq_len: int, vocab_rows: int, device, seed: int = 0):

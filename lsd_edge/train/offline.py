@@ -205,7 +205,7 @@ class StageInputs:
         if not stage.distills:
             return None
         if not stage.cached:
-            return OnlineTeacher(self.teacher.get(), sharded=self.ctx.dist.shard_teacher)
+            return OnlineTeacher(self.teacher.get())
         cache, _ = self.cache(stage)
         self.teacher.release()
         self.ctx.reporter.message(

@@ -26,8 +26,9 @@ from lsd_edge.models.card import CARD_FACTS, write_card
 from lsd_edge.models.load import load_llava
 from lsd_edge.progress import QuietReporter, Reporter
 from lsd_edge.recipe.schema import Recipe, StageConfig
+from lsd_edge.train import track
 from lsd_edge.train.context import RunContext
-from lsd_edge.train.distributed import setup
+from lsd_edge.train.distributed import setup, threads_per_process
 from lsd_edge.train.loop import run_stage
 from lsd_edge.train.offline import StageInputs, check_cache_paths
 from lsd_edge.train.report import build_report, card_facts, offline_facts, plot_losses
@@ -95,14 +96,16 @@ def check_output(ws: Workspace, stage_names: list[str], options: DistillOptions,
 
 
 def start(recipe: Recipe, reporter: Reporter) -> RunContext:
-    """Threads, seed, processes and device of a run."""
-    if recipe.run.num_threads:
-        torch.set_num_threads(recipe.run.num_threads)
+    """Processes, device, threads, seed and trackers of a run."""
+    ws = Workspace(recipe.output_dir)
+    dist, device = setup(recipe.run, ws.trackers)
+    if recipe.run.num_threads or dist.local_world > 1:
+        torch.set_num_threads(threads_per_process(recipe.run.num_threads, dist.local_world))
     torch.manual_seed(recipe.run.seed)
-    dist, device = setup(recipe.run.device)
     if not dist.main:  # one process reports and writes; the others train beside it
         reporter = QuietReporter()
-    return RunContext(recipe, Workspace(recipe.output_dir), device, reporter, dist)
+    track.start(dist, recipe)
+    return RunContext(recipe, ws, device, reporter, dist)
 
 
 def distill(
@@ -134,6 +137,7 @@ def distill(
     report: dict[str, Any] = {}
     if ctx.dist.main:  # the other processes return an empty report
         report = finish(ctx, teacher, stages[-1], model, stage_reports, time.perf_counter() - started)
+    track.finish(ctx.dist)
     ctx.dist.barrier()
     return report
 
@@ -164,6 +168,7 @@ def run_stages(ctx: RunContext, inputs: StageInputs, stages, model, processor, e
             ctx.recipe.student.gradient_checkpointing,
         )
         res = run_stage(job, ctx.reporter)
+        model = res.model
         metrics: dict[str, Any] = {
             "stage": stage.name,
             "kind": stage.kind,

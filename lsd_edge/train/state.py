@@ -1,9 +1,12 @@
-"""A stage's resume state: one typed record (`TrainingProgress`), saved and loaded in one call each.
+"""A stage's resume state: one typed record (`TrainingProgress`) plus the trainable weights and the
+optimizer state as a torch distributed checkpoint, saved and loaded in one call each.
 
-Every `run.checkpoint_every` steps a stage writes `state/<key>/step-N/` atomically: its trainable
-weights, the latent projections, optimizer and scheduler states, every RNG state, the data stream
-position and the bad samples met so far. `--resume` loads the newest one before the loop starts, so
-a run killed at any moment continues as if it had not stopped.
+Every `run.checkpoint_every` steps a stage writes `state/<key>/step-N/`: `weights/` (DCP: each
+process writes its own shards, so a sharded optimizer state is never gathered on one process, and a
+state loads on any number of processes, resharded as it is read), `progress.pt` (steps, data
+stream position, scheduler, RNG states, bad samples) and `step.json`, written last: a folder without
+it is unfinished and ignored. Nothing is unpickled but tensors, numbers, strings and the checkpoint
+format's own metadata records.
 """
 
 from __future__ import annotations
@@ -11,16 +14,29 @@ from __future__ import annotations
 import pickle
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from lsd_edge.data.records import BadSampleLog
 from lsd_edge.errors import TrainingError
-from lsd_edge.files import atomic_dir, read_json, write_json
+from lsd_edge.files import read_json, write_json
+from lsd_edge.train.distributed import Dist
+
+PROGRESS_FILE = "progress.pt"
+WEIGHTS_DIR = "weights"
+DONE_FILE = "step.json"
+NOT_METADATA = "is not part of a checkpoint's metadata"  # DCP re-raises a reader's error as text
+OPTIONS = StateDictOptions(ignore_frozen_params=True)  # frozen weights come from the previous stage
+# Putting back: the frozen weights are absent by design; every trainable one was read (DCP refuses
+# a checkpoint that lacks a key asked for).
+LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def rng_state() -> dict[str, Any]:
@@ -53,40 +69,66 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_step_state(state_dir: str | Path, step: int, payload: dict[str, Any], keep: int = 1) -> Path:
-    """Write `state_dir/step-XXXXXXX/` atomically and drop older step folders beyond `keep`."""
-    state_dir = Path(state_dir)
-    final = state_dir / f"step-{step:07d}"
-    with atomic_dir(final) as tmp:
-        torch.save(payload, tmp / "state.pt")
-        write_json(tmp / "step.json", {"step": step})
-    steps = sorted(p for p in state_dir.glob("step-*") if p.is_dir())
-    for old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+class _MetadataUnpickler(pickle.Unpickler):
+    """Reads a checkpoint's `.metadata` (a pickle) allowing only the classes that format writes."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata",)
+    NAMES = {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),
+        ("torch", "Size"),
+        ("collections", "OrderedDict"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "Path"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if module in self.MODULES or (module, name) in self.NAMES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} {NOT_METADATA}")
 
 
-def latest_step_state(state_dir: str | Path) -> tuple[int, dict[str, Any]] | None:
-    state_dir = Path(state_dir)
-    for folder in sorted((p for p in state_dir.glob("step-*") if p.is_dir()), reverse=True):
-        if not (folder / "step.json").is_file():
-            continue
-        try:
-            # weights_only: tensors, numbers, strings and containers of them; a state that holds
-            # anything else (a planted pickle runs code when loaded) is refused, never unpickled
-            payload = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise TrainingError(
-                f"resume state {folder} holds objects other than tensors and numbers, which could run code "
-                "if loaded; it was not loaded: delete that folder (or rerun with --restart)"
-            ) from None
-        except Exception as e:  # a damaged state file: say which, keep the rest
-            raise TrainingError(
-                f"resume state {folder} is damaged ({type(e).__name__}); delete that folder to resume from "
-                "an earlier step, or rerun with --restart"
-            ) from None
-        return read_json(folder / "step.json")["step"], payload
-    return None
+class SafeReader(FileSystemReader):
+    """A checkpoint reader that unpickles no code: metadata through `_MetadataUnpickler`, tensors
+    with `weights_only` (the file reader's own), other values through `SafePlanner`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is not None:
+            metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafePlanner(DefaultLoadPlanner):
+    """The default planner, reading non-tensor values (optimizer settings) with `weights_only`."""
+
+    def load_bytes(self, read_item, value) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+def _refuse(folder: Path, error: Exception) -> TrainingError:
+    if isinstance(error, pickle.UnpicklingError) or NOT_METADATA in str(error):
+        return TrainingError(
+            f"resume state {folder} holds objects other than tensors and numbers, which could run code "
+            "if loaded; it was not loaded: delete that folder (or rerun with --restart)"
+        )
+    return TrainingError(
+        f"resume state {folder} is damaged or was written by another run ({type(error).__name__}); "
+        "delete that folder to resume from an earlier step, or rerun with --restart"
+    )
+
+
+def _raw(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
 
 
 @dataclass
@@ -95,53 +137,73 @@ class TrainingProgress:
 
     step: int
     position: int
-    trainable: dict[str, torch.Tensor]
-    latent: dict[str, Any] | None
-    optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     rng: dict[str, Any]
     bad: dict[str, Any]  # BadSampleLog.as_dict() of every process so far
 
     @classmethod
-    def capture(
-        cls, step, position, model, latent, optimizer, scheduler, bad: dict[str, Any]
-    ) -> TrainingProgress:
-        return cls(
-            step=step,
-            position=position,
-            trainable={n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
-            latent=None if latent is None else latent.state_dict(),
-            optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            rng=rng_state(),
-            bad=bad,
+    def capture(cls, step: int, position: int, scheduler, bad: dict[str, Any]) -> TrainingProgress:
+        return cls(step, position, scheduler.state_dict(), rng_state(), bad)
+
+    def save(self, state_dir: str | Path, module, optimizer, dist: Dist, keep: int = 1) -> Path:
+        """Write `state_dir/step-N/` (every process writes its shards; rank 0 the rest) and drop
+        older step folders beyond `keep`. Called by every process."""
+        state_dir = Path(state_dir)
+        final = state_dir / f"step-{self.step:07d}"
+        if dist.main:
+            shutil.rmtree(final, ignore_errors=True)  # a folder left unfinished by a kill
+        dist.barrier()
+        model_sd, optim_sd = get_state_dict(module, _raw(optimizer), options=OPTIONS)
+        dcp.save(
+            {"model": model_sd, "optim": optim_sd}, checkpoint_id=final / WEIGHTS_DIR, no_dist=not dist.active
         )
-
-    def restore(self, model, latent, optimizer, scheduler, bad: BadSampleLog, main: bool) -> None:
-        """Put every state back; the bad-sample counts (all processes') are carried on by rank 0 only."""
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for n, v in self.trainable.items():
-                named[n].copy_(v)
-        if latent is not None and self.latent is not None:
-            latent.load_state_dict(self.latent)
-        optimizer.load_state_dict(self.optimizer)
-        scheduler.load_state_dict(self.scheduler)
-        set_rng_state(self.rng)
-        if main:
-            bad.update(self.bad)
-
-    def save(self, state_dir: str | Path) -> Path:
-        payload = {k: v for k, v in self.__dict__.items() if k != "step"}
-        return save_step_state(state_dir, self.step, payload)
+        if dist.main:
+            torch.save({k: v for k, v in asdict(self).items() if k != "step"}, final / PROGRESS_FILE)
+            write_json(final / DONE_FILE, {"step": self.step, "processes": dist.world})
+            for old in sorted(p for p in state_dir.glob("step-*") if p.is_dir())[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        return final
 
     @classmethod
-    def load(cls, state_dir: str | Path) -> TrainingProgress | None:
-        """The newest step state of a stage, or None when it has none."""
-        found = latest_step_state(state_dir)
-        if found is None:
-            return None
-        step, payload = found
-        fields = {k: payload.get(k) for k in cls.__dataclass_fields__ if k != "step"}
-        fields["bad"] = fields["bad"] or {}
-        return cls(step=step, **fields)
+    def load(cls, state_dir: str | Path) -> tuple[TrainingProgress, Path] | None:
+        """The newest finished step state of a stage and its folder, or None when it has none."""
+        for folder in sorted((p for p in Path(state_dir).glob("step-*") if p.is_dir()), reverse=True):
+            if not (folder / DONE_FILE).is_file():
+                continue
+            try:
+                # weights_only: tensors, numbers, strings and containers of them; a state that holds
+                # anything else (a planted pickle runs code when loaded) is refused, never unpickled
+                payload = torch.load(folder / PROGRESS_FILE, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise _refuse(folder, e) from None
+            step = read_json(folder / DONE_FILE)["step"]
+            fields = {k: payload.get(k) for k in cls.__dataclass_fields__ if k != "step"}
+            fields["bad"] = fields["bad"] or {}
+            return cls(step=step, **fields), folder
+        return None
+
+    def restore(self, folder: Path, module, optimizer, scheduler) -> None:
+        """Load the weights and optimizer state (resharded to this run's processes) and put every
+        other state back."""
+        model_sd, optim_sd = get_state_dict(module, _raw(optimizer), options=OPTIONS)
+        state = {"model": model_sd, "optim": optim_sd}
+        try:
+            reader = SafeReader(folder / WEIGHTS_DIR)
+            single = not torch.distributed.is_initialized()
+            dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=single)
+        except (Exception, CheckpointException) as e:  # the latter is a BaseException
+            raise _refuse(folder, e) from None
+        set_state_dict(
+            module,
+            _raw(optimizer),
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=LOAD_OPTIONS,
+        )
+        scheduler.load_state_dict(self.scheduler)
+        set_rng_state(self.rng)
+
+
+def has_state(state_dir: str | Path) -> bool:
+    return any((p / DONE_FILE).is_file() for p in Path(state_dir).glob("step-*"))

@@ -137,11 +137,12 @@ class TeacherSlot:
                 r.teacher.gradient_checkpointing,
             )
             res = run_stage(job, ctx.reporter)
+            model = res.model
             ctx.save(
                 folder,
                 model,
                 processor,
-                {"stage": key, "train": res.__dict__},
+                {"stage": key, "train": {k: v for k, v in res.__dict__.items() if k != "model"}},
                 extra={IDENTITY_FILE: stage_manifest.record()},
                 state_dir=job.state_dir,
             )

@@ -10,8 +10,10 @@ import copy
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,10 +21,11 @@ import torch
 from safetensors.torch import load_file
 
 from lsd_edge.errors import DataError
-from lsd_edge.recipe.load import parse_recipe
+from lsd_edge.recipe.load import load_recipe, parse_recipe
 from lsd_edge.recipe.toml import dumps_toml
 from lsd_edge.train.distributed import SINGLE, Dist
-from lsd_edge.train.pipeline import distill
+from lsd_edge.train.pipeline import DistillOptions, distill
+from lsd_edge.train.state import SafeReader
 
 from ..helpers import REPO
 
@@ -41,9 +44,6 @@ def test_one_process_needs_no_process_group():
     assert not torch.distributed.is_initialized()
     assert SINGLE.sum_floats([1.5, 2.0], torch.device("cpu")) == [1.5, 2.0]
     assert SINGLE.gather({"a": 1}) == [{"a": 1}]
-    p = torch.nn.Parameter(torch.ones(2))
-    SINGLE.sum_gradients([p])
-    assert p.grad is None, "no gradient is made up"
     SINGLE.barrier()
     SINGLE.raise_together(None)
     with pytest.raises(DataError, match="bad"):
@@ -52,15 +52,56 @@ def test_one_process_needs_no_process_group():
 
 # ------------------------------------------------------------------------------------ launched runs
 
+# Loaded by every Python process of a launch (through PYTHONPATH): after the resume state of
+# LSD_EDGE_TEST_PAUSE ("stage:step") is written, each process marks it and waits to be killed.
+PAUSE_HOOK = """
+import os
+if os.environ.get("LSD_EDGE_TEST_PAUSE"):
+    import pathlib, time
+    from lsd_edge.train import state
+    stage, step = os.environ["LSD_EDGE_TEST_PAUSE"].split(":")
+    real = state.TrainingProgress.save
+    def save(self, state_dir, *args, **kwargs):
+        out = real(self, state_dir, *args, **kwargs)
+        if pathlib.Path(state_dir).name == stage and self.step == int(step):
+            pathlib.Path(os.environ["LSD_EDGE_TEST_MARK"] + os.environ.get("RANK", "0")).touch()
+            time.sleep(600)
+        return out
+    state.TrainingProgress.save = save
+"""
 
-def _launch(config: str, recipe: Path, *extra: str) -> None:
+
+def _command(config: str, recipe: Path, *extra: str, hook: Path | None = None):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", LSD_EDGE_DEBUG="0")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    paths = [str(hook)] if hook is not None else []
+    env["PYTHONPATH"] = os.pathsep.join([*paths, str(REPO), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch"]
     cmd += ["--config_file", str(REPO / "recipes" / "accelerate" / config), "--num_processes", "2"]
     cmd += ["-m", "lsd_edge", "distill", str(recipe), *extra]
+    return cmd, env
+
+
+def _launch(config: str, recipe: Path, *extra: str) -> None:
+    cmd, env = _command(config, recipe, *extra)
     p = subprocess.run(cmd, env=env, cwd=recipe.parent, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def _launch_and_kill(config: str, recipe: Path, stage: str, step: int, tmp_path: Path) -> None:
+    """A 2-process launch killed with SIGKILL (every process) once both wrote `stage`'s state at `step`."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(PAUSE_HOOK)
+    cmd, env = _command(config, recipe, hook=hook)
+    mark = tmp_path / "paused-"
+    env.update(LSD_EDGE_TEST_PAUSE=f"{stage}:{step}", LSD_EDGE_TEST_MARK=str(mark))
+    p = subprocess.Popen(cmd, env=env, cwd=recipe.parent, start_new_session=True, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not all(Path(f"{mark}{r}").exists() for r in range(2)):
+        assert p.poll() is None and time.time() < deadline, "the run ended before the kill point"
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
 
 
 def _losses(run: Path) -> list[tuple[str, int, float]]:
@@ -74,48 +115,48 @@ def _same_run(a: Path, b: Path) -> None:
     # the same arithmetic, summed in another order: equal to float rounding
     assert all(abs(x[2] - y[2]) <= 1e-4 * abs(x[2]) for x, y in zip(la, lb, strict=True)), (la, lb)
     wa, wb = load_file(a / "student" / "model.safetensors"), load_file(b / "student" / "model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
     ra, rb = (json.loads((r / "report.json").read_text()) for r in (a, b))
-    assert abs(ra["student"]["accuracy"] - rb["student"]["accuracy"]) <= 0.02
-    assert [s["accuracy"] for s in ra["stages"]] == [s["accuracy"] for s in rb["stages"]]
+    assert abs(ra["student"]["accuracy"] - rb["student"]["accuracy"]) <= 0.01
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_and_resume_across_process_counts(tmp_path, recipe_dict, monkeypatch):
-    """The tiny recipe with a global batch of 8 (4 x 2 micro-batches): 2 processes (DDP) train what 1
-    does; a run cut in DFT on 1 process resumes on 2 (teacher sharded, FSDP) and ends the same."""
+def test_one_and_two_processes_train_alike_and_a_killed_run_resumes_on_one_or_two(tmp_path, recipe_dict):
+    """The tiny recipe with a global batch of 8 (4 x 2 micro-batches; DFT 4 x 3, so one process has
+    a slot with nothing to run): 2 processes under DDP, and under FSDP2 (student and teacher
+    sharded), train what 1 does. The FSDP2 run, killed with SIGKILL in DFT after its step-4 state,
+    resumes on 2 processes and on 1 and ends where the uninterrupted run ends."""
     for st in recipe_dict["stages"]:
         st.update(batch_size=4, grad_accum=2)
-    recipe_dict["stages"][2]["max_steps"] = 6
+    recipe_dict["stages"][2].update(grad_accum=3, max_steps=6)
     recipe_dict["data"]["root"] = str(tmp_path / "data")
 
-    def recipe(name: str) -> Path:
+    def recipe(name: str, teacher_from: str | None = "ref") -> Path:
         d = copy.deepcopy(recipe_dict)
         d["run"]["output_dir"] = str(tmp_path / name)
         path = tmp_path / f"{name}.toml"
         path.write_text(dumps_toml(d))
-        if name != "ref":  # the teacher is the same; train it once
-            shutil.copytree(tmp_path / "ref" / "teacher", tmp_path / name / "teacher")
+        if teacher_from is not None:  # the teacher is the same; train it once
+            shutil.copytree(tmp_path / teacher_from / "teacher", tmp_path / name / "teacher")
         return path
 
     distill(parse_recipe(copy.deepcopy(recipe_dict), overrides=[f"run.output_dir={tmp_path / 'ref'}"]))
 
-    _launch("ddp.yaml", recipe("two"))
-    _same_run(tmp_path / "ref", tmp_path / "two")
+    _launch("ddp.yaml", recipe("ddp"))
+    _same_run(tmp_path / "ref", tmp_path / "ddp")
 
-    from lsd_edge.train import state
-
-    real_save = state.save_step_state
-
-    def save_then_stop(state_dir, step, payload, keep=1):
-        real_save(state_dir, step, payload, keep)
-        if Path(state_dir).name == "dft" and step == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(state, "save_step_state", save_then_stop)
-    cut = recipe("cut")
-    with pytest.raises(KeyboardInterrupt):
-        distill(parse_recipe(copy.deepcopy(recipe_dict), overrides=[f"run.output_dir={tmp_path / 'cut'}"]))
-    assert (tmp_path / "cut" / "state" / "dft" / "step-0000004").is_dir()
-    _launch("fsdp.yaml", cut, "--resume")
+    _launch_and_kill("fsdp.yaml", recipe("cut"), "dft", 4, tmp_path)
+    state = tmp_path / "cut" / "state" / "dft" / "step-0000004"
+    assert (state / "step.json").is_file() and not (tmp_path / "cut" / "dft").exists()
+    # FSDP2 sharded the student: the optimizer state of a decoder layer weight is in two halves, one
+    # written by each process (nothing was gathered to save it)
+    meta = SafeReader(state / "weights").read_metadata()
+    chunks = {k: len(v.chunks) for k, v in meta.state_dict_metadata.items() if hasattr(v, "chunks")}
+    layer = [k for k in chunks if "layers.0.mlp.up_proj.weight.exp_avg" in k and k.startswith("optim.state")]
+    assert layer and all(chunks[k] == 2 for k in layer), chunks
+    shutil.copytree(tmp_path / "cut", tmp_path / "one")
+    _launch("fsdp.yaml", recipe("cut", teacher_from=None), "--resume")
     _same_run(tmp_path / "ref", tmp_path / "cut")
+    one = recipe("one", teacher_from=None)
+    distill(load_recipe(one), DistillOptions(resume=True))
+    _same_run(tmp_path / "ref", tmp_path / "one")

@@ -60,7 +60,7 @@ def test_estimate_follows_chunked_losses_and_a_teacher_cache(tmp_path):
     """The chunked path keeps an lm_head-sized gradient per output, so it pays off at real batch sizes:
     8 samples of 512 tokens here (4,096 positions)."""
     folder = write_small_configs(tmp_path, 192, 256, 4096)
-    size = ["stages[2].batch_size=8", "data.max_length=512"]
+    size = ["stages[2].batch_size=8", "data.max_length=512", "stages[2].loss.chunk_size=0"]
     plain = estimate_recipe(_recipe(folder, *size))[2]
     chunked = estimate_recipe(_recipe(folder, *size, "stages[2].loss.chunk_size=256"))[2]
     cached = estimate_recipe(_recipe(folder, *size, "stages[2].teacher_cache=auto"))[2]

@@ -99,7 +99,7 @@ def train_every_kind(
         stage = stage_config(kind, r, cached)
         teacher_side = None
         if stage.distills:
-            teacher_side = OnlineTeacher(teacher, sharded=mode == "sharded")
+            teacher_side = OnlineTeacher(teacher)
             if cached:
                 # every process builds the same cache (no collectives in it), in its own folder
                 teacher_side = make_cache(
@@ -166,19 +166,20 @@ def _free_port() -> int:
 
 def _two_process_worker(rank, port, data, teacher_dir, student_dir, out, seed, mode, queue):
     from lsd_edge.models.load import load_llava
-    from lsd_edge.train.distributed import shard_decoder_layers
+    from lsd_edge.train.distributed import setup, shard_decoder_layers
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(env, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    if mode == "sharded":  # what `accelerate launch` with recipes/accelerate/fsdp.yaml sets
+        os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
     torch.set_num_threads(1)
     teacher, processor = load_llava(str(teacher_dir))
     student, _ = load_llava(str(student_dir))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    dist, _ = setup(RunConfig(device="cpu"), out / "trackers")
     try:
         if mode == "sharded":
             shard_decoder_layers(teacher)
-        results = train_every_kind(
-            data, processor, teacher, student, out, seed, mode, Dist(rank, 2, mode == "sharded")
-        )
+        results = train_every_kind(data, processor, teacher, student, out, seed, mode, dist)
         queue.put((rank, results))
     finally:
         torch.distributed.destroy_process_group()

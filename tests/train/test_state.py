@@ -9,35 +9,59 @@ import pytest
 import torch
 
 from lsd_edge.errors import TrainingError
-from lsd_edge.train.state import TrainingProgress, latest_step_state, save_step_state
+from lsd_edge.train.distributed import SINGLE
+from lsd_edge.train.state import TrainingProgress, has_state
 
 
 def _draws() -> tuple:
     return random.random(), float(np.random.rand()), float(torch.rand(()))
 
 
-def test_a_state_round_trips_with_weights_only(tmp_path):
-    model = torch.nn.Linear(3, 2)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+def _trained():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model[0].bias.requires_grad_(False)  # frozen: not in the state
+    groups = [{"params": [model[0].weight], "lr": 1e-2}, {"params": list(model[1].parameters()), "lr": 3e-3}]
+    opt = torch.optim.AdamW(groups, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    model(torch.randn(4, 3)).sum().backward()
-    opt.step()
-    sched.step()
-    bad = {"total": 1, "by_reason": {"missing image": 1}, "examples": {"missing image": ["a"]}, "kept": {}}
-    TrainingProgress.capture(5, 40, model, None, opt, sched, bad).save(tmp_path)
+    return model, opt, sched
+
+
+BAD = {"total": 1, "by_reason": {"missing image": 1}, "examples": {"missing image": ["a"]}, "kept": {}}
+
+
+def _saved(tmp_path):
+    model, opt, sched = _trained()
+    for _ in range(3):
+        model(torch.randn(5, 3)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    TrainingProgress.capture(3, 40, sched, BAD).save(tmp_path, model, opt, SINGLE)
+    return model, opt, sched
+
+
+def test_a_state_round_trips_weights_optimizer_schedule_and_rngs(tmp_path):
+    model, opt, sched = _saved(tmp_path)
+    assert has_state(tmp_path) and (tmp_path / "step-0000003" / "weights").is_dir()
     want = _draws()
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
-    loaded = TrainingProgress.load(tmp_path)
-    assert (loaded.step, loaded.position, loaded.bad) == (5, 40, bad)
-    opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0 / (1 + s))
-    from lsd_edge.data.records import BadSampleLog
-
-    log = BadSampleLog()
-    loaded.restore(model, None, opt2, sched2, log, main=True)
+    loaded, folder = TrainingProgress.load(tmp_path)
+    assert (loaded.step, loaded.position, loaded.bad) == (3, 40, BAD)
+    model2, opt2, sched2 = _trained()
+    loaded.restore(folder, model2, opt2, sched2)
     assert _draws() == want, "every RNG continues where it was saved"
-    assert sched2.last_epoch == 1 and opt2.state_dict()["state"][0]["step"] == 1
-    assert log.counts == {"missing image": 1}
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters(), strict=True))
+    a, b = opt.state_dict(), opt2.state_dict()
+    assert a["param_groups"] == b["param_groups"], "learning rates as the schedule left them"
+    assert all(torch.equal(a["state"][k][n], b["state"][k][n]) for k in a["state"] for n in a["state"][k])
+    assert sched2.last_epoch == 3
+
+
+def test_an_unfinished_state_folder_is_ignored(tmp_path):
+    _saved(tmp_path)
+    (tmp_path / "step-0000003" / "step.json").unlink()  # killed while writing
+    assert TrainingProgress.load(tmp_path) is None and not has_state(tmp_path)
 
 
 class _Planted:
@@ -48,11 +72,40 @@ class _Planted:
         return (open, (str(self.marker), "w"))
 
 
-def test_a_planted_pickle_is_refused_not_run(tmp_path):
+def test_a_planted_pickle_in_the_progress_file_is_refused_not_run(tmp_path):
+    _saved(tmp_path)
     marker = tmp_path / "ran"
-    save_step_state(tmp_path / "state", 3, {"payload": _Planted(marker)})
+    torch.save({"position": _Planted(marker)}, tmp_path / "step-0000003" / "progress.pt")
     with pytest.raises(TrainingError) as e:
-        latest_step_state(tmp_path / "state")
+        TrainingProgress.load(tmp_path)
     msg = str(e.value)
     assert "\n" not in msg and "could run code" in msg and "was not loaded" in msg
     assert not marker.exists(), "nothing in the file was executed"
+
+
+def test_a_planted_pickle_in_the_checkpoint_metadata_is_refused_not_run(tmp_path):
+    import pickle
+
+    _saved(tmp_path)
+    marker = tmp_path / "ran"
+    (tmp_path / "step-0000003" / "weights" / ".metadata").write_bytes(pickle.dumps(_Planted(marker)))
+    loaded, folder = TrainingProgress.load(tmp_path)
+    model2, opt2, sched2 = _trained()
+    with pytest.raises(TrainingError) as e:
+        loaded.restore(folder, model2, opt2, sched2)
+    msg = str(e.value)
+    assert "\n" not in msg and "could run code" in msg, msg
+    assert not marker.exists(), "nothing in the file was executed"
+
+
+def test_a_state_of_the_earlier_format_is_refused_in_one_line(tmp_path):
+    """Before distributed checkpoints a step folder held one state.pt: it is named, not half-loaded."""
+    folder = tmp_path / "step-0000004"
+    folder.mkdir()
+    torch.save({"position": 32}, folder / "state.pt")
+    (folder / "step.json").write_text('{"step": 4}')
+    with pytest.raises(TrainingError) as e:
+        TrainingProgress.load(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and f"resume state {folder} is damaged or was written by another run" in msg
+    assert "--restart" in msg

@@ -118,6 +118,7 @@ def _recipe(recipe_dict, **over):
 
 
 def test_distill_end_to_end(recipe_dict):
+    recipe_dict["run"]["report_to"] = ["tensorboard"]
     r = _recipe(recipe_dict)
     report = distill(r)
     root = Path(r.run.output_dir)
@@ -139,8 +140,23 @@ def test_distill_end_to_end(recipe_dict):
     assert not (root / "state").exists() and not (root / "teacher-stages").exists()
     metrics = json.loads((root / "dft" / "metrics.json").read_text())
     assert "eval" in metrics and metrics["steps"] == 4
+    check_tensorboard_events(root / "trackers" / r.run.name, dft)
     # the recipe copy in a checkpoint is the resolved recipe, loadable as it is
     assert parse_recipe(__import__("tomllib").loads((root / "student" / "recipe.toml").read_text())) == r
+
+
+def check_tensorboard_events(folder: Path, dft: list[dict]) -> None:
+    """run.report_to = ["tensorboard"]: every step's figures and each stage's eval accuracy."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert list(folder.glob("events.out.tfevents.*")), "no event file written"
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {f"dft/{k}" for k in ("loss", "ce", "response_kl", "lambda", "lr", "tokens_per_s")} <= tags
+    assert {"teacher/pt/loss", "eval/teacher/accuracy", "eval/dft/accuracy"} <= tags
+    losses = [(e.step, e.value) for e in events.Scalars("dft/loss")]
+    assert losses == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in dft]
 
 
 def test_frozen_parameters_stay_bitwise(recipe_dict):

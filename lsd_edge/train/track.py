@@ -1,0 +1,89 @@
+"""What a run sends to the experiment trackers of `run.report_to` (TensorBoard, Trackio, W&B, all
+through Accelerate's trackers, written under `<output_dir>/trackers`, offline): per step the loss
+terms, lambda, lr, tokens/s and, on CUDA, the model FLOPs utilisation; per stage the eval accuracy.
+Rank 0 writes (Accelerate's `log` does nothing on the other processes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lsd_edge.recipe.schema import Recipe
+from lsd_edge.train.distributed import Dist
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, by a name part
+# of torch.cuda.get_device_name; a GPU not listed gets no MFU figure rather than a guessed one
+# (`lsd-edge memory --measure` takes --peak-tflops for it).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
+LOGGED = ("loss", "ce", "response_kl", "visual_kl", "relation", "latent", "lambda", "lr", "tokens_per_s")
+
+
+def flops_per_token(student, teacher) -> float:
+    """Training FLOPs per token: 6 x the student's parameters (forward and backward) plus 2 x an
+    online teacher's (forward only), the usual transformer estimate (attention left out)."""
+    n = 6 * sum(p.numel() for p in student.parameters())
+    model = getattr(teacher, "model", None)
+    if model is not None:
+        n += 2 * sum(p.numel() for p in model.parameters())
+    return float(n)
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def mfu(flops: float, tokens_per_s: float, device: torch.device, processes: int) -> float | None:
+    """Model FLOPs utilisation of the run's GPUs (None off CUDA or on an unlisted GPU)."""
+    peak = device_peak_tflops(device)
+    if peak is None or not flops:
+        return None
+    return flops * tokens_per_s / (peak * 1e12 * processes)
+
+
+def flat_config(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as `section.key` scalars (what every tracker's hyperparameter table takes)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(value, bool | int | float | str):
+            out[prefix] = value
+        else:
+            out[prefix] = str(value)
+
+    walk("", {k: v for k, v in recipe.model_dump(mode="json").items() if k in ("run", "student", "data")})
+    return out
+
+
+def start(dist: Dist, recipe: Recipe) -> None:
+    if dist.accelerator is not None and recipe.run.report_to:
+        dist.accelerator.init_trackers(
+            recipe.run.name, config=flat_config(recipe), init_kwargs={"tensorboard": {"flush_secs": 5}}
+        )
+
+
+def log_step(dist: Dist, rec: dict[str, Any], mfu_value: float | None) -> None:
+    if dist.accelerator is None or not dist.accelerator.trackers:
+        return
+    values = {f"{rec['stage']}/{k}": float(rec[k]) for k in LOGGED if k in rec}
+    if mfu_value is not None:
+        values[f"{rec['stage']}/mfu"] = mfu_value
+    dist.accelerator.log(values, step=rec["step"])
+
+
+def log_eval(dist: Dist, stage: str, metrics: dict[str, Any], step: int) -> None:
+    if dist.accelerator is None or not dist.accelerator.trackers or "accuracy" not in metrics:
+        return
+    dist.accelerator.log({f"eval/{stage}/accuracy": float(metrics["accuracy"])}, step=step)
+
+
+def finish(dist: Dist) -> None:
+    if dist.accelerator is not None and dist.accelerator.trackers:
+        dist.accelerator.end_training()
