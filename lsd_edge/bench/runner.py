@@ -280,7 +280,9 @@ def ensure_arch_export(arch, cache: Path, seed: int, threads: int, tmp: Path, re
     out = arch_export_dir(arch.name, spec["config"], seed, cache)
     if is_current(out, arch.name, spec["config"], seed):
         return out
-    reporter.message(f"exporting {arch.name} (random weights) to ONNX int8 once, into {out}: minutes")
+    reporter.message(
+        f"exporting {arch.name} (random weights) to ONNX fp32, int8 and int4 once, into {out}: minutes"
+    )
     reporter.task(f"export {arch.name}", 1)
     job = RowSpec(
         name=f"export {arch.name}",
