@@ -13,17 +13,16 @@ the decoder's weight bytes / the bench's copy bandwidth on as many threads. Prin
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from lsd_edge.bench.llama_cpp import measure_gguf
 from lsd_edge.bench.machine import memory_bandwidth
-from lsd_edge.runtime.onnx.layout import graph_file
+from lsd_edge.bench.worker import onnx_decode_bytes
 from lsd_edge.runtime.onnx.runner import OnnxRunner
 
 QUESTION = "what color is the circle ?"
@@ -36,27 +35,6 @@ def onnx_round(runner: OnnxRunner, image, new_tokens: int) -> tuple[float, float
     t0 = time.perf_counter()
     runner.decode(embeds, runner.new_cache(len(ids) + 1))
     return g.decode_tokens_per_s, len(ids) / (time.perf_counter() - t0), len(ids)
-
-
-def llama_round(
-    binary: str, gguf: str, threads: int, depth: int, new_tokens: int
-) -> tuple[float, float, int]:
-    base = [binary, "-m", gguf, "-t", str(threads), "-r", "1", "-o", "json"]
-
-    def run(*args: str) -> dict:
-        return json.loads(subprocess.run([*base, *args], capture_output=True, text=True, check=True).stdout)[
-            0
-        ]
-
-    tg = run("-p", "0", "-n", str(new_tokens), "-d", str(depth))
-    pp = run("-p", str(depth), "-n", "0")
-    return tg["avg_ts"], pp["avg_ts"], int(tg["model_size"])
-
-
-def decoder_bytes(runner: OnnxRunner) -> int:
-    f = runner.path / graph_file("decoder_model_merged", runner.variant)
-    data = f.parent / f"{f.name}_data"
-    return f.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
 def main() -> None:
@@ -82,12 +60,14 @@ def main() -> None:
     for _ in range(a.rounds):
         for name, runner in runners.items():
             dec, pre, depth = onnx_round(runner, image, a.new_tokens)
-            b = best.setdefault(name, [0.0, 0.0, decoder_bytes(runner)])
+            b = best.setdefault(name, [0.0, 0.0, onnx_decode_bytes(runner)])
             b[0], b[1] = max(b[0], dec), max(b[1], pre)
         for gguf in a.gguf:
-            dec, pre, size = llama_round(a.llama_bench, gguf, a.threads, depth, a.new_tokens)
-            b = best.setdefault(f"{Path(gguf).stem} (llama.cpp)", [0.0, 0.0, size])
-            b[0], b[1] = max(b[0], dec), max(b[1], pre)
+            m = measure_gguf(Path(a.llama_bench), Path(gguf), a.threads, depth, a.new_tokens, repeats=1)
+            b = best.setdefault(
+                f"{Path(gguf).stem} (llama.cpp)", [0.0, 0.0, m["weight_mb_per_token"] * 2**20]
+            )
+            b[0], b[1] = max(b[0], m["decode_tokens_per_s"]), max(b[1], m["prefill_tokens_per_s"])
     bandwidth = memory_bandwidth(1024, a.threads)
     print(f"{a.threads} thread(s), {depth} tokens of context, copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
           f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip

@@ -10,16 +10,14 @@ vision encoder. Peak memory is the process's resident set, polled.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from lsd_edge.bench.report import BenchRow
 from lsd_edge.errors import BenchError
+from lsd_edge.runtime.memory import run_measured
 
 
 @dataclass
@@ -47,30 +45,22 @@ class LlamaBench:
 def run_json(cmd: list[str]) -> tuple[list[dict], float]:
     """One llama-bench run: its JSON records and the process's peak resident memory (MiB)."""
     try:
-        proc = psutil.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        run = run_measured(cmd)
     except OSError as e:
         raise BenchError(f"{cmd[0]}: cannot run it ({e.strerror}); give a llama-bench binary") from None
-    peak = 0
-    while proc.poll() is None:
-        try:
-            peak = max(peak, proc.memory_info().rss)
-        except psutil.Error:
-            break
-        time.sleep(0.05)
-    out, err = proc.communicate()
-    lines = [s for s in err.strip().splitlines() if s.strip()]
-    if proc.returncode != 0:
-        why = lines[-1][:300] if lines else f"exit status {proc.returncode}"
+    lines = [s for s in run.stderr.strip().splitlines() if s.strip()]
+    if run.returncode != 0:
+        why = lines[-1][:300] if lines else f"exit status {run.returncode}"
         raise BenchError(f"{cmd[0]} failed on {cmd[cmd.index('-m') + 1]}: {why}")
     try:
-        records = json.loads(out)
+        records = json.loads(run.stdout)
     except json.JSONDecodeError:
         raise BenchError(
             f"{cmd[0]}: its -o json output is not JSON; is it llama.cpp's llama-bench?"
         ) from None
     if not isinstance(records, list) or not records or "avg_ts" not in records[0]:
         raise BenchError(f"{cmd[0]}: no results with avg_ts in its output; is it llama.cpp's llama-bench?")
-    return records, peak / 2**20
+    return records, run.peak_mb
 
 
 def measure_gguf(

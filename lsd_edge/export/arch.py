@@ -17,7 +17,7 @@ from transformers import LlavaConfig
 
 import lsd_edge
 from lsd_edge.data.shapes import vocabulary
-from lsd_edge.export.assemble import peak_rss_mb, write_graphs
+from lsd_edge.export.assemble import export_peak_mb, write_graphs
 from lsd_edge.export.decoder import builder_version
 from lsd_edge.export.package import package
 from lsd_edge.export.pipeline import versions
@@ -89,7 +89,7 @@ def export_arch(
                 "sizes_mb": sizes_mb(tmp, ["fp32", *variants]),
                 "seconds": round(time.perf_counter() - t0, 1),
                 "timing_s": made["seconds"],
-                "peak_rss_mb": peak_rss_mb(),
+                "peak_rss_mb": export_peak_mb(made),
                 "versions": versions(),
             },
         )

@@ -10,8 +10,6 @@ traced and quantized like the other two.
 from __future__ import annotations
 
 import contextlib
-import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 from lsd_edge.export.decoder import DECODER, decoder_plans, decoder_report, start_builds
 from lsd_edge.export.graphs import export_graphs
 from lsd_edge.export.quantize import quantize_graphs
+from lsd_edge.runtime.memory import peak_rss_mb
 from lsd_edge.runtime.onnx.layout import GRAPHS
 
 BUILDER_QUANT = {  # a builder run of its own per variant (CUDA): fp16 activations and KV cache
@@ -60,7 +59,7 @@ def write_graphs(
         with contextlib.suppress(Exception):  # the first failure is the one to report
             wait()
         raise
-    by_variant = wait()
+    by_variant, done["builder_peak_mb"] = wait()
     done["seconds"] = {
         "trace_by_graph": {g: round(s, 2) for g, s in by_graph.items()},
         "decoder_builder_by_variant": {v: round(s, 2) for v, s in by_variant.items()},
@@ -72,9 +71,6 @@ def write_graphs(
     return done
 
 
-def peak_rss_mb() -> dict[str, float]:
-    """Peak resident memory of this process and of its largest finished subprocess (the builder), MiB."""
-    scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
-    return {"process": round(own, 1), "subprocess": round(child, 1)}
+def export_peak_mb(made: dict[str, Any]) -> dict[str, float]:
+    """Peak resident memory of this process and of the model builder's runs (`write_graphs`), MiB."""
+    return {"process": round(peak_rss_mb(), 1), "subprocess": round(made["builder_peak_mb"], 1)}

@@ -10,7 +10,7 @@ reads and writes a KV cache that past and present share in place (`kv_cache: sha
 report), which `OnnxRunner` binds once per generation.
 
 An LLM the builder does not know (or an export without onnxruntime-genai) gets lsd-edge's traced
-decoder (`lsd_edge.export.graphs.MergedDecoder`); `decoder_plan` says which, and why.
+decoder (`lsd_edge.export.graphs.MergedDecoder`); `decoder_plans` says which, and why.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import importlib.util
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,8 +30,9 @@ import onnx
 from safetensors.torch import save_file
 
 from lsd_edge.errors import ExportError
-from lsd_edge.export.graphs import quiet
+from lsd_edge.export.graphs import kv_shape, quiet
 from lsd_edge.export.quantize import matmul_nbits, save_proto
+from lsd_edge.runtime.memory import run_measured
 from lsd_edge.runtime.onnx.layout import graph_file
 
 # LLM model_type -> the causal-LM class the builder dispatches on (the ones lsd-edge's tests export).
@@ -92,8 +92,8 @@ def decoder_plans(
         why = "onnxruntime-genai is not installed"
     elif kind not in BUILDER_LLMS:
         why = f"the model builder path is not set up for {kind} language models"
-    elif head_dim(text_config) % 16:
-        why = f"GroupQueryAttention needs a head size that is a multiple of 16, this LLM's is {head_dim(text_config)}"
+    elif kv_shape(text_config)[1] % 16:
+        why = f"GroupQueryAttention needs a head size that is a multiple of 16, this LLM's is {kv_shape(text_config)[1]}"
     elif "fp16" in variants and target != "cuda":
         why = "the model builder writes fp16 decoders for the CUDA execution provider only"
     if why is not None:
@@ -121,12 +121,6 @@ def builder_source(version: str, variant: str, target: str) -> DecoderSource:
     return source
 
 
-def head_dim(text_config) -> int:
-    return (
-        getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-    )
-
-
 def save_causal_lm(model, folder: Path) -> None:
     """The LLaVA's language model and lm_head as a Hugging Face causal-LM folder the builder loads.
 
@@ -144,25 +138,28 @@ def save_causal_lm(model, folder: Path) -> None:
     tc.__class__.from_dict(config).save_pretrained(folder)
 
 
-def run_builder(hf: Path, out: Path, source: DecoderSource) -> float:
-    """`python -m onnxruntime_genai.models.builder` on `hf` into `out`; the seconds it took.
+def run_builder(hf: Path, out: Path, source: DecoderSource) -> tuple[float, float]:
+    """`python -m onnxruntime_genai.models.builder` on `hf` into `out`: the seconds it took and its
+    peak resident memory (MiB).
 
     A subprocess: the builder's memory is returned when it ends, and its chatter stays out of the
-    user's terminal."""
+    user's terminal (with --debug, a failed run's output is shown)."""
     opts = [f"{k}={v}" for k, v in (source.options or {}).items()]
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out)]
     cmd += ["-p", str(source.precision), "-e", str(source.provider), "-c", str(out / "cache")]
     cmd += ["--extra_options", *opts]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0 or not (out / "model.onnx").is_file():
-        why = builder_error(proc.stderr + "\n" + proc.stdout) or f"exit status {proc.returncode}"
+    run = run_measured(cmd, env=env)
+    if run.returncode != 0 or not (out / "model.onnx").is_file():
+        if os.environ.get("LSD_EDGE_DEBUG") == "1":
+            sys.stderr.write(run.stdout + run.stderr)
+        why = builder_error(run.stderr + "\n" + run.stdout) or f"exit status {run.returncode}"
         raise ExportError(
             f"the onnxruntime-genai model builder failed on the {source.precision} decoder: {why}; "
-            "run with --debug, or export lsd-edge's own decoder with `--decoder traced`"
+            "run with --debug to see its output, or export lsd-edge's own decoder with `--decoder traced`"
         )
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, run.peak_mb
 
 
 def builder_error(output: str) -> str | None:
@@ -208,23 +205,25 @@ def place(built: Path, out: Path, variant: str, external_data_mb: float, head_si
 def start_builds(model, out: Path, plans: dict[str, DecoderSource], external_data_mb: float):
     """Start the builder runs `plans` asks for in a background thread (they are subprocesses, so the
     caller traces the other graphs meanwhile); returns a function that waits for them, quantizes the
-    variants made from the fp32 graph and returns seconds per variant. The model's LLM is written
-    for the builder here, before returning, so the caller may use the model while the builds run."""
+    variants made from the fp32 graph and returns seconds per variant and the builder's peak resident
+    memory (MiB). The model's LLM is written for the builder here, before returning, so the caller
+    may use the model while the builds run."""
     if not any(s.builder for s in plans.values()):
-        return dict
+        return lambda: ({}, 0.0)
     work = out / ".builder"
     save_causal_lm(model, work / "hf")
     for name in TOKENIZER_FILES:  # the builder writes its own config from the tokenizer
         if (out / name).is_file():
             shutil.copy2(out / name, work / "hf" / name)
-    size = head_dim(model.config.text_config)
+    size = kv_shape(model.config.text_config)[1]
     pool = ThreadPoolExecutor(1)
 
-    def build() -> dict[str, float]:
-        seconds = {}
+    def build() -> tuple[dict[str, float], float]:
+        seconds, peak = {}, 0.0
         for variant, source in plans.items():
             if source.runs_builder:
-                seconds[variant] = run_builder(work / "hf", work / variant, source)
+                seconds[variant], run_peak = run_builder(work / "hf", work / variant, source)
+                peak = max(peak, run_peak)
                 place(work / variant, out, variant, external_data_mb, size)
         for variant, source in plans.items():
             if source.quantized:
@@ -234,11 +233,11 @@ def start_builds(model, out: Path, plans: dict[str, DecoderSource], external_dat
                         out / graph_file(DECODER), out / graph_file(DECODER, variant), NBITS[variant], 4
                     )
                 seconds[variant] = time.perf_counter() - t0
-        return seconds
+        return seconds, peak
 
     job = pool.submit(build)
 
-    def wait() -> dict[str, float]:
+    def wait() -> tuple[dict[str, float], float]:
         try:
             return job.result()
         finally:

@@ -24,7 +24,7 @@ import transformers
 
 from lsd_edge.data.questions import first_questions
 from lsd_edge.errors import ExportError
-from lsd_edge.export.assemble import peak_rss_mb, write_graphs
+from lsd_edge.export.assemble import export_peak_mb, write_graphs
 from lsd_edge.export.decoder import builder_version
 from lsd_edge.export.package import package
 from lsd_edge.export.parity import check_data, parity_report
@@ -271,7 +271,7 @@ def export(
             reporter.advance(1, "speed")
         times = {"export": t2 - t0, "parity": t3 - t2, "total": time.perf_counter() - started}
         report["timing_s"] = {**made["seconds"], **{k: round(v, 2) for k, v in times.items()}}
-        report.update(peak_rss_mb=peak_rss_mb(), versions=versions())
+        report.update(peak_rss_mb=export_peak_mb(made), versions=versions())
         write_card(tmp, export_card(model_dir, out_final, settings, torch_runner.model, report))
         write_json(tmp / REPORT, report)
         reporter.done()

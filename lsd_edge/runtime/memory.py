@@ -12,7 +12,10 @@ from __future__ import annotations
 import gc
 import resource
 import sys
+import tempfile
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -88,3 +91,31 @@ class PeakRSS:
     @property
     def mb(self) -> float:
         return self.grown / MiB
+
+
+@dataclass
+class Measured:
+    """A finished command: its exit status, output, and the peak resident memory it was seen at."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    peak_mb: float
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None, every_s: float = 0.05) -> Measured:
+    """Run `cmd` to its end, sampling its resident set every `every_s` seconds (the child's own, not
+    `ru_maxrss`, which a child started by a big process inherits). Output goes to temporary files, so
+    a chatty command cannot fill a pipe and stall while it is polled. OSError if it cannot start."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = psutil.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        peak = 0
+        while proc.poll() is None:
+            try:
+                peak = max(peak, proc.memory_info().rss)
+            except psutil.Error:
+                pass
+            time.sleep(every_s)
+        out.seek(0)
+        err.seek(0)
+        return Measured(proc.returncode, out.read(), err.read(), peak / MiB)

@@ -24,7 +24,11 @@ from ..helpers import one_red_line, run
 
 def _tc(model_type="qwen2", hidden=64, heads=4):
     return SimpleNamespace(
-        model_type=model_type, hidden_size=hidden, num_attention_heads=heads, head_dim=None
+        model_type=model_type,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        head_dim=None,
     )
 
 
