@@ -23,7 +23,7 @@ LOCAL_PROJECT_IMPORTS = {
     "cli/deploy_commands.py": "`lsd-edge demo` imports gradio (through the page) only when it runs",
 }
 # external packages a module may import inside a function: heavy, and needed by one path only
-LOCAL_EXTERNAL_IMPORTS = {"matplotlib", "onnxruntime", "pynvml", "llama_cpp"}
+LOCAL_EXTERNAL_IMPORTS = {"matplotlib", "onnxruntime", "pynvml", "llama_cpp", "deepspeed"}
 
 
 def modules() -> list[Path]:

@@ -17,9 +17,16 @@ class Forward:
     hidden: torch.Tensor  # (B, T, D) last hidden state (after the final norm)
     hidden_states: tuple[torch.Tensor, ...] | None  # per layer, 0 = embeddings, -1 = final
     image_features: torch.Tensor | None  # (I, K, D) projector output
+    blank_features: torch.Tensor | None = None  # (1, K, D): a blank image's, run at weight 0
 
 
-def forward(model, batch: Batch, hidden_states: bool = False) -> Forward:
+def forward(model, batch: Batch, hidden_states: bool = False, every_module: bool = False) -> Forward:
+    """`every_module`: the vision tower and projector run on every micro-batch, in the same place
+    (on a blank image, at weight 0, where the micro-batch has none), as DeepSpeed ZeRO needs: it
+    gathers each module's weights for its call and reduces every weight's gradient, so the modules
+    a micro-batch runs, and their order, must be the same on every process."""
+    if every_module:
+        return forward_every_module(model, batch, hidden_states)
     out = model.model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -32,6 +39,48 @@ def forward(model, batch: Batch, hidden_states: bool = False) -> Forward:
     if out.image_outputs is not None:
         feats = torch.stack(list(out.image_outputs.pooler_output))
     return Forward(out.last_hidden_state, out.hidden_states if hidden_states else None, feats)
+
+
+def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The projector's output (I, K, D) for I images, as the model's own forward computes it."""
+    cfg = model.config
+    out = model.model.get_image_features(
+        pixel_values=pixel_values.to(model.dtype),
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        return_dict=True,
+    )
+    return torch.stack(list(out.pooler_output))
+
+
+def blank_image(model, device: torch.device) -> torch.Tensor:
+    vc = model.config.vision_config
+    return torch.zeros(1, getattr(vc, "num_channels", 3), vc.image_size, vc.image_size, device=device)
+
+
+def forward_every_module(model, batch: Batch, hidden_states: bool) -> Forward:
+    """The model's forward with the image features computed here and put in place of the image
+    tokens (what LlavaModel does), so that a micro-batch without images runs the same modules."""
+    pixels = batch.pixel_values
+    feats = image_features(
+        model, pixels if pixels is not None else blank_image(model, batch.input_ids.device)
+    )
+    embeds = model.model.get_input_embeddings()(batch.input_ids)
+    blank = None
+    if pixels is None:
+        embeds = embeds + feats.sum().to(embeds.dtype) * 0.0  # reached, adds nothing
+        blank, feats = feats, None
+    else:
+        mask = batch.visual_mask.unsqueeze(-1).expand_as(embeds)
+        embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
+    out = model.model(
+        inputs_embeds=embeds,
+        attention_mask=batch.attention_mask,
+        output_hidden_states=hidden_states,
+        use_cache=False,
+        return_dict=True,
+    )
+    return Forward(out.last_hidden_state, out.hidden_states if hidden_states else None, feats, blank)
 
 
 def per_image(tokens: torch.Tensor, n_images: int) -> torch.Tensor | None:

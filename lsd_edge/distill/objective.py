@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lsd_edge.data.dataset import Batch
@@ -67,7 +68,8 @@ def logit_sums(student, hidden, lc, vocab_rows, *, targets=None, teacher=None):
         return losses.chunked_logit_sums(
             hidden, output_weight(student), targets=targets, teacher=teacher, chunk=lc.chunk_size, **kl
         )
-    logits = student.lm_head(hidden)  # (N, Vs)
+    head = student.lm_head  # its weight, not its call: the chunked path reads the weight too
+    logits = F.linear(hidden, head.weight, head.bias)  # (N, Vs)
     ce = None if targets is None else losses.cross_entropy_sum(logits, targets, vocab_rows)
     kd = None if teacher is None else losses.divergence_sum(logits, teacher, **kl)
     return ce, kd
@@ -81,18 +83,21 @@ def loss_terms(
     counts: Counts,
     vocab_rows: int,
     latent: LatentProjector | None,
+    every_module: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Every loss term of one micro-batch, each normalised by its count in the accumulated batch.
 
     L = ce*L_reg + lambda * (alpha*L_res + beta*L_vis + gamma*L_rel + delta*L_lat); the weights are
     applied by the caller. Terms with weight 0 are not computed. `teacher` is the online teacher or a
-    teacher cache (`lsd_edge.distill.teacher.Teacher`).
+    teacher cache (`lsd_edge.distill.teacher.Teacher`). `every_module` (DeepSpeed ZeRO): every
+    module with trainable weights runs once in every micro-batch, in the same order, at weight 0
+    where the micro-batch has nothing for it (`lsd_edge.distill.forward.forward`).
     """
     lc = stage.loss
     w = {t: lc.weight(t) for t in DISTILL_TERMS}
     need_teacher = teacher is not None and stage.distills
     need_hidden = need_teacher and w["latent"] > 0 and any(isinstance(p[0], int) for p in lc.latent_pairs)
-    s = forward(student, batch, hidden_states=need_hidden)
+    s = forward(student, batch, hidden_states=need_hidden, every_module=every_module)
     resp = batch.labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t+1
     s_resp_h = s.hidden[:, :-1][resp]  # (N, Ds)
     targets = batch.labels[:, 1:][resp]  # (N,)
@@ -107,6 +112,8 @@ def loss_terms(
     )
     terms: dict[str, torch.Tensor] = {"ce": ce / max(1, counts.response)}
     if t is None:
+        if every_module and latent is not None:  # the latent maps run, adding nothing
+            terms["ce"] = terms["ce"] + sum(unused(m) for m in latent.maps)
         return terms
     if kd is not None:
         terms["response_kl"] = kd / max(1, counts.response)
@@ -127,12 +134,24 @@ def loss_terms(
             rel = losses.relation_sum(sv, t.visual_tokens)
         terms["relation"] = rel / max(1, counts.images)
     if w["latent"] > 0 and latent is not None:
-        terms["latent"] = latent_term(s, t, batch, counts, latent, lc.latent_kind)
+        terms["latent"] = latent_term(s, t, batch, counts, latent, lc.latent_kind, every_module)
     return terms
 
 
+def unused(proj: nn.Linear) -> torch.Tensor:
+    """0 through a latent map that a micro-batch has nothing for (run on one row of zeros)."""
+    x = torch.zeros(1, proj.in_features, device=proj.weight.device, dtype=proj.weight.dtype)
+    return proj(x).float().sum() * 0.0
+
+
 def latent_term(
-    s: Forward, t: losses.TeacherTargets, batch: Batch, counts: Counts, latent: LatentProjector, kind: str
+    s: Forward,
+    t: losses.TeacherTargets,
+    batch: Batch,
+    counts: Counts,
+    latent: LatentProjector,
+    kind: str,
+    every_module: bool = False,
 ) -> torch.Tensor:
     """L_lat: the mean over latent pairs of each pair's alignment sum over its count (visual tokens for
     the projector pair, every valid token for layer pairs)."""
@@ -141,6 +160,8 @@ def latent_term(
     for proj, (ls, lt) in zip(latent.maps, latent.pairs, strict=True):
         if ls == "projector":
             if s.image_features is None:
+                if every_module:  # the same path as with images: projector output -> map
+                    total = total + proj(s.blank_features.flatten(0, 1).float()).sum() * 0.0
                 continue
             sx = s.image_features.flatten(0, 1)
             tx = t.image_features.flatten(0, 1)

@@ -9,7 +9,7 @@ global sample stream; process r runs micro-batches r, r + W, r + 2W, ... (W proc
 are divided by counts summed over all processes and gradients are summed (by the engine Accelerate
 prepared, `lsd_edge.train.engine`), so a step computes the same gradient with any W, and a resume
 state (step, stream position) is valid for any W. The frozen teacher is replicated, or its decoder
-layers are sharded with FSDP2 when the launch config asks for FSDP.
+layers are sharded with FSDP2 when the launch config asks for FSDP or DeepSpeed ZeRO-3.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
 from lsd_edge.errors import LsdEdgeError
@@ -33,6 +34,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     shard_teacher: bool = False
+    zero: int = 0  # the DeepSpeed ZeRO stage the student trains under (0: not DeepSpeed)
     accelerator: Any = field(default=None, compare=False, repr=False)  # None: a stage run on its own
 
     @property
@@ -122,16 +124,20 @@ def setup(run: RunConfig, logging_dir: Path) -> tuple[Dist, torch.device]:
     device = resolve_device(run.device)  # refuses 'cuda' without CUDA, in every process
     world = launched_world()
     acc = make_accelerator(device.type == "cpu", world, list(run.report_to), logging_dir)
+    plugin = acc.state.deepspeed_plugin
+    zero = 0 if plugin is None else int(plugin.zero_stage)
     if world <= 1:
-        return Dist(accelerator=acc), device
+        return Dist(zero=zero, accelerator=acc), device
     if device.type == "cuda":
         device = acc.device
-    shard = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    return Dist(acc.process_index, acc.num_processes, shard, acc), device
+    shard = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or zero == 3
+    return Dist(acc.process_index, acc.num_processes, shard, zero, acc), device
 
 
-def shard_decoder_layers(model) -> int:
+def shard_decoder_layers(model, own_group: bool = False) -> int:
     """FSDP2-shard each decoder layer of a frozen model over all processes; returns how many.
+    `own_group`: its gathers run on a process group of their own (under DeepSpeed ZeRO-3, whose
+    gathers of the student's weights would otherwise interleave with them on the default group).
 
     Each layer's weights are all-gathered for its forward and freed after it, so a process holds
     1/W of the LLM's layers plus one layer at a time. Embeddings, head, projector and vision tower
@@ -139,6 +145,10 @@ def shard_decoder_layers(model) -> int:
     by every process.
     """
     layers = model.model.language_model.layers
+    mesh = None
+    if own_group:
+        device = next(model.parameters()).device.type
+        mesh = DeviceMesh.from_group(torch.distributed.new_group(), device_type=device)
     for layer in layers:
-        fully_shard(layer, reshard_after_forward=True)
+        fully_shard(layer, reshard_after_forward=True, mesh=mesh)
     return len(layers)

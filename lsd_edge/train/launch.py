@@ -1,11 +1,14 @@
 """The run's Accelerator, made from the launch config that `accelerate launch` put in the environment.
 
-What lsd-edge reads of a launch config: the distributed type (MULTI_GPU / MULTI_CPU = DDP, FSDP;
-DEEPSPEED is refused, see `check_deepspeed`) and, under FSDP, `fsdp_config` as written: `fsdp_version` (2 only),
+What lsd-edge reads of a launch config: the distributed type (MULTI_GPU / MULTI_CPU = DDP, FSDP,
+DEEPSPEED); under FSDP, `fsdp_config` as written: `fsdp_version` (2 only),
 `fsdp_reshard_after_forward` (true / FULL_SHARD, or false / SHARD_GRAD_OP), the auto-wrap policy and
-layer classes, CPU offload and RAM-efficient loading. Settings lsd-edge owns elsewhere are refused
-with the recipe key that replaces them (mixed precision: `run.precision`; activation checkpointing:
-`student.gradient_checkpointing`).
+layer classes, CPU offload and RAM-efficient loading; under DEEPSPEED, `deepspeed_config` (or the
+DeepSpeed JSON it names) with ZeRO stage 2 or 3, the rest of ZeRO's settings as written. Settings
+lsd-edge owns elsewhere are refused with the recipe key that replaces them (mixed precision:
+`run.precision`; activation checkpointing: `student.gradient_checkpointing`; micro-batches, their
+accumulation and gradient clipping: a stage's `batch_size`, `grad_accum`, `max_grad_norm`; the
+optimizer and schedule: a stage's `lr`, `warmup_ratio`, `weight_decay`).
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
+import torch
+from accelerate import Accelerator, DeepSpeedPlugin, FullyShardedDataParallelPlugin, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
+from transformers.integrations import unset_hf_deepspeed_config
 
 from lsd_edge.errors import LsdEdgeError
 
@@ -27,6 +32,13 @@ RESHARD = {"true": True, "full_shard": True, "false": False, "shard_grad_op": Fa
 
 def _env(name: str, default: str = "") -> str:
     return os.environ.get(name, default).strip().lower()
+
+
+def check_mixed_precision() -> None:
+    if _env("ACCELERATE_MIXED_PRECISION", "no") not in ("no", ""):
+        raise LsdEdgeError(
+            "launch config: mixed_precision is set; leave it 'no' and choose run.precision in the recipe"
+        )
 
 
 def fsdp_plugin() -> FullyShardedDataParallelPlugin | None:
@@ -50,10 +62,7 @@ def fsdp_plugin() -> FullyShardedDataParallelPlugin | None:
             "launch config: fsdp_config.fsdp_activation_checkpointing is true; set it to false and use "
             "student.gradient_checkpointing (or a stage's gradient_checkpointing) in the recipe"
         )
-    if _env("ACCELERATE_MIXED_PRECISION", "no") not in ("no", ""):
-        raise LsdEdgeError(
-            "launch config: mixed_precision is set; leave it 'no' and choose run.precision in the recipe"
-        )
+    check_mixed_precision()
     return FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=RESHARD[reshard])
 
 
@@ -70,15 +79,77 @@ def check_wrap_classes(plugin: FullyShardedDataParallelPlugin, model) -> None:
         )
 
 
-def check_deepspeed() -> None:
-    """DeepSpeed is refused: its engine accumulates micro-batches and scales the loss by its own count,
-    where a step here is a fixed set of slots per process normalised by counts summed over all of
-    them, and its checkpoints are not the distributed checkpoints a resume reads."""
-    if _env("ACCELERATE_USE_DEEPSPEED", "false") == "true":
+def _refuse_deepspeed(key: str, value, what: str) -> None:
+    raise LsdEdgeError(f"launch config: deepspeed_config.{key} is {value!r}; {what}")
+
+
+def deepspeed_plugin() -> DeepSpeedPlugin | None:
+    """The launch config's DeepSpeed settings, checked; None when the launch is not DeepSpeed.
+
+    ZeRO-2 (gradients and AdamW states partitioned) and ZeRO-3 (weights too) train the student;
+    everything lsd-edge decides per stage (micro-batch size, gradient clipping, optimizer, schedule)
+    is written into the config when each stage is prepared (`lsd_edge.train.zero.configure`)."""
+    if _env("ACCELERATE_USE_DEEPSPEED", "false") != "true":
+        return None
+    if importlib.util.find_spec("deepspeed") is None:
         raise LsdEdgeError(
-            "launch config: distributed_type DEEPSPEED is not supported; launch with "
-            "recipes/accelerate/fsdp.yaml (FSDP2 shards the student's weights, gradients and optimizer "
-            "state as ZeRO-3 does) or ddp.yaml"
+            "launch config: distributed_type DEEPSPEED needs the deepspeed package; "
+            "pip install 'lsd-edge[deepspeed]', or launch with recipes/accelerate/fsdp.yaml"
+        )
+    check_mixed_precision()
+    if _env("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false") == "true":
+        _refuse_deepspeed(
+            "zero3_init_flag", True, "set it to false: models are built whole and partitioned when prepared"
+        )
+    plugin = DeepSpeedPlugin()
+    check_zero_config(plugin.deepspeed_config)
+    return plugin
+
+
+def check_zero_config(config: dict) -> None:
+    """What a DeepSpeed config may say: ZeRO stage 2 or 3 and its own tuning; nothing that the recipe
+    decides, and no offload (FSDP2's fsdp_offload_params offloads with the same torch AdamW)."""
+    zero = config.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (2, 3):
+        _refuse_deepspeed(
+            "zero_stage", stage, "lsd-edge trains with ZeRO stage 2 or 3 (or launch with ddp.yaml)"
+        )
+    for part in ("offload_optimizer", "offload_param"):
+        device = (zero.get(part) or {}).get("device", "none")
+        if device not in ("none", None):
+            _refuse_deepspeed(
+                f"{part}_device",
+                device,
+                "set it to none; to offload, launch with recipes/accelerate/fsdp.yaml "
+                "and fsdp_offload_params: true",
+            )
+    owned = {
+        "gradient_accumulation_steps": ("set it to 1: a stage accumulates its grad_accum micro-batches", 1),
+        "gradient_clipping": ("leave it out or 'auto': a stage's max_grad_norm clips", None),
+        "train_micro_batch_size_per_gpu": ("leave it 'auto': a stage's batch_size is the micro-batch", None),
+        "train_batch_size": ("leave it 'auto': a stage's batch_size x grad_accum is the step", None),
+    }
+    for key, (what, allowed) in owned.items():
+        value = config.get(key, "auto")
+        if value not in ("auto", allowed):
+            _refuse_deepspeed(key, value, what)
+    for key in ("optimizer", "scheduler"):
+        if key in config:
+            _refuse_deepspeed(
+                key,
+                config[key].get("type", key),
+                "remove it: a stage's lr, warmup_ratio and "
+                "weight_decay make the AdamW optimizer and its schedule",
+            )
+    for key in ("fp16", "bf16"):
+        if str((config.get(key) or {}).get("enabled", "auto")).lower() not in ("auto", "false"):
+            _refuse_deepspeed(
+                f"{key}.enabled", True, "leave it 'auto' and choose run.precision in the recipe"
+            )
+    if (config.get("activation_checkpointing") or {}).get("partition_activations"):
+        _refuse_deepspeed(
+            "activation_checkpointing", "on", "remove it and use student.gradient_checkpointing in the recipe"
         )
 
 
@@ -95,17 +166,24 @@ def make_accelerator(cpu: bool, world: int, report_to: list[str], logging_dir: P
     """One Accelerator per process. Precision stays the recipe's (run.precision, our autocast), the
     scheduler steps once per optimizer step (a step is global, not per process), and DDP looks for
     parameters a micro-batch did not use (the vision tower on text-only samples)."""
-    check_deepspeed()
     check_trackers(report_to)
-    plugin = fsdp_plugin() if world > 1 else None
+    zero = deepspeed_plugin()
+    if zero is not None and cpu and torch.cuda.is_available():
+        raise LsdEdgeError(
+            "run.device is 'cpu' under a DeepSpeed launch on a machine with CUDA, where DeepSpeed puts "
+            "the student on the GPU: set run.device = 'auto', or launch with ddp.yaml for CPU processes"
+        )
+    plugin = fsdp_plugin() if world > 1 and zero is None else None
     if "wandb" in report_to:
         os.environ.setdefault("WANDB_MODE", "offline")  # offline unless the user asks otherwise
     acc = Accelerator(
-        cpu=cpu,
+        # Accelerate turns DeepSpeed off on CPU processes; with cpu=False it runs on gloo there too
+        cpu=cpu and zero is None,
         device_placement=False,
         mixed_precision="no",
         step_scheduler_with_optimizer=False,
         fsdp_plugin=plugin,
+        deepspeed_plugin=zero,
         log_with=list(report_to) or None,
         project_dir=str(logging_dir),
         kwargs_handlers=[
@@ -121,4 +199,21 @@ def make_accelerator(cpu: bool, world: int, report_to: list[str], logging_dir: P
         PartialState().distributed_type = DistributedType.FSDP
         acc.state.distributed_type = DistributedType.FSDP
         acc.state.fsdp_plugin = plugin
+    if zero is not None:
+        # Accelerate tells transformers about a ZeRO-3 config, which then builds and loads every
+        # model partitioned (deepspeed.zero.Init); here models are built whole and only the
+        # student is partitioned, when a stage prepares it
+        unset_hf_deepspeed_config()
+        if acc.state.backend is None and torch.distributed.is_initialized():
+            cpu_deepspeed_state(acc)
     return acc
+
+
+def cpu_deepspeed_state(acc: Accelerator) -> None:
+    """DeepSpeed made the process group (gloo, on CPU processes) but Accelerate found no accelerator
+    and counted one process: give its state the group's ranks, as it would on GPUs."""
+    for state in (PartialState(), acc.state):
+        state.backend = "gloo"
+        state.num_processes = torch.distributed.get_world_size()
+        state.process_index = torch.distributed.get_rank()
+        state.local_process_index = int(os.environ.get("LOCAL_RANK", state.process_index))

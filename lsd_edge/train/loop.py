@@ -126,7 +126,7 @@ def prepare_stage(job: StageJob, reporter: Reporter) -> StageSetup:
     optimizer, scheduler, _ = make_optimizer(model, latent, stage, steps)
     s = StageSetup(
         teacher=teacher,
-        prepared=engine.prepare(job.dist, StudentStep(model, latent), optimizer, scheduler),
+        prepared=engine.prepare(job.dist, StudentStep(model, latent), optimizer, scheduler, stage),
         steps=steps,
         stream=IndexStream(len(job.dataset), job.run.seed * 31 + job.index),
         reader=None,
@@ -140,7 +140,7 @@ def prepare_stage(job: StageJob, reporter: Reporter) -> StageSetup:
     if found is not None:
         progress, folder = found
         p = s.prepared
-        progress.restore(folder, p.module, p.optimizer, p.scheduler)
+        progress.restore(folder, p.module, p.optimizer, p.scheduler, job.dist.zero > 0)
         if job.dist.main:  # the bad-sample counts (all processes') are carried on by rank 0 only
             s.bad.update(progress.bad)
         s.step, s.position = progress.step, progress.position
@@ -198,17 +198,22 @@ def accumulate(job: StageJob, s: StageSetup, slots: list[Batch | None], counts: 
         if b is None:
             if not dist.active:
                 continue
-            # a sharded teacher's forward is collective too; a replicated one or a cache is not run
+            # a sharded teacher's forward is collective too, and under ZeRO a pad slot runs the
+            # graph a real micro-batch runs; otherwise a replicated teacher or a cache is not run
             b, weight = s.pad, 0.0
-            teacher = teacher if dist.shard_teacher and isinstance(teacher, OnlineTeacher) else None
-        with engine.sync_context(dist, p, last=i == len(slots) - 1):
+            run_teacher = dist.shard_teacher or dist.zero > 0
+            teacher = teacher if run_teacher and isinstance(teacher, OnlineTeacher) else None
+        last = i == len(slots) - 1
+        with engine.sync_context(dist, p, last):
             with autocast(job.device, job.run.precision):
                 total, terms = p.module(b, teacher, job.stage, counts, s.vocab_rows, lam, weight, dist.active)
             if weight:
                 for name, value in terms.items():
                     sums[name] += float(value.detach())
-            if total.requires_grad:  # a projector-only stage on a text-only batch has nothing to learn
-                engine.backward(dist, total)
+            # a projector-only stage on a text-only batch has nothing to learn (under ZeRO every
+            # micro-batch reaches every trainable weight, and its last backward steps)
+            if total.requires_grad:
+                engine.backward(dist, p, total, last)
     if dist.active:
         sums = dict(zip(TERMS, dist.sum_floats([sums[t] for t in TERMS], job.device), strict=True))
     return sums

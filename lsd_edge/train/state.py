@@ -6,7 +6,8 @@ process writes its own shards, so a sharded optimizer state is never gathered on
 state loads on any number of processes, resharded as it is read), `progress.pt` (steps, data
 stream position, scheduler, RNG states, bad samples) and `step.json`, written last: a folder without
 it is unfinished and ignored. Nothing is unpickled but tensors, numbers, strings and the checkpoint
-format's own metadata records.
+format's own metadata records. Under DeepSpeed ZeRO the same layout is written from ZeRO's
+partitions (`lsd_edge.train.zero`), so a state moves between ZeRO, FSDP2, DDP and one process.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from lsd_edge.errors import TrainingError
 from lsd_edge.files import read_json, write_json
+from lsd_edge.train import zero
 from lsd_edge.train.distributed import Dist
 
 PROGRESS_FILE = "progress.pt"
@@ -153,10 +155,13 @@ class TrainingProgress:
         if dist.main:
             shutil.rmtree(final, ignore_errors=True)  # a folder left unfinished by a kill
         dist.barrier()
-        model_sd, optim_sd = get_state_dict(module, _raw(optimizer), options=OPTIONS)
-        dcp.save(
-            {"model": model_sd, "optim": optim_sd}, checkpoint_id=final / WEIGHTS_DIR, no_dist=not dist.active
-        )
+        if dist.zero:
+            state = zero.state_dicts(module, module.module, dist.rank, dist.world)
+        else:
+            model_sd, optim_sd = get_state_dict(module, _raw(optimizer), options=OPTIONS)
+            state = {"model": model_sd, "optim": optim_sd}
+        single = not torch.distributed.is_initialized()
+        dcp.save(state, checkpoint_id=final / WEIGHTS_DIR, no_dist=single)
         if dist.main:
             torch.save({k: v for k, v in asdict(self).items() if k != "step"}, final / PROGRESS_FILE)
             write_json(final / DONE_FILE, {"step": self.step, "processes": dist.world})
@@ -183,17 +188,30 @@ class TrainingProgress:
             return cls(step=step, **fields), folder
         return None
 
-    def restore(self, folder: Path, module, optimizer, scheduler) -> None:
+    def restore(self, folder: Path, module, optimizer, scheduler, deepspeed: bool = False) -> None:
         """Load the weights and optimizer state (resharded to this run's processes) and put every
-        other state back."""
-        model_sd, optim_sd = get_state_dict(module, _raw(optimizer), options=OPTIONS)
-        state = {"model": model_sd, "optim": optim_sd}
-        try:
-            reader = SafeReader(folder / WEIGHTS_DIR)
-            single = not torch.distributed.is_initialized()
-            dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=single)
-        except (Exception, CheckpointException) as e:  # the latter is a BaseException
-            raise _refuse(folder, e) from None
+        other state back. `deepspeed`: `module` is a DeepSpeed engine (ZeRO)."""
+
+        def read(state: dict[str, Any]) -> None:
+            try:
+                reader = SafeReader(folder / WEIGHTS_DIR)
+                single = not torch.distributed.is_initialized()
+                dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=single)
+            except (Exception, CheckpointException) as e:  # the latter is a BaseException
+                raise _refuse(folder, e) from None
+
+        if deepspeed:
+            zero.load_state(module, module.module, read)
+        else:
+            model_sd, optim_sd = get_state_dict(module, _raw(optimizer), options=OPTIONS)
+            state = {"model": model_sd, "optim": optim_sd}
+            read(state)
+            self._set(module, optimizer, state)
+        scheduler.load_state_dict(self.scheduler)
+        set_rng_state(self.rng)
+
+    @staticmethod
+    def _set(module, optimizer, state: dict[str, Any]) -> None:
         set_state_dict(
             module,
             _raw(optimizer),
@@ -201,8 +219,6 @@ class TrainingProgress:
             optim_state_dict=state["optim"],
             options=LOAD_OPTIONS,
         )
-        scheduler.load_state_dict(self.scheduler)
-        set_rng_state(self.rng)
 
 
 def has_state(state_dir: str | Path) -> bool:

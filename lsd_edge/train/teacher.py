@@ -80,7 +80,7 @@ class TeacherSlot:
         self.model = self.model.to(torch_dtype(ctx.recipe.teacher.dtype, ctx.device))
         self.model.requires_grad_(False).eval()
         if ctx.dist.shard_teacher:
-            n = shard_decoder_layers(self.model)
+            n = shard_decoder_layers(self.model, own_group=ctx.dist.zero == 3)
             ctx.reporter.message(f"teacher: {n} decoder layers sharded over {ctx.dist.world} processes")
         size = sum(p.numel() * p.element_size() for p in self.model.parameters()) / 2**20
         self.info = {"params": count_params(self.model)["total"], "size_mb": size}

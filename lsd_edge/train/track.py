@@ -1,7 +1,8 @@
 """What a run sends to the experiment trackers of `run.report_to` (TensorBoard, Trackio, W&B, all
-through Accelerate's trackers, written under `<output_dir>/trackers`, offline): per step the loss
-terms, lambda, lr, tokens/s and, on CUDA, the model FLOPs utilisation; per stage the eval accuracy.
-Rank 0 writes (Accelerate's `log` does nothing on the other processes).
+through Accelerate's trackers, offline: TensorBoard and W&B under `<output_dir>/trackers`, Trackio
+in its own database, TRACKIO_DIR): per step the loss terms, lambda, lr, tokens/s and, on CUDA, the
+model FLOPs utilisation; per stage the eval accuracy. Rank 0 writes (Accelerate's `log` does
+nothing on the other processes).
 """
 
 from __future__ import annotations
@@ -64,9 +65,11 @@ def flat_config(recipe: Recipe) -> dict[str, Any]:
 
 def start(dist: Dist, recipe: Recipe) -> None:
     if dist.accelerator is not None and recipe.run.report_to:
-        dist.accelerator.init_trackers(
-            recipe.run.name, config=flat_config(recipe), init_kwargs={"tensorboard": {"flush_secs": 5}}
-        )
+        # wandb writes its offline run under the trackers folder; trackio keeps its own database
+        # (TRACKIO_DIR, by default ~/.cache/huggingface/trackio), one project per run name
+        folder = dist.accelerator.project_dir
+        kwargs = {"tensorboard": {"flush_secs": 5}, "wandb": {"dir": folder}}
+        dist.accelerator.init_trackers(recipe.run.name, config=flat_config(recipe), init_kwargs=kwargs)
 
 
 def log_step(dist: Dist, rec: dict[str, Any], mfu_value: float | None) -> None:

@@ -90,10 +90,10 @@ def _launch(config: str, recipe: Path, *extra: str) -> None:
 def _launch_and_kill(config: str, recipe: Path, stage: str, step: int, tmp_path: Path) -> None:
     """A 2-process launch killed with SIGKILL (every process) once both wrote `stage`'s state at `step`."""
     hook = tmp_path / "hook"
-    hook.mkdir()
+    hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(PAUSE_HOOK)
     cmd, env = _command(config, recipe, hook=hook)
-    mark = tmp_path / "paused-"
+    mark = tmp_path / f"paused-{recipe.stem}-"
     env.update(LSD_EDGE_TEST_PAUSE=f"{stage}:{step}", LSD_EDGE_TEST_MARK=str(mark))
     p = subprocess.Popen(cmd, env=env, cwd=recipe.parent, start_new_session=True, stdout=subprocess.DEVNULL)
     deadline = time.time() + 600
@@ -120,12 +120,10 @@ def _same_run(a: Path, b: Path) -> None:
     assert abs(ra["student"]["accuracy"] - rb["student"]["accuracy"]) <= 0.01
 
 
-@pytest.mark.slow
-def test_one_and_two_processes_train_alike_and_a_killed_run_resumes_on_one_or_two(tmp_path, recipe_dict):
-    """The tiny recipe with a global batch of 8 (4 x 2 micro-batches; DFT 4 x 3, so one process has
-    a slot with nothing to run): 2 processes under DDP, and under FSDP2 (student and teacher
-    sharded), train what 1 does. The FSDP2 run, killed with SIGKILL in DFT after its step-4 state,
-    resumes on 2 processes and on 1 and ends where the uninterrupted run ends."""
+def _reference(tmp_path: Path, recipe_dict: dict):
+    """The tiny recipe with a global batch of 8 (4 x 2 micro-batches; DFT 4 x 3, so one of 2
+    processes has a slot with nothing to run), trained by one process in `ref`; returns a function
+    that writes the same recipe for another output folder (with `ref`'s teacher copied in)."""
     for st in recipe_dict["stages"]:
         st.update(batch_size=4, grad_accum=2)
     recipe_dict["stages"][2].update(grad_accum=3, max_steps=6)
@@ -141,22 +139,63 @@ def test_one_and_two_processes_train_alike_and_a_killed_run_resumes_on_one_or_tw
         return path
 
     distill(parse_recipe(copy.deepcopy(recipe_dict), overrides=[f"run.output_dir={tmp_path / 'ref'}"]))
+    return recipe
 
-    _launch("ddp.yaml", recipe("ddp"))
-    _same_run(tmp_path / "ref", tmp_path / "ddp")
 
-    _launch_and_kill("fsdp.yaml", recipe("cut"), "dft", 4, tmp_path)
+def _resumes_on_two_and_one(config: str, recipe, tmp_path: Path) -> Path:
+    """A 2-process run under `config` killed with SIGKILL in DFT after its step-4 state, resumed on 2
+    processes and (a copy) on 1 without a launcher: both end where the uninterrupted run ends.
+    Returns the state folder the kill left."""
+    _launch_and_kill(config, recipe("cut"), "dft", 4, tmp_path)
     state = tmp_path / "cut" / "state" / "dft" / "step-0000004"
     assert (state / "step.json").is_file() and not (tmp_path / "cut" / "dft").exists()
-    # FSDP2 sharded the student: the optimizer state of a decoder layer weight is in two halves, one
-    # written by each process (nothing was gathered to save it)
-    meta = SafeReader(state / "weights").read_metadata()
-    chunks = {k: len(v.chunks) for k, v in meta.state_dict_metadata.items() if hasattr(v, "chunks")}
-    layer = [k for k in chunks if "layers.0.mlp.up_proj.weight.exp_avg" in k and k.startswith("optim.state")]
-    assert layer and all(chunks[k] == 2 for k in layer), chunks
+    kept = tmp_path / "kept"
+    shutil.copytree(state, kept)
     shutil.copytree(tmp_path / "cut", tmp_path / "one")
-    _launch("fsdp.yaml", recipe("cut", teacher_from=None), "--resume")
+    _launch(config, recipe("cut", teacher_from=None), "--resume")
     _same_run(tmp_path / "ref", tmp_path / "cut")
     one = recipe("one", teacher_from=None)
     distill(load_recipe(one), DistillOptions(resume=True))
     _same_run(tmp_path / "ref", tmp_path / "one")
+    return kept
+
+
+def _chunks(state: Path) -> dict[str, int]:
+    meta = SafeReader(state / "weights").read_metadata()
+    return {k: len(v.chunks) for k, v in meta.state_dict_metadata.items() if hasattr(v, "chunks")}
+
+
+@pytest.mark.slow
+def test_one_and_two_processes_train_alike_and_a_killed_run_resumes_on_one_or_two(tmp_path, recipe_dict):
+    """2 processes under DDP, and under FSDP2 (student and teacher sharded), train what 1 does; the
+    FSDP2 run, killed mid-DFT, resumes on 2 processes and on 1."""
+    recipe = _reference(tmp_path, recipe_dict)
+    _launch("ddp.yaml", recipe("ddp"))
+    _same_run(tmp_path / "ref", tmp_path / "ddp")
+
+    state = _resumes_on_two_and_one("fsdp.yaml", recipe, tmp_path)
+    # FSDP2 sharded the student: the optimizer state of a decoder layer weight is in two halves, one
+    # written by each process (nothing was gathered to save it)
+    chunks = _chunks(state)
+    layer = [k for k in chunks if "layers.0.mlp.up_proj.weight.exp_avg" in k and k.startswith("optim.state")]
+    assert layer and all(chunks[k] == 2 for k in layer), chunks
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_and_zero3_train_alike_and_a_killed_zero3_run_resumes_anywhere(tmp_path, recipe_dict):
+    """The shipped DeepSpeed configs: 2 processes under ZeRO-2, killed mid-DFT and resumed, train what
+    1 does; under ZeRO-3 (the student partitioned, the teacher's layers sharded) too, resumed on 2
+    processes and on 1 (a plain run reads the ZeRO state: the layout is DDP's)."""
+    pytest.importorskip("deepspeed")
+    # latent alignment in DFT: its projector pair runs on a blank image in the pad slot
+    recipe_dict["stages"][2]["loss"] = {"latent": 1.0}
+    recipe = _reference(tmp_path, recipe_dict)
+    _launch_and_kill("zero2.yaml", recipe("zero2"), "dft", 4, tmp_path)
+    _launch("zero2.yaml", recipe("zero2", teacher_from=None), "--resume")
+    _same_run(tmp_path / "ref", tmp_path / "zero2")
+
+    state = _resumes_on_two_and_one("zero3.yaml", recipe, tmp_path)
+    # each tensor was kept whole by one of the two processes, and both wrote their share
+    files = sorted(f.name for f in (state / "weights").glob("*.distcp") if f.stat().st_size > 0)
+    assert len(files) == 2, files
+    assert set(_chunks(state).values()) == {1}

@@ -1,5 +1,6 @@
-"""The launch config as lsd-edge reads it: FSDP2 settings taken as written, the ones it cannot use
-refused in one line naming the key and what to do; trackers that are not installed; threads."""
+"""The launch config as lsd-edge reads it: FSDP2 and DeepSpeed ZeRO settings taken as written, the
+ones it cannot use refused in one line naming the key and what to do; what each stage writes into
+the DeepSpeed config; trackers that are not installed; threads."""
 
 from __future__ import annotations
 
@@ -8,8 +9,17 @@ import importlib.util
 import pytest
 
 from lsd_edge.errors import LsdEdgeError
+from lsd_edge.recipe.schema import StageConfig
+from lsd_edge.train import zero
 from lsd_edge.train.distributed import threads_per_process
-from lsd_edge.train.launch import check_deepspeed, check_trackers, check_wrap_classes, fsdp_plugin
+from lsd_edge.train.launch import (
+    check_trackers,
+    check_wrap_classes,
+    check_zero_config,
+    deepspeed_plugin,
+    fsdp_plugin,
+    make_accelerator,
+)
 
 from ..helpers import one_red_line, run
 
@@ -70,14 +80,123 @@ def test_layer_classes_to_wrap_must_be_the_students(fsdp, tiny_student):
     assert "Qwen2DecoderLayer" in msg and "\n" not in msg
 
 
-def test_a_deepspeed_launch_is_refused_with_what_to_launch_instead(monkeypatch):
-    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
-    check_deepspeed()
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(
-        LsdEdgeError, match=r"DEEPSPEED is not supported; launch with recipes/accelerate/fsdp.yaml"
+@pytest.fixture
+def zero_launch(monkeypatch):
+    """The environment `accelerate launch --config_file recipes/accelerate/zero3.yaml` makes."""
+    env = {
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1",
+        "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none",
+        "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
+        "ACCELERATE_DEEPSPEED_ZERO3_INIT": "false",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for key in (
+        "ACCELERATE_MIXED_PRECISION",
+        "ACCELERATE_DEEPSPEED_CONFIG_FILE",
+        "ACCELERATE_GRADIENT_CLIPPING",
     ):
-        check_deepspeed()
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+def test_no_deepspeed_launch_has_no_plugin(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert deepspeed_plugin() is None
+
+
+def test_the_shipped_zero_configs_are_read_as_written(zero_launch):
+    pytest.importorskip("deepspeed")
+    assert deepspeed_plugin().zero_stage == 3
+    zero_launch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert deepspeed_plugin().deepspeed_config["zero_optimization"]["stage"] == 2
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1", "zero_stage is 1; lsd-edge trains with ZeRO stage 2 or 3"),
+        ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4", "gradient_accumulation_steps is 4; set it to 1"),
+        ("ACCELERATE_GRADIENT_CLIPPING", "1.0", "gradient_clipping is 1.0; leave it out or 'auto'"),
+        ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu", "offload_optimizer_device is 'cpu'"),
+        ("ACCELERATE_DEEPSPEED_ZERO3_INIT", "true", "zero3_init_flag is True; set it to false"),
+        ("ACCELERATE_MIXED_PRECISION", "bf16", "choose run.precision in the recipe"),
+    ],
+)
+def test_unsupported_zero_settings_are_refused_in_one_line(zero_launch, key, value, says):
+    pytest.importorskip("deepspeed")
+    zero_launch.setenv(key, value)
+    with pytest.raises(LsdEdgeError) as e:
+        deepspeed_plugin()
+    assert str(e.value).startswith("launch config: ") and says in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        ({"optimizer": {"type": "AdamW"}}, "optimizer is 'AdamW'; remove it"),
+        ({"scheduler": {"type": "WarmupLR"}}, "scheduler is 'WarmupLR'; remove it"),
+        ({"bf16": {"enabled": True}}, "bf16.enabled is True; leave it 'auto'"),
+        ({"train_micro_batch_size_per_gpu": 4}, "leave it 'auto': a stage's batch_size"),
+        ({"activation_checkpointing": {"partition_activations": True}}, "use student.gradient_checkpointing"),
+    ],
+)
+def test_a_deepspeed_json_may_not_set_what_the_recipe_owns(config, says):
+    ok = {"zero_optimization": {"stage": 3}, "train_batch_size": "auto", "bf16": {"enabled": "auto"}}
+    check_zero_config(ok)
+    with pytest.raises(LsdEdgeError) as e:
+        check_zero_config({**ok, **config})
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_deepspeed_launch_without_deepspeed_says_what_to_install(
+    zero_launch, monkeypatch, recipe_dict, tmp_path, capsys
+):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a)
+    )
+    with pytest.raises(
+        LsdEdgeError, match=r"DEEPSPEED needs the deepspeed package; pip install 'lsd-edge\[deepspeed\]'"
+    ):
+        deepspeed_plugin()
+    from lsd_edge.recipe.toml import dumps_toml
+
+    path = tmp_path / "r.toml"
+    path.write_text(dumps_toml(recipe_dict))
+    code, _, err = run(monkeypatch, capsys, "distill", str(path))
+    assert code == 1 and "pip install 'lsd-edge[deepspeed]'" in one_red_line(err)
+
+
+def test_cpu_processes_under_deepspeed_on_a_cuda_machine_are_refused(zero_launch, monkeypatch, tmp_path):
+    pytest.importorskip("deepspeed")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    with pytest.raises(
+        LsdEdgeError, match=r"run.device is 'cpu' under a DeepSpeed launch on a machine with CUDA"
+    ):
+        make_accelerator(True, 2, [], tmp_path)
+
+
+def test_each_stage_writes_its_batch_clipping_and_zero_sizes_into_the_deepspeed_config():
+    config = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "overlap_comm": True}}
+    stage = StageConfig(name="dft", kind="dft", max_steps=6, batch_size=4, grad_accum=3, max_grad_norm=0.5)
+    zero.configure(config, stage, world=2, hidden_size=64)
+    assert config["train_micro_batch_size_per_gpu"] == 4 and config["train_batch_size"] == 8
+    assert config["gradient_accumulation_steps"] == 1 and config["gradient_clipping"] == 0.5
+    assert config["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert config["zero_optimization"]["overlap_comm"] is True  # ZeRO's own settings stay as written
+    assert (
+        "stage3_prefetch_bucket_size" not in config["zero_optimization"]
+    )  # not asked for: DeepSpeed's default
+
+
+def test_each_resume_tensor_is_kept_by_the_least_loaded_process():
+    owners = zero.owners([100, 10, 60, 50, 5], world=2)
+    load = [sum(n for n, r in zip([100, 10, 60, 50, 5], owners, strict=True) if r == k) for k in range(2)]
+    assert sorted(load) == [110, 115] and owners[0] != owners[2]
+    assert zero.owners([7, 7], world=1) == [0, 0]
 
 
 def test_a_tracker_that_is_not_installed_is_one_red_line(recipe_dict, tmp_path, monkeypatch, capsys):

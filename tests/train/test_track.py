@@ -1,11 +1,17 @@
-"""What goes to the trackers: the FLOPs count behind MFU, and the recipe as scalars."""
+"""What goes to the trackers: the FLOPs count behind MFU, the recipe as scalars, and a run recorded by
+Trackio and W&B offline."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
 import torch
 
 from lsd_edge.distill.teacher import OnlineTeacher
 from lsd_edge.recipe.load import parse_recipe
+from lsd_edge.train.pipeline import distill
 from lsd_edge.train.track import flat_config, flops_per_token, mfu
 
 
@@ -26,3 +32,31 @@ def test_the_recipe_goes_to_the_trackers_as_scalars(recipe_dict):
     assert flat["run.seed"] == 0 and flat["run.report_to"] == "['tensorboard']"
     assert flat["student.tiny.hidden_size"] == 16 and flat["data.max_length"] == 64
     assert all(isinstance(v, bool | int | float | str) for v in flat.values())
+
+
+def test_trackio_and_wandb_record_a_run_offline(recipe_dict, tmp_path, monkeypatch):
+    """run.report_to = ["trackio", "wandb"] (TensorBoard: tests/train/test_train.py): Trackio's local
+    database holds every step's loss, and W&B writes its offline run under the trackers folder."""
+    pytest.importorskip("trackio")
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read when trackio is imported
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    recipe_dict["run"].update(report_to=["trackio", "wandb"], name="tracked")
+    recipe_dict["stages"] = [dict(recipe_dict["stages"][1], max_steps=3)]
+    r = parse_recipe(recipe_dict)
+    distill(r)
+    root = Path(r.run.output_dir)
+    steps = [json.loads(line) for line in (root / "log.jsonl").read_text().splitlines()]
+    student = [s for s in steps if not s["stage"].startswith("teacher/")]
+    assert len(student) == 3
+
+    from trackio.sqlite_storage import SQLiteStorage
+
+    logs = SQLiteStorage.get_logs("tracked", SQLiteStorage.get_runs("tracked")[0])
+    key = f"{student[0]['stage']}/loss"
+    logged = [(row["step"], row[key]) for row in logs if key in row]
+    assert logged == [(s["step"], pytest.approx(s["loss"], rel=1e-6)) for s in student]
+
+    runs = list((root / "trackers" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0

@@ -1,0 +1,229 @@
+"""The student under DeepSpeed ZeRO (stage 2 or 3, from the launch config; `lsd_edge.train.launch`).
+
+- `configure` writes what the recipe decides for the stage (micro-batch size, no accumulation of
+  DeepSpeed's own, gradient clipping) into the DeepSpeed config before the stage is prepared.
+- `gather_head` lets ZeRO-3 gather the lm_head weight for the whole objective (the chunked logit
+  losses read it outside the head's own forward).
+- `full_weights` gives the trained student's weights whole (ZeRO-3 gathers them).
+- `save_state` / `load_state`: a resume state in the layout DDP and FSDP2 write (one weight and
+  AdamW state per parameter name, `lsd_edge.train.state`), so a ZeRO run resumes on any number of
+  processes, under ZeRO, FSDP2, DDP or one process. Each tensor is gathered whole in turn and kept
+  by one process (balanced by bytes); each process writes what it kept. Nothing is unpickled, and
+  DeepSpeed's own checkpoints (pickles tied to the process count) are not used.
+
+DeepSpeed reduces gradients in buckets whose contents must match on every process, so every
+micro-batch must reach every trainable weight: `StudentStep` runs the vision tower on a blank image
+(and the latent projections on zeros) at weight 0 where a micro-batch would skip them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lsd_edge.recipe.schema import StageConfig
+
+ADAM_STATES = ("exp_avg", "exp_avg_sq")
+LOAD_CHUNK_BYTES = 1 << 30  # a resume state is read back this many bytes of tensors at a time
+
+
+def configure(config: dict[str, Any], stage: StageConfig, world: int, hidden_size: int) -> None:
+    """The stage's settings in the DeepSpeed config: `batch_size` micro-batches that lsd-edge
+    accumulates itself (DeepSpeed's accumulation would scale the loss by its own count), and the
+    stage's gradient clipping (DeepSpeed clips inside its step); ZeRO's 'auto' sizes as HF Trainer
+    fills them from the LLM's hidden size."""
+    config.update(
+        train_micro_batch_size_per_gpu=stage.batch_size,
+        gradient_accumulation_steps=1,
+        train_batch_size=stage.batch_size * world,
+        gradient_clipping=float(stage.max_grad_norm),
+        zero_allow_untested_optimizer=True,
+    )
+    zero = config.setdefault("zero_optimization", {})
+    auto = {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    for key, value in auto.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+
+
+def gather_head(step: nn.Module) -> None:
+    """ZeRO-3: gather the lm_head weight for the objective's forward and backward."""
+    import deepspeed
+
+    deepspeed.zero.register_external_parameter(step, step.student.lm_head.weight)
+
+
+def full_weights(student: nn.Module) -> dict[str, torch.Tensor]:
+    """The student's weights whole, on every process (gathered under ZeRO-3)."""
+    import deepspeed
+
+    params = list(student.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return {n: p.detach().clone() for n, p in student.named_parameters()}
+
+
+def _inner(engine):
+    return engine.optimizer.optimizer  # DeepSpeedEngine -> ZeRO optimizer -> the torch AdamW
+
+
+def _flats(engine) -> list[torch.Tensor]:
+    """The flat fp32 partitions the torch AdamW steps (its state is keyed by them)."""
+    zero = engine.optimizer
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+    return list(flats if flats is not None else zero.single_partition_of_fp32_groups)  # ZeRO-2
+
+
+def _trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def _groups(engine, module: nn.Module) -> list[dict[str, Any]]:
+    """The torch optimizer's param_groups as `get_state_dict` writes them: hyperparameters and the
+    names of the group's parameters (ZeRO holds them as one flat partition per group)."""
+    zero = engine.optimizer
+    groups = _inner(engine).param_groups
+    members: list[list[nn.Parameter]] = [[] for _ in groups]
+    if getattr(zero, "bit16_groups", None):  # ZeRO-2: one list per group
+        for i, params in enumerate(zero.bit16_groups):
+            members[i].extend(params)
+    else:  # ZeRO-3: a group is split into sub-groups of at most sub_group_size elements
+        for i, params in enumerate(zero.fp16_groups):
+            members[zero.sub_group_to_group_id[i]].extend(params)
+    names = {id(p): n for n, p in module.named_parameters()}
+    out = []
+    for group, params in zip(groups, members, strict=True):
+        entry = {k: v for k, v in group.items() if k != "params"}
+        entry["params"] = [names[id(p)] for p in params]
+        out.append(entry)
+    return out
+
+
+def _step_count(engine) -> torch.Tensor:
+    inner = _inner(engine)
+    for flat in _flats(engine):
+        if "step" in inner.state.get(flat, {}):
+            return torch.as_tensor(inner.state[flat]["step"]).detach().cpu().clone()
+    return torch.tensor(0.0)
+
+
+def owners(sizes: list[int], world: int) -> list[int]:
+    """Which process keeps each tensor: the least loaded so far, largest tensors first."""
+    load = [0] * world
+    owner = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        r = min(range(world), key=load.__getitem__)
+        owner[i] = r
+        load[r] += sizes[i]
+    return owner
+
+
+def state_dicts(engine, module: nn.Module, rank: int, world: int) -> dict[str, Any]:
+    """This process's part of the resume state: {"model": ..., "optim": ...} with the weights and
+    AdamW states of the parameters it keeps (every process takes part in each tensor's gather)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    params = _trainable(module)
+    owner = owners([p.ds_numel if hasattr(p, "ds_numel") else p.numel() for _, p in params], world)
+    step = _step_count(engine)
+    model: dict[str, torch.Tensor] = {}
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    aliases: dict[int, list[str]] = {}  # a tied weight is in a model state dict under each name
+    for n, q in module.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(q), []).append(n)
+    for (name, p), r in zip(params, owner, strict=True):
+        full = {"weight": safe_get_full_fp32_param(p)}
+        for key in ADAM_STATES:
+            full[key] = safe_get_full_optimizer_state(p, key)
+        if r == rank:
+            weight = full["weight"].cpu()
+            model.update({alias: weight for alias in aliases[id(p)]})
+            state[name] = {"step": step.clone(), **{k: full[k].cpu() for k in ADAM_STATES}}
+    optim: dict[str, Any] = {"state": state}
+    if rank == 0:
+        optim["param_groups"] = _groups(engine, module)
+    return {"model": model, "optim": optim}
+
+
+def _init_adam_state(engine) -> None:
+    """AdamW makes its states at its first step; a resume sets them before that."""
+    inner = _inner(engine)
+    for flat in _flats(engine):
+        state = inner.state[flat]
+        state.setdefault("step", torch.tensor(0.0))
+        for key in ADAM_STATES:
+            state.setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:  # ZeRO-2 links each weight to its slice of those states once they exist
+        link()
+
+
+def _chunks(params: list[tuple[str, nn.Parameter]]) -> list[list[tuple[str, nn.Parameter]]]:
+    out, size = [[]], 0
+    for name, p in params:
+        n = (p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * 4 * (1 + len(ADAM_STATES))
+        if out[-1] and size + n > LOAD_CHUNK_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append((name, p))
+        size += n
+    return out
+
+
+def _shape(p: nn.Parameter) -> torch.Size:
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+
+def _put(p: nn.Parameter, weight: torch.Tensor, states: dict[str, torch.Tensor]) -> None:
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    device = _device(p)
+    safe_set_full_fp32_param(p, weight.to(device))
+    for key in ADAM_STATES:
+        safe_set_full_optimizer_state(p, states[key].to(device), key)
+    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):  # the weight the forward uses
+        with torch.no_grad():
+            p.data.copy_(weight.to(p.device, p.dtype).view_as(p.data))
+
+
+def _device(p: nn.Parameter) -> torch.device:
+    ds = getattr(p, "ds_tensor", None)
+    return (ds if ds is not None else p).device
+
+
+def load_state(engine, module: nn.Module, read) -> None:
+    """Put a resume state back: `read(template)` fills a template of {"model", "optim"} from the
+    checkpoint; it is called once per chunk of parameters, so no process holds the whole state."""
+    _init_adam_state(engine)
+    groups_done = False
+    step = torch.tensor(0.0)
+    for chunk in _chunks(_trainable(module)):
+        model = {n: torch.empty(_shape(p), dtype=torch.float32) for n, p in chunk}
+        state = {
+            n: {"step": torch.tensor(0.0), **{k: torch.empty_like(model[n]) for k in ADAM_STATES}}
+            for n, _ in chunk
+        }
+        template = {"model": model, "optim": {"state": state}}
+        if not groups_done:
+            template["optim"]["param_groups"] = _groups(engine, module)
+        read(template)
+        if not groups_done:
+            _set_hyperparameters(engine, template["optim"]["param_groups"])
+            groups_done = True
+        for n, p in chunk:
+            _put(p, model[n], state[n])
+            step = state[n]["step"]
+    inner = _inner(engine)
+    for flat in _flats(engine):
+        inner.state[flat]["step"] = step.clone().to(inner.state[flat]["step"].device)
+
+
+def _set_hyperparameters(engine, saved: list[dict[str, Any]]) -> None:
+    for group, old in zip(_inner(engine).param_groups, saved, strict=True):
+        group.update({k: v for k, v in old.items() if k != "params"})
