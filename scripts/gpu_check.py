@@ -6,7 +6,8 @@
 2. `lsd-edge memory recipes/qwen0.5b.toml --measure` at the real sizes with random weights (the real
    models' published config.json values, written offline by tests/realshape.py), beside the estimate;
 3. the embedded default (recipes/tiny.toml) end to end on CUDA with bf16 autocast;
-4. the ONNX export of that student for the CUDA execution provider (`--target cuda`, parity gated).
+4. the ONNX export of that student for the CUDA execution provider (`--target cuda`, parity gated);
+5. the student stages again under DeepSpeed ZeRO-3 (recipes/accelerate/zero3.yaml, 1 process).
 
 A check that fails is reported and the next one runs; the script exits 1 if any failed, and 2 at
 once where CUDA is not available. Standard library only, so it runs under any Python with torch.
@@ -125,6 +126,7 @@ def plan(python: str, out: Path) -> list[tuple[Check, object]]:
     sets = ["--set", f"teacher.path={configs / 'llava-interleave-qwen-7b-hf'}"]
     sets += ["--set", f"student.llm={configs / 'Qwen1.5-0.5B-Chat'}", "--set", "run.device=cuda"]
     tiny_sets = ["--set", f"run.output_dir={tiny}", "--set", "run.device=cuda", "--set", "run.precision=bf16"]
+    short_stages = [x for i in range(3) for x in ("--set", f"stages[{i}].max_steps=50")]
     return [
         (Check("gpu tests", [python, "-m", "pytest", "-q", "-m", "gpu", "tests"], 1800), pytest_figures),
         (Check("real-size configs", [python, "-c", write_configs], 120), None),
@@ -151,6 +153,31 @@ def plan(python: str, out: Path) -> list[tuple[Check, object]]:
                 1800,
             ),
             lambda c: export_figures(out / "onnx" / "export_report.json"),
+        ),
+        (
+            # after the export: --restart retrains the student (the cached teacher is reused)
+            Check(
+                "tiny student stages under DeepSpeed ZeRO-3 (CUDA, 1 process)",
+                [
+                    python,
+                    "-m",
+                    "accelerate.commands.accelerate_cli",
+                    "launch",
+                    "--config_file",
+                    "recipes/accelerate/zero3.yaml",
+                    "--num_processes",
+                    "1",
+                    "-m",
+                    "lsd_edge",
+                    "distill",
+                    "recipes/tiny.toml",
+                    "--restart",
+                    *tiny_sets,
+                    *short_stages,
+                ],
+                3600,
+            ),
+            lambda c: report_figures(tiny / "report.json"),
         ),
     ]
 

@@ -102,7 +102,10 @@ class Prepared:
     step: StudentStep  # the unwrapped module (the student as FSDP2 left it, sharded, under FSDP)
 
 
-def prepare(dist: Dist, step: StudentStep, optimizer, scheduler, stage: StageConfig) -> Prepared:
+def prepare(
+    dist: Dist, step: StudentStep, optimizer, scheduler, stage: StageConfig, bf16: bool = False
+) -> Prepared:
+    """`bf16`: the stage's forward runs under bf16 autocast (DeepSpeed's engine is told so)."""
     acc = dist.accelerator
     if acc is None:  # a stage run on its own (tests): nothing to prepare
         assert not dist.active, "several processes train through the run's Accelerator (distributed.setup)"
@@ -112,7 +115,7 @@ def prepare(dist: Dist, step: StudentStep, optimizer, scheduler, stage: StageCon
         check_wrap_classes(plugin, step)
     if dist.zero:
         hidden = step.student.config.text_config.hidden_size
-        zero.configure(acc.state.deepspeed_plugin.deepspeed_config, stage, dist.world, hidden)
+        zero.configure(acc.state.deepspeed_plugin.deepspeed_config, stage, dist.world, hidden, bf16)
     module, optimizer, scheduler = acc.prepare(step, optimizer, scheduler)
     unwrapped = acc.unwrap_model(module)
     unwrapped.sharded = any(isinstance(q, DTensor) for q in unwrapped.parameters())

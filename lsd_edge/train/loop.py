@@ -33,7 +33,7 @@ from lsd_edge.recipe.schema import DISTILL_TERMS, RunConfig, StageConfig
 from lsd_edge.train import engine, track
 from lsd_edge.train.distributed import SINGLE, Dist
 from lsd_edge.train.engine import Prepared, StudentStep
-from lsd_edge.train.setup import autocast, make_optimizer, total_steps
+from lsd_edge.train.setup import autocast, make_optimizer, total_steps, uses_bf16
 from lsd_edge.train.state import TrainingProgress, has_state
 from lsd_edge.workspace import Workspace
 
@@ -126,7 +126,14 @@ def prepare_stage(job: StageJob, reporter: Reporter) -> StageSetup:
     optimizer, scheduler, _ = make_optimizer(model, latent, stage, steps)
     s = StageSetup(
         teacher=teacher,
-        prepared=engine.prepare(job.dist, StudentStep(model, latent), optimizer, scheduler, stage),
+        prepared=engine.prepare(
+            job.dist,
+            StudentStep(model, latent),
+            optimizer,
+            scheduler,
+            stage,
+            uses_bf16(job.device, job.run.precision),
+        ),
         steps=steps,
         stream=IndexStream(len(job.dataset), job.run.seed * 31 + job.index),
         reader=None,

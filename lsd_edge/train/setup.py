@@ -13,8 +13,13 @@ from lsd_edge.models.groups import group_modules
 from lsd_edge.recipe.schema import StageConfig
 
 
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """Whether the student's forward runs under bf16 autocast (CUDA, run.precision auto or bf16)."""
+    return device.type == "cuda" and precision in ("auto", "bf16")
+
+
 def autocast(device: torch.device, precision: str):
-    if device.type == "cuda" and precision in ("auto", "bf16"):
+    if uses_bf16(device, precision):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
 

@@ -29,17 +29,22 @@ ADAM_STATES = ("exp_avg", "exp_avg_sq")
 LOAD_CHUNK_BYTES = 1 << 30  # a resume state is read back this many bytes of tensors at a time
 
 
-def configure(config: dict[str, Any], stage: StageConfig, world: int, hidden_size: int) -> None:
+def configure(
+    config: dict[str, Any], stage: StageConfig, world: int, hidden_size: int, bf16: bool = False
+) -> None:
     """The stage's settings in the DeepSpeed config: `batch_size` micro-batches that lsd-edge
     accumulates itself (DeepSpeed's accumulation would scale the loss by its own count), and the
     stage's gradient clipping (DeepSpeed clips inside its step); ZeRO's 'auto' sizes as HF Trainer
-    fills them from the LLM's hidden size."""
+    fills them from the LLM's hidden size. `bf16`: the run's bf16 autocast (run.precision on CUDA),
+    which DeepSpeed's engine would switch off inside its forward unless its config names it;
+    gradients are still reduced in fp32 (no module is listed as lower-precision safe)."""
     config.update(
         train_micro_batch_size_per_gpu=stage.batch_size,
         gradient_accumulation_steps=1,
         train_batch_size=stage.batch_size * world,
         gradient_clipping=float(stage.max_grad_norm),
         zero_allow_untested_optimizer=True,
+        torch_autocast={"enabled": bf16, "dtype": "bfloat16", "lower_precision_safe_modules": []},
     )
     zero = config.setdefault("zero_optimization", {})
     auto = {

@@ -182,7 +182,13 @@ def test_cpu_processes_under_deepspeed_on_a_cuda_machine_are_refused(zero_launch
 def test_each_stage_writes_its_batch_clipping_and_zero_sizes_into_the_deepspeed_config():
     config = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "overlap_comm": True}}
     stage = StageConfig(name="dft", kind="dft", max_steps=6, batch_size=4, grad_accum=3, max_grad_norm=0.5)
-    zero.configure(config, stage, world=2, hidden_size=64)
+    zero.configure(config, stage, world=2, hidden_size=64, bf16=True)
+    # the run's bf16 autocast stays on inside DeepSpeed's forward, gradients still reduced in fp32
+    assert config["torch_autocast"] == {
+        "enabled": True,
+        "dtype": "bfloat16",
+        "lower_precision_safe_modules": [],
+    }
     assert config["train_micro_batch_size_per_gpu"] == 4 and config["train_batch_size"] == 8
     assert config["gradient_accumulation_steps"] == 1 and config["gradient_clipping"] == 0.5
     assert config["zero_optimization"]["reduce_bucket_size"] == 64 * 64
