@@ -156,7 +156,7 @@ class TrainingProgress:
             shutil.rmtree(final, ignore_errors=True)  # a folder left unfinished by a kill
         dist.barrier()
         if dist.zero:
-            state = zero.state_dicts(module, module.module, dist.rank, dist.world)
+            state = zero.state_dicts(module, dist.rank, dist.world)
         else:
             model_sd, optim_sd = get_state_dict(module, _raw(optimizer), options=OPTIONS)
             state = {"model": model_sd, "optim": optim_sd}
@@ -201,7 +201,7 @@ class TrainingProgress:
                 raise _refuse(folder, e) from None
 
         if deepspeed:
-            zero.load_state(module, module.module, read)
+            zero.load_state(module, read)
         else:
             model_sd, optim_sd = get_state_dict(module, _raw(optimizer), options=OPTIONS)
             state = {"model": model_sd, "optim": optim_sd}

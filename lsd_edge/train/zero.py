@@ -88,7 +88,7 @@ def _trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
 
-def _groups(engine, module: nn.Module) -> list[dict[str, Any]]:
+def _groups(engine) -> list[dict[str, Any]]:
     """The torch optimizer's param_groups as `get_state_dict` writes them: hyperparameters and the
     names of the group's parameters (ZeRO holds them as one flat partition per group)."""
     zero = engine.optimizer
@@ -100,7 +100,7 @@ def _groups(engine, module: nn.Module) -> list[dict[str, Any]]:
     else:  # ZeRO-3: a group is split into sub-groups of at most sub_group_size elements
         for i, params in enumerate(zero.fp16_groups):
             members[zero.sub_group_to_group_id[i]].extend(params)
-    names = {id(p): n for n, p in module.named_parameters()}
+    names = {id(p): n for n, p in engine.module.named_parameters()}
     out = []
     for group, params in zip(groups, members, strict=True):
         entry = {k: v for k, v in group.items() if k != "params"}
@@ -128,13 +128,14 @@ def owners(sizes: list[int], world: int) -> list[int]:
     return owner
 
 
-def state_dicts(engine, module: nn.Module, rank: int, world: int) -> dict[str, Any]:
+def state_dicts(engine, rank: int, world: int) -> dict[str, Any]:
     """This process's part of the resume state: {"model": ..., "optim": ...} with the weights and
     AdamW states of the parameters it keeps (every process takes part in each tensor's gather)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    module = engine.module  # the StudentStep: its parameter names are DDP's
     params = _trainable(module)
-    owner = owners([p.ds_numel if hasattr(p, "ds_numel") else p.numel() for _, p in params], world)
+    owner = owners([_numel(p) for _, p in params], world)
     step = _step_count(engine)
     model: dict[str, torch.Tensor] = {}
     state: dict[str, dict[str, torch.Tensor]] = {}
@@ -151,7 +152,7 @@ def state_dicts(engine, module: nn.Module, rank: int, world: int) -> dict[str, A
             state[name] = {"step": step.clone(), **{k: full[k].cpu() for k in ADAM_STATES}}
     optim: dict[str, Any] = {"state": state}
     if rank == 0:
-        optim["param_groups"] = _groups(engine, module)
+        optim["param_groups"] = _groups(engine)
     return {"model": model, "optim": optim}
 
 
@@ -171,7 +172,7 @@ def _init_adam_state(engine) -> None:
 def _chunks(params: list[tuple[str, nn.Parameter]]) -> list[list[tuple[str, nn.Parameter]]]:
     out, size = [[]], 0
     for name, p in params:
-        n = (p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * 4 * (1 + len(ADAM_STATES))
+        n = _numel(p) * 4 * (1 + len(ADAM_STATES))
         if out[-1] and size + n > LOAD_CHUNK_BYTES:
             out.append([])
             size = 0
@@ -181,7 +182,12 @@ def _chunks(params: list[tuple[str, nn.Parameter]]) -> list[list[tuple[str, nn.P
 
 
 def _shape(p: nn.Parameter) -> torch.Size:
+    """A weight's full shape (ZeRO-3 keeps only a partition in the parameter itself)."""
     return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+
+def _numel(p: nn.Parameter) -> int:
+    return _shape(p).numel()
 
 
 def _put(p: nn.Parameter, weight: torch.Tensor, states: dict[str, torch.Tensor]) -> None:
@@ -202,13 +208,13 @@ def _device(p: nn.Parameter) -> torch.device:
     return (ds if ds is not None else p).device
 
 
-def load_state(engine, module: nn.Module, read) -> None:
+def load_state(engine, read) -> None:
     """Put a resume state back: `read(template)` fills a template of {"model", "optim"} from the
     checkpoint; it is called once per chunk of parameters, so no process holds the whole state."""
     _init_adam_state(engine)
     groups_done = False
     step = torch.tensor(0.0)
-    for chunk in _chunks(_trainable(module)):
+    for chunk in _chunks(_trainable(engine.module)):
         model = {n: torch.empty(_shape(p), dtype=torch.float32) for n, p in chunk}
         state = {
             n: {"step": torch.tensor(0.0), **{k: torch.empty_like(model[n]) for k in ADAM_STATES}}
@@ -216,7 +222,7 @@ def load_state(engine, module: nn.Module, read) -> None:
         }
         template = {"model": model, "optim": {"state": state}}
         if not groups_done:
-            template["optim"]["param_groups"] = _groups(engine, module)
+            template["optim"]["param_groups"] = _groups(engine)
         read(template)
         if not groups_done:
             _set_hyperparameters(engine, template["optim"]["param_groups"])
