@@ -17,16 +17,9 @@ class Forward:
     hidden: torch.Tensor  # (B, T, D) last hidden state (after the final norm)
     hidden_states: tuple[torch.Tensor, ...] | None  # per layer, 0 = embeddings, -1 = final
     image_features: torch.Tensor | None  # (I, K, D) projector output
-    blank_features: torch.Tensor | None = None  # (1, K, D): a blank image's, run at weight 0
 
 
-def forward(model, batch: Batch, hidden_states: bool = False, every_module: bool = False) -> Forward:
-    """`every_module`: the vision tower and projector run on every micro-batch, in the same place
-    (on a blank image, at weight 0, where the micro-batch has none), as DeepSpeed ZeRO needs: it
-    gathers each module's weights for its call and reduces every weight's gradient, so the modules
-    a micro-batch runs, and their order, must be the same on every process."""
-    if every_module:
-        return forward_every_module(model, batch, hidden_states)
+def forward(model, batch: Batch, hidden_states: bool = False) -> Forward:
     out = model.model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -53,34 +46,21 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.stack(list(out.pooler_output))
 
 
-def blank_image(model, device: torch.device) -> torch.Tensor:
-    vc = model.config.vision_config
-    return torch.zeros(1, getattr(vc, "num_channels", 3), vc.image_size, vc.image_size, device=device)
+class StudentPass:
+    """How the objective runs the student's forward pass, and what a micro-batch adds for a latent
+    map it has nothing for. This one is the plain pass: the model's own forward, and nothing for an
+    unused map (it gets no gradient). A training engine that needs more of a forward pass (every
+    module with trainable weights run in every micro-batch) supplies its own; the losses are the same."""
+
+    def run(self, model, batch: Batch, hidden_states: bool) -> Forward:
+        return forward(model, batch, hidden_states)
+
+    def unused_map(self, proj: torch.nn.Linear, f: Forward) -> torch.Tensor | None:
+        """What a latent map adds where a micro-batch has nothing for it: None (nothing)."""
+        return None
 
 
-def forward_every_module(model, batch: Batch, hidden_states: bool) -> Forward:
-    """The model's forward with the image features computed here and put in place of the image
-    tokens (what LlavaModel does), so that a micro-batch without images runs the same modules."""
-    pixels = batch.pixel_values
-    feats = image_features(
-        model, pixels if pixels is not None else blank_image(model, batch.input_ids.device)
-    )
-    embeds = model.model.get_input_embeddings()(batch.input_ids)
-    blank = None
-    if pixels is None:
-        embeds = embeds + feats.sum().to(embeds.dtype) * 0.0  # reached, adds nothing
-        blank, feats = feats, None
-    else:
-        mask = batch.visual_mask.unsqueeze(-1).expand_as(embeds)
-        embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
-    out = model.model(
-        inputs_embeds=embeds,
-        attention_mask=batch.attention_mask,
-        output_hidden_states=hidden_states,
-        use_cache=False,
-        return_dict=True,
-    )
-    return Forward(out.last_hidden_state, out.hidden_states if hidden_states else None, feats, blank)
+PLAIN = StudentPass()
 
 
 def per_image(tokens: torch.Tensor, n_images: int) -> torch.Tensor | None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from lsd_edge.data.dataset import Batch
 from lsd_edge.distill import losses
-from lsd_edge.distill.forward import Forward, forward, n_images, output_weight, per_image
+from lsd_edge.distill.forward import PLAIN, Forward, StudentPass, n_images, output_weight, per_image
 from lsd_edge.distill.teacher import Teacher
 from lsd_edge.models.tokens import IGNORE_INDEX
 from lsd_edge.recipe.schema import DISTILL_TERMS, StageConfig
@@ -83,21 +83,21 @@ def loss_terms(
     counts: Counts,
     vocab_rows: int,
     latent: LatentProjector | None,
-    every_module: bool = False,
+    student_pass: StudentPass = PLAIN,
 ) -> dict[str, torch.Tensor]:
     """Every loss term of one micro-batch, each normalised by its count in the accumulated batch.
 
     L = ce*L_reg + lambda * (alpha*L_res + beta*L_vis + gamma*L_rel + delta*L_lat); the weights are
     applied by the caller. Terms with weight 0 are not computed. `teacher` is the online teacher or a
-    teacher cache (`lsd_edge.distill.teacher.Teacher`). `every_module` (DeepSpeed ZeRO): every
-    module with trainable weights runs once in every micro-batch, in the same order, at weight 0
-    where the micro-batch has nothing for it (`lsd_edge.distill.forward.forward`).
+    teacher cache (`lsd_edge.distill.teacher.Teacher`). `student_pass` runs the student's forward
+    and says what a latent map adds where this micro-batch has nothing for it
+    (`lsd_edge.distill.forward.StudentPass`: the plain pass adds nothing).
     """
     lc = stage.loss
     w = {t: lc.weight(t) for t in DISTILL_TERMS}
     need_teacher = teacher is not None and stage.distills
     need_hidden = need_teacher and w["latent"] > 0 and any(isinstance(p[0], int) for p in lc.latent_pairs)
-    s = forward(student, batch, hidden_states=need_hidden, every_module=every_module)
+    s = student_pass.run(student, batch, need_hidden)
     resp = batch.labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t+1
     s_resp_h = s.hidden[:, :-1][resp]  # (N, Ds)
     targets = batch.labels[:, 1:][resp]  # (N,)
@@ -112,8 +112,8 @@ def loss_terms(
     )
     terms: dict[str, torch.Tensor] = {"ce": ce / max(1, counts.response)}
     if t is None:
-        if every_module and latent is not None:  # the latent maps run, adding nothing
-            terms["ce"] = terms["ce"] + sum(unused(m) for m in latent.maps)
+        if latent is not None:  # no teacher targets: the maps have nothing to align
+            terms["ce"] = with_unused(terms["ce"], [student_pass.unused_map(m, s) for m in latent.maps])
         return terms
     if kd is not None:
         terms["response_kl"] = kd / max(1, counts.response)
@@ -134,14 +134,16 @@ def loss_terms(
             rel = losses.relation_sum(sv, t.visual_tokens)
         terms["relation"] = rel / max(1, counts.images)
     if w["latent"] > 0 and latent is not None:
-        terms["latent"] = latent_term(s, t, batch, counts, latent, lc.latent_kind, every_module)
+        terms["latent"] = latent_term(s, t, batch, counts, latent, lc.latent_kind, student_pass)
     return terms
 
 
-def unused(proj: nn.Linear) -> torch.Tensor:
-    """0 through a latent map that a micro-batch has nothing for (run on one row of zeros)."""
-    x = torch.zeros(1, proj.in_features, device=proj.weight.device, dtype=proj.weight.dtype)
-    return proj(x).float().sum() * 0.0
+def with_unused(total: torch.Tensor, extras: list[torch.Tensor | None]) -> torch.Tensor:
+    """`total` plus what the student pass adds for unused parts (nothing for the plain pass)."""
+    for extra in extras:
+        if extra is not None:
+            total = total + extra
+    return total
 
 
 def latent_term(
@@ -151,7 +153,7 @@ def latent_term(
     counts: Counts,
     latent: LatentProjector,
     kind: str,
-    every_module: bool = False,
+    student_pass: StudentPass = PLAIN,
 ) -> torch.Tensor:
     """L_lat: the mean over latent pairs of each pair's alignment sum over its count (visual tokens for
     the projector pair, every valid token for layer pairs)."""
@@ -159,9 +161,8 @@ def latent_term(
     valid = batch.attention_mask.bool()
     for proj, (ls, lt) in zip(latent.maps, latent.pairs, strict=True):
         if ls == "projector":
-            if s.image_features is None:
-                if every_module:  # the same path as with images: projector output -> map
-                    total = total + proj(s.blank_features.flatten(0, 1).float()).sum() * 0.0
+            if s.image_features is None:  # no image in this micro-batch: nothing to align here
+                total = with_unused(total, [student_pass.unused_map(proj, s)])
                 continue
             sx = s.image_features.flatten(0, 1)
             tx = t.image_features.flatten(0, 1)

@@ -4,7 +4,7 @@ things every part of it does the same way: saving a checkpoint and making a stag
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,8 @@ from lsd_edge.models.load import save_checkpoint
 from lsd_edge.progress import Reporter
 from lsd_edge.recipe.schema import Recipe, StageConfig
 from lsd_edge.train import track
-from lsd_edge.train.distributed import SINGLE, Dist
+from lsd_edge.train.backends.base import Backend
+from lsd_edge.train.distributed import Dist
 from lsd_edge.train.loop import StageJob
 from lsd_edge.workspace import Workspace
 
@@ -29,8 +30,12 @@ class RunContext:
     workspace: Workspace
     device: torch.device
     reporter: Reporter
-    dist: Dist = SINGLE
+    backend: Backend = field(default_factory=Backend)  # the engine that trains (one process by default)
     tracked: int = 0  # evaluations sent to the trackers so far (their step)
+
+    @property
+    def dist(self) -> Dist:
+        return self.backend.dist
 
     def job(
         self,
@@ -56,7 +61,7 @@ class RunContext:
             bad_samples=r.data.bad_samples,
             workspace=self.workspace,
             device=self.device,
-            dist=self.dist,
+            backend=self.backend,
             checkpointing=checkpointing,
             num_workers=auto_workers(self.dist.local_world)
             if r.data.num_workers is None
@@ -85,6 +90,6 @@ class RunContext:
         if not self.dist.main:
             return {}
         metrics = eval_split(self.recipe, model, processor, label, self.reporter)
-        track.log_eval(self.dist, label, metrics, self.tracked)
+        track.log_eval(self.backend.accelerator, label, metrics, self.tracked)
         self.tracked += 1
         return metrics

@@ -6,36 +6,25 @@ process and every method here is a no-op, so the single-process path is the plai
 
 How a step is shared: a step is `grad_accum` micro-batches of `batch_size` samples taken from one
 global sample stream; process r runs micro-batches r, r + W, r + 2W, ... (W processes). Loss terms
-are divided by counts summed over all processes and gradients are summed (by the engine Accelerate
-prepared, `lsd_edge.train.engine`), so a step computes the same gradient with any W, and a resume
-state (step, stream position) is valid for any W. The frozen teacher is replicated, or its decoder
-layers are sharded with FSDP2 when the launch config asks for FSDP or DeepSpeed ZeRO-3.
+are divided by counts summed over all processes and gradients are summed (by the run's training
+backend, `lsd_edge.train.backends`), so a step computes the same gradient with any W, and a resume
+state (step, stream position) is valid for any W.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 import torch
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
 
 from lsd_edge.errors import LsdEdgeError
-from lsd_edge.models.load import resolve_device
-from lsd_edge.recipe.schema import RunConfig
-from lsd_edge.train.launch import make_accelerator
 
 
 @dataclass(frozen=True)
 class Dist:
     rank: int = 0
     world: int = 1
-    shard_teacher: bool = False
-    zero: int = 0  # the DeepSpeed ZeRO stage the student trains under (0: not DeepSpeed)
-    accelerator: Any = field(default=None, compare=False, repr=False)  # None: a stage run on its own
 
     @property
     def main(self) -> bool:
@@ -116,39 +105,3 @@ def threads_per_process(num_threads: int, local_processes: int) -> int:
     so that W processes on one machine do not start W times as many threads as there are cores."""
     total = num_threads or os.cpu_count() or 1
     return max(1, total // max(1, local_processes))
-
-
-def setup(run: RunConfig, logging_dir: Path) -> tuple[Dist, torch.device]:
-    """The run's processes and this process's device, from the launcher's environment; the
-    Accelerator (one per process) prepares each stage's student and holds the trackers."""
-    device = resolve_device(run.device)  # refuses 'cuda' without CUDA, in every process
-    world = launched_world()
-    acc = make_accelerator(device.type == "cpu", world, list(run.report_to), logging_dir)
-    plugin = acc.state.deepspeed_plugin
-    zero = 0 if plugin is None else int(plugin.zero_stage)
-    if world <= 1:
-        return Dist(zero=zero, accelerator=acc), device
-    if device.type == "cuda":
-        device = acc.device
-    shard = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or zero == 3
-    return Dist(acc.process_index, acc.num_processes, shard, zero, acc), device
-
-
-def shard_decoder_layers(model, own_group: bool = False) -> int:
-    """FSDP2-shard each decoder layer of a frozen model over all processes; returns how many.
-    `own_group`: its gathers run on a process group of their own (under DeepSpeed ZeRO-3, whose
-    gathers of the student's weights would otherwise interleave with them on the default group).
-
-    Each layer's weights are all-gathered for its forward and freed after it, so a process holds
-    1/W of the LLM's layers plus one layer at a time. Embeddings, head, projector and vision tower
-    stay whole: the vision tower runs only on batches with images, and a collective must be entered
-    by every process.
-    """
-    layers = model.model.language_model.layers
-    mesh = None
-    if own_group:
-        device = next(model.parameters()).device.type
-        mesh = DeviceMesh.from_group(torch.distributed.new_group(), device_type=device)
-    for layer in layers:
-        fully_shard(layer, reshard_after_forward=True, mesh=mesh)
-    return len(layers)

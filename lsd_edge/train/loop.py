@@ -1,11 +1,12 @@
 """The one stage loop: `run_stage(job)` trains one stage (pt, dpt, sft or dft) of teacher or student.
 
 `prepare_stage` builds everything the loop needs (trainable groups, latent projections, optimizer,
-schedule prepared by Accelerate (`lsd_edge.train.engine`), the data stream and its worker loader)
-and restores a resume state; the loop then takes a step's micro-batches from the one global sample
-stream, runs the objective (`lsd_edge.distill.objective`) on this process's share with gradients
-communicated once, in the last micro-batch's backward, steps, logs every step to log.jsonl and the
-trackers, and saves a resume state every `run.checkpoint_every` steps.
+schedule, prepared by the run's training backend (`lsd_edge.train.backends`), the data stream and
+its worker loader) and restores a resume state; the loop then takes a step's micro-batches from the
+one global sample stream and, for each, runs the backend's prepared module (its forward is the
+objective, `lsd_edge.distill.objective`) and the backend's backward; the backend clips and steps,
+and the loop logs every step to log.jsonl and the trackers and saves a resume state every
+`run.checkpoint_every` steps. The loop never asks which engine trains: that is the backend's.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,12 @@ from lsd_edge.distill.objective import TERMS, Counts, LatentProjector
 from lsd_edge.distill.teacher import OnlineTeacher, Teacher
 from lsd_edge.errors import LsdEdgeError, TrainingError
 from lsd_edge.models.groups import set_activation_checkpointing, set_trainable
+from lsd_edge.models.info import ModelShape
 from lsd_edge.progress import Reporter
 from lsd_edge.recipe.schema import DISTILL_TERMS, RunConfig, StageConfig
-from lsd_edge.train import engine, track
-from lsd_edge.train.distributed import SINGLE, Dist
-from lsd_edge.train.engine import Prepared, StudentStep
+from lsd_edge.train import track
+from lsd_edge.train.backends.base import Backend, Prepared, pad_batch
+from lsd_edge.train.distributed import Dist
 from lsd_edge.train.setup import autocast, make_optimizer, total_steps, uses_bf16
 from lsd_edge.train.state import TrainingProgress, has_state
 from lsd_edge.workspace import Workspace
@@ -54,9 +56,13 @@ class StageJob:
     bad_samples: str
     workspace: Workspace
     device: torch.device
-    dist: Dist = SINGLE
+    backend: Backend = field(default_factory=Backend)  # the run's engine (one process by default)
     checkpointing: bool = False  # activation checkpointing for the whole run (the model's setting)
     num_workers: int = 0  # DataLoader workers decoding micro-batches (0: decoded in this process)
+
+    @property
+    def dist(self) -> Dist:
+        return self.backend.dist
 
     @property
     def state_dir(self) -> Path:
@@ -87,7 +93,7 @@ class StageSetup:
     vocab_rows: int
     checkpointing: bool
     pad: Batch  # what a slot with nothing to run feeds the model, so every process runs each slot
-    flops_per_token: float = 0.0
+    shapes: tuple[ModelShape, ModelShape | None] | None = None  # student, online teacher: for MFU
     step: int = 0
     position: int = 0
 
@@ -124,30 +130,23 @@ def prepare_stage(job: StageJob, reporter: Reporter) -> StageSetup:
             ).to(job.device)
     steps = total_steps(stage, len(job.dataset))
     optimizer, scheduler, _ = make_optimizer(model, latent, stage, steps)
+    bf16 = uses_bf16(job.device, job.run.precision)
     s = StageSetup(
         teacher=teacher,
-        prepared=engine.prepare(
-            job.dist,
-            StudentStep(model, latent),
-            optimizer,
-            scheduler,
-            stage,
-            uses_bf16(job.device, job.run.precision),
-        ),
+        prepared=job.backend.prepare(model, latent, optimizer, scheduler, stage, bf16),
         steps=steps,
         stream=IndexStream(len(job.dataset), job.run.seed * 31 + job.index),
         reader=None,
         bad=BadSampleLog(),
         vocab_rows=len(job.processor.tokenizer),
         checkpointing=checkpointing,
-        pad=engine.pad_batch(job.processor.tokenizer.pad_token_id, job.device),
-        flops_per_token=track.flops_per_token(model, teacher),
+        pad=pad_batch(job.processor.tokenizer.pad_token_id, job.device),
+        shapes=flop_shapes(model, teacher, job.device),
     )
     found = TrainingProgress.load(job.state_dir)
     if found is not None:
         progress, folder = found
-        p = s.prepared
-        progress.restore(folder, p.module, p.optimizer, p.scheduler, job.dist.zero > 0)
+        progress.restore(folder, job.backend, s.prepared)
         if job.dist.main:  # the bad-sample counts (all processes') are carried on by rank 0 only
             s.bad.update(progress.bad)
         s.step, s.position = progress.step, progress.position
@@ -199,31 +198,47 @@ def accumulate(job: StageJob, s: StageSetup, slots: list[Batch | None], counts: 
     Gradients are communicated in the last one's backward only. With several processes a slot with
     nothing to run still runs (a pad token at weight 0), so every process meets each collective."""
     sums = {t: 0.0 for t in TERMS}
-    p, dist = s.prepared, job.dist
+    p, backend, dist = s.prepared, job.backend, job.dist
     for i, b in enumerate(slots):
         weight, teacher = 1.0, s.teacher
         if b is None:
             if not dist.active:
                 continue
-            # a sharded teacher's forward is collective too, and under ZeRO a pad slot runs the
-            # graph a real micro-batch runs; otherwise a replicated teacher or a cache is not run
+            # the backend says whether a pad slot runs the online teacher (a sharded teacher's
+            # forward is collective); a cache is never run for one
             b, weight = s.pad, 0.0
-            run_teacher = dist.shard_teacher or dist.zero > 0
-            teacher = teacher if run_teacher and isinstance(teacher, OnlineTeacher) else None
+            online = backend.pad_runs_teacher and isinstance(teacher, OnlineTeacher)
+            teacher = teacher if online else None
         last = i == len(slots) - 1
-        with engine.sync_context(dist, p, last):
+        with backend.no_sync(p, last):
             with autocast(job.device, job.run.precision):
-                total, terms = p.module(b, teacher, job.stage, counts, s.vocab_rows, lam, weight, dist.active)
+                total, terms = p.module(b, teacher, job.stage, counts, s.vocab_rows, lam, weight)
             if weight:
                 for name, value in terms.items():
                     sums[name] += float(value.detach())
-            # a projector-only stage on a text-only batch has nothing to learn (under ZeRO every
-            # micro-batch reaches every trainable weight, and its last backward steps)
+            # a projector-only stage on a text-only batch has nothing to learn (a backend whose
+            # processes must meet gives such a loss a graph of its own)
             if total.requires_grad:
-                engine.backward(dist, p, total, last)
+                backend.backward(p, total, last)
     if dist.active:
         sums = dict(zip(TERMS, dist.sum_floats([sums[t] for t in TERMS], job.device), strict=True))
     return sums
+
+
+def flop_shapes(model, teacher: Teacher | None, device: torch.device):
+    """The model shapes the step's FLOP count reads, where an MFU can be given (a known GPU)."""
+    if track.device_peak_tflops(device) is None:
+        return None
+    online = teacher.model.config if isinstance(teacher, OnlineTeacher) else None
+    return ModelShape.of(model.config), None if online is None else ModelShape.of(online)
+
+
+def step_mfu(job: StageJob, s: StageSetup, counts: Counts, seconds: float) -> float | None:
+    if s.shapes is None:
+        return None
+    seq_len = counts.tokens / (job.stage.grad_accum * job.stage.batch_size)
+    flops = track.step_flops(*s.shapes, job.stage, counts.tokens, seq_len)
+    return track.mfu(flops / max(seconds, 1e-9), job.device, job.dist.world)
 
 
 def check_finite(job: StageJob, sums: dict[str, float], step: int) -> None:
@@ -277,10 +292,8 @@ def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
             sums = accumulate(job, s, slots, counts, lam)
             check_finite(job, sums, s.step)
             if stage.max_grad_norm > 0:
-                engine.clip(dist, p, stage.max_grad_norm)
-            p.optimizer.step()
-            p.optimizer.zero_grad(set_to_none=True)
-            p.scheduler.step()
+                job.backend.clip(p, stage.max_grad_norm)
+            job.backend.optimizer_step(p)
             s.step += 1
             dt = time.perf_counter() - t0
             tokens_seen += counts.tokens
@@ -300,21 +313,21 @@ def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
             if log is not None:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-            track.log_step(dist, rec, track.mfu(s.flops_per_token, tok_s, job.device, dist.world))
+            track.log_step(job.backend.accelerator, rec, step_mfu(job, s, counts, dt))
             if s.step == 1 or s.step % job.run.log_every == 0 or s.step == s.steps:
                 info = " ".join(f"{k}={v:.3f}" for k, v in last.items()) + f" {tok_s:,.0f} tok/s"
             reporter.advance(1, info)
             if job.run.checkpoint_every and s.step % job.run.checkpoint_every == 0 and s.step < s.steps:
                 bad_now = merged_bad(dist, s.bad).as_dict()
                 progress = TrainingProgress.capture(s.step, s.position, p.scheduler, bad_now)
-                progress.save(job.state_dir, p.module, p.optimizer, dist)
+                progress.save(job.state_dir, job.backend, p)
     finally:
         if log is not None:
             log.close()
         s.reader.close()
         reporter.done()
-    model = engine.plain_student(p, job.device)
-    engine.release(dist)
+    model = job.backend.plain_student(p, job.device)
+    job.backend.release()
     if s.checkpointing:
         set_activation_checkpointing(model, False)
     model.eval()

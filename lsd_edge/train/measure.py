@@ -27,7 +27,7 @@ from lsd_edge.models.tokens import IGNORE_INDEX, image_tokens
 from lsd_edge.recipe.schema import Recipe, StageConfig
 from lsd_edge.train.memory import recipe_configs
 from lsd_edge.train.setup import autocast
-from lsd_edge.train.track import device_peak_tflops
+from lsd_edge.train.track import device_peak_tflops, step_flops
 
 
 @dataclass
@@ -82,21 +82,6 @@ def _cpu_peak(fn) -> int:
         cur += e.nbytes()
         peak = max(peak, cur)
     return peak
-
-
-def step_flops(
-    student: ModelShape, teacher: ModelShape | None, stage: StageConfig, tokens: int, seq_len: int
-) -> float:
-    """Model FLOPs of one step (PaLM's count: 2N per token forward, twice that backward, plus
-    attention 4*L*D*T per token forward); the frozen LLM of a projector-only stage still computes
-    activation gradients (no weight gradients)."""
-    n = student.params["llm"]
-    attn = 4 * student.layers * student.hidden * seq_len
-    bwd = 2.0 if "llm" in stage.trainable else 1.0
-    flops = tokens * (2 * n + attn) * (1 + bwd)
-    if teacher is not None and stage.distills:
-        flops += tokens * (2 * teacher.params["llm"] + 4 * teacher.layers * teacher.hidden * seq_len)
-    return float(flops)
 
 
 def _random_models(recipe: Recipe, stage: StageConfig, t_cfg, s_cfg, device: torch.device):

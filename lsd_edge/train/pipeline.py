@@ -27,8 +27,9 @@ from lsd_edge.models.load import load_llava
 from lsd_edge.progress import QuietReporter, Reporter
 from lsd_edge.recipe.schema import Recipe, StageConfig
 from lsd_edge.train import track
+from lsd_edge.train.backends.select import setup
 from lsd_edge.train.context import RunContext
-from lsd_edge.train.distributed import setup, threads_per_process
+from lsd_edge.train.distributed import threads_per_process
 from lsd_edge.train.loop import run_stage
 from lsd_edge.train.offline import StageInputs, check_cache_paths
 from lsd_edge.train.report import build_report, card_facts, offline_facts, plot_losses
@@ -98,14 +99,15 @@ def check_output(ws: Workspace, stage_names: list[str], options: DistillOptions,
 def start(recipe: Recipe, reporter: Reporter) -> RunContext:
     """Processes, device, threads, seed and trackers of a run."""
     ws = Workspace(recipe.output_dir)
-    dist, device = setup(recipe.run, ws.trackers)
+    backend, device = setup(recipe.run, ws.trackers)
+    dist = backend.dist
     if recipe.run.num_threads or dist.local_world > 1:
         torch.set_num_threads(threads_per_process(recipe.run.num_threads, dist.local_world))
     torch.manual_seed(recipe.run.seed)
     if not dist.main:  # one process reports and writes; the others train beside it
         reporter = QuietReporter()
-    track.start(dist, recipe)
-    return RunContext(recipe, ws, device, reporter, dist)
+    track.start(backend.accelerator, recipe)
+    return RunContext(recipe, ws, device, reporter, backend)
 
 
 def distill(
@@ -137,7 +139,7 @@ def distill(
     report: dict[str, Any] = {}
     if ctx.dist.main:  # the other processes return an empty report
         report = finish(ctx, teacher, stages[-1], model, stage_reports, time.perf_counter() - started)
-    track.finish(ctx.dist)
+    track.finish(ctx.backend.accelerator)
     ctx.dist.barrier()
     return report
 

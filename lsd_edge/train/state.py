@@ -6,8 +6,9 @@ process writes its own shards, so a sharded optimizer state is never gathered on
 state loads on any number of processes, resharded as it is read), `progress.pt` (steps, data
 stream position, scheduler, RNG states, bad samples) and `step.json`, written last: a folder without
 it is unfinished and ignored. Nothing is unpickled but tensors, numbers, strings and the checkpoint
-format's own metadata records. Under DeepSpeed ZeRO the same layout is written from ZeRO's
-partitions (`lsd_edge.train.zero`), so a state moves between ZeRO, FSDP2, DDP and one process.
+format's own metadata records. What the tensors are is the training backend's business
+(`lsd_edge.train.backends`: `state_dicts`, `load_state`); every backend writes the same layout, so a
+state moves between ZeRO, FSDP2, DDP and one process.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import pickle
 import random
 import shutil
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,21 +27,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from lsd_edge.errors import TrainingError
 from lsd_edge.files import read_json, write_json
-from lsd_edge.train import zero
-from lsd_edge.train.distributed import Dist
 
 PROGRESS_FILE = "progress.pt"
 WEIGHTS_DIR = "weights"
 DONE_FILE = "step.json"
 NOT_METADATA = "is not part of a checkpoint's metadata"  # DCP re-raises a reader's error as text
-OPTIONS = StateDictOptions(ignore_frozen_params=True)  # frozen weights come from the previous stage
-# Putting back: the frozen weights are absent by design; every trainable one was read (DCP refuses
-# a checkpoint that lacks a key asked for).
-LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def rng_state() -> dict[str, Any]:
@@ -129,8 +125,25 @@ def _refuse(folder: Path, error: Exception) -> TrainingError:
     )
 
 
-def _raw(optimizer):
-    return getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
+def _single() -> bool:
+    """A one-process run: the checkpoint is written and read without a process group."""
+    return not torch.distributed.is_initialized()
+
+
+@contextmanager
+def _quiet_single():
+    """DCP warns on every save and load without a process group that it assumes one process: that
+    is what a one-process run asks for (no_dist), and a new user's run should print nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+        )
+        yield
+
+
+def _save(state: dict[str, Any], folder: Path) -> None:
+    with _quiet_single():
+        dcp.save(state, checkpoint_id=folder, no_dist=_single())
 
 
 @dataclass
@@ -147,21 +160,16 @@ class TrainingProgress:
     def capture(cls, step: int, position: int, scheduler, bad: dict[str, Any]) -> TrainingProgress:
         return cls(step, position, scheduler.state_dict(), rng_state(), bad)
 
-    def save(self, state_dir: str | Path, module, optimizer, dist: Dist, keep: int = 1) -> Path:
-        """Write `state_dir/step-N/` (every process writes its shards; rank 0 the rest) and drop
-        older step folders beyond `keep`. Called by every process."""
+    def save(self, state_dir: str | Path, backend, prepared, keep: int = 1) -> Path:
+        """Write `state_dir/step-N/` (every process writes its shards of `backend.state_dicts`; rank 0
+        the rest) and drop older step folders beyond `keep`. Called by every process."""
+        dist = backend.dist
         state_dir = Path(state_dir)
         final = state_dir / f"step-{self.step:07d}"
         if dist.main:
             shutil.rmtree(final, ignore_errors=True)  # a folder left unfinished by a kill
         dist.barrier()
-        if dist.zero:
-            state = zero.state_dicts(module, dist.rank, dist.world)
-        else:
-            model_sd, optim_sd = get_state_dict(module, _raw(optimizer), options=OPTIONS)
-            state = {"model": model_sd, "optim": optim_sd}
-        single = not torch.distributed.is_initialized()
-        dcp.save(state, checkpoint_id=final / WEIGHTS_DIR, no_dist=single)
+        _save(backend.state_dicts(prepared), final / WEIGHTS_DIR)
         if dist.main:
             torch.save({k: v for k, v in asdict(self).items() if k != "step"}, final / PROGRESS_FILE)
             write_json(final / DONE_FILE, {"step": self.step, "processes": dist.world})
@@ -188,37 +196,21 @@ class TrainingProgress:
             return cls(step=step, **fields), folder
         return None
 
-    def restore(self, folder: Path, module, optimizer, scheduler, deepspeed: bool = False) -> None:
-        """Load the weights and optimizer state (resharded to this run's processes) and put every
-        other state back. `deepspeed`: `module` is a DeepSpeed engine (ZeRO)."""
+    def restore(self, folder: Path, backend, prepared) -> None:
+        """Load the weights and optimizer state (resharded to this run's processes, through
+        `backend.load_state`) and put every other state back."""
 
         def read(state: dict[str, Any]) -> None:
             try:
                 reader = SafeReader(folder / WEIGHTS_DIR)
-                single = not torch.distributed.is_initialized()
-                dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=single)
+                with _quiet_single():
+                    dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=_single())
             except (Exception, CheckpointException) as e:  # the latter is a BaseException
                 raise _refuse(folder, e) from None
 
-        if deepspeed:
-            zero.load_state(module, read)
-        else:
-            model_sd, optim_sd = get_state_dict(module, _raw(optimizer), options=OPTIONS)
-            state = {"model": model_sd, "optim": optim_sd}
-            read(state)
-            self._set(module, optimizer, state)
-        scheduler.load_state_dict(self.scheduler)
+        backend.load_state(prepared, read)
+        prepared.scheduler.load_state_dict(self.scheduler)
         set_rng_state(self.rng)
-
-    @staticmethod
-    def _set(module, optimizer, state: dict[str, Any]) -> None:
-        set_state_dict(
-            module,
-            _raw(optimizer),
-            model_state_dict=state["model"],
-            optim_state_dict=state["optim"],
-            options=LOAD_OPTIONS,
-        )
 
 
 def has_state(state_dir: str | Path) -> bool:

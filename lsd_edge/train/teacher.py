@@ -26,7 +26,6 @@ from lsd_edge.models.groups import count_params
 from lsd_edge.models.load import load_llava, model_folder, torch_dtype
 from lsd_edge.recipe.schema import Recipe
 from lsd_edge.train.context import RunContext
-from lsd_edge.train.distributed import shard_decoder_layers
 from lsd_edge.train.loop import run_stage
 from lsd_edge.workspace import is_complete
 
@@ -79,8 +78,8 @@ class TeacherSlot:
         self._load_or_train()
         self.model = self.model.to(torch_dtype(ctx.recipe.teacher.dtype, ctx.device))
         self.model.requires_grad_(False).eval()
-        if ctx.dist.shard_teacher:
-            n = shard_decoder_layers(self.model, own_group=ctx.dist.zero == 3)
+        n = ctx.backend.shard_teacher(self.model)
+        if n:
             ctx.reporter.message(f"teacher: {n} decoder layers sharded over {ctx.dist.world} processes")
         size = sum(p.numel() * p.element_size() for p in self.model.parameters()) / 2**20
         self.info = {"params": count_params(self.model)["total"], "size_mb": size}

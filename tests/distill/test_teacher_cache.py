@@ -27,6 +27,7 @@ from lsd_edge.recipe.load import parse_recipe
 from lsd_edge.recipe.schema import StageConfig
 from lsd_edge.recipe.toml import dumps_toml
 from lsd_edge.train import loop, offline, pipeline
+from lsd_edge.train.backends.base import Backend
 from lsd_edge.train.context import RunContext
 from lsd_edge.train.distributed import Dist
 from lsd_edge.train.offline import StageInputs
@@ -169,7 +170,9 @@ def test_blank_teacher_cache_setting_is_refused(recipe_dict):
 def test_a_multi_process_run_does_not_make_caches_or_answers(recipe_dict, tmp_path, monkeypatch, processor):
     """Each process would write the same folder (and a sharded teacher needs them all): refused."""
     r = parse_recipe(recipe_dict, overrides=["stages[2].teacher_cache=auto", "stages[1].regenerate=true"])
-    ctx = RunContext(r, Workspace(tmp_path / "run"), torch.device("cpu"), QuietReporter(), Dist(0, 2))
+    ctx = RunContext(
+        r, Workspace(tmp_path / "run"), torch.device("cpu"), QuietReporter(), Backend(Dist(0, 2))
+    )
     monkeypatch.setattr(offline, "files_hash", lambda path: "h")
     teacher = TeacherSlot(ctx)
     teacher._hash, teacher.processor = "t", processor

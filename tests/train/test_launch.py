@@ -10,7 +10,7 @@ import pytest
 
 from lsd_edge.errors import LsdEdgeError
 from lsd_edge.recipe.schema import StageConfig
-from lsd_edge.train import zero
+from lsd_edge.train.backends import zero
 from lsd_edge.train.distributed import threads_per_process
 from lsd_edge.train.launch import (
     check_trackers,

@@ -31,7 +31,7 @@ from lsd_edge.progress import QuietReporter
 from lsd_edge.recipe.load import load_recipe
 from lsd_edge.recipe.schema import RunConfig, StageConfig
 from lsd_edge.recipe.toml import dumps_toml
-from lsd_edge.train.distributed import SINGLE, Dist
+from lsd_edge.train.backends.base import Backend
 from lsd_edge.train.loop import StageJob, run_stage
 from lsd_edge.train.pipeline import distill
 from lsd_edge.workspace import Workspace
@@ -85,12 +85,14 @@ def make_cache(
 
 
 def train_every_kind(
-    data: Path, processor, teacher, student, out: Path, seed: int, mode: str, dist: Dist = SINGLE
+    data: Path, processor, teacher, student, out: Path, seed: int, mode: str, backend: Backend | None = None
 ):
     """Each stage kind trained for a few steps at a random batch shape, distilling from the teacher
     (`mode` online), its decoder layers sharded over the processes (sharded) or a cache of it (cache);
     the results, by kind."""
     cached = mode == "cache"
+    backend = backend or Backend()
+    dist = backend.dist
     r = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
     dataset = LlavaDataset(data, data.parent / "images", processor, max_length=MAX_LENGTH)
@@ -117,7 +119,7 @@ def train_every_kind(
             bad_samples="skip",
             workspace=Workspace(out),
             device=torch.device("cpu"),
-            dist=dist,
+            backend=backend,
         )
         res = run_stage(job, QuietReporter())
         results[kind] = (res.steps, res.last_terms, res.bad_samples, stage.batch_size, stage.grad_accum)
@@ -166,7 +168,7 @@ def _free_port() -> int:
 
 def _two_process_worker(rank, port, data, teacher_dir, student_dir, out, seed, mode, queue):
     from lsd_edge.models.load import load_llava
-    from lsd_edge.train.distributed import setup, shard_decoder_layers
+    from lsd_edge.train.backends.select import setup
 
     env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
     os.environ.update(env, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
@@ -175,11 +177,11 @@ def _two_process_worker(rank, port, data, teacher_dir, student_dir, out, seed, m
     torch.set_num_threads(1)
     teacher, processor = load_llava(str(teacher_dir))
     student, _ = load_llava(str(student_dir))
-    dist, _ = setup(RunConfig(device="cpu"), out / "trackers")
+    backend, _ = setup(RunConfig(device="cpu"), out / "trackers")
     try:
-        if mode == "sharded":
-            shard_decoder_layers(teacher)
-        results = train_every_kind(data, processor, teacher, student, out, seed, mode, dist)
+        layers = len(teacher.model.language_model.layers)
+        assert backend.shard_teacher(teacher) == (layers if mode == "sharded" else 0)
+        results = train_every_kind(data, processor, teacher, student, out, seed, mode, backend)
         queue.put((rank, results))
     finally:
         torch.distributed.destroy_process_group()

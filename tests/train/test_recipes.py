@@ -52,10 +52,11 @@ def real_overrides(standins: dict[str, Path], name: str, out: Path) -> list[str]
 
 @pytest.mark.parametrize("name", sorted(REAL))
 def test_real_recipe_runs_on_standins(name, standins, tmp_path, monkeypatch):
-    from lsd_edge.train import engine, loop
+    from lsd_edge.train import loop
+    from lsd_edge.train.backends import base
 
     seen = {"checkpointing": [], "teacher_dtype": set()}
-    real_ckpt, real_terms = loop.set_activation_checkpointing, engine.loss_terms
+    real_ckpt, real_terms = loop.set_activation_checkpointing, base.loss_terms
 
     def spy_ckpt(model, on):
         seen["checkpointing"].append(on)
@@ -67,7 +68,7 @@ def test_real_recipe_runs_on_standins(name, standins, tmp_path, monkeypatch):
         return real_terms(student, teacher, *a, **kw)
 
     monkeypatch.setattr(loop, "set_activation_checkpointing", spy_ckpt)
-    monkeypatch.setattr(engine, "loss_terms", spy_terms)
+    monkeypatch.setattr(base, "loss_terms", spy_terms)
     recipe = load_recipe(REPO / "recipes" / f"{name}.toml", real_overrides(standins, name, tmp_path / "run"))
     assert recipe.data.max_length == 2048 and recipe.teacher.dtype == "bfloat16"
     report = distill(recipe)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lsd_edge.errors import TrainingError
-from lsd_edge.train.distributed import SINGLE
+from lsd_edge.train.backends.base import Backend, Prepared
 from lsd_edge.train.state import TrainingProgress, has_state
 
 
@@ -27,6 +27,10 @@ def _trained():
     return model, opt, sched
 
 
+def _prepared(model, opt, sched) -> Prepared:
+    return Prepared(model, opt, sched, model)
+
+
 BAD = {"total": 1, "by_reason": {"missing image": 1}, "examples": {"missing image": ["a"]}, "kept": {}}
 
 
@@ -37,7 +41,7 @@ def _saved(tmp_path):
         opt.step()
         opt.zero_grad()
         sched.step()
-    TrainingProgress.capture(3, 40, sched, BAD).save(tmp_path, model, opt, SINGLE)
+    TrainingProgress.capture(3, 40, sched, BAD).save(tmp_path, Backend(), _prepared(model, opt, sched))
     return model, opt, sched
 
 
@@ -49,7 +53,7 @@ def test_a_state_round_trips_weights_optimizer_schedule_and_rngs(tmp_path):
     loaded, folder = TrainingProgress.load(tmp_path)
     assert (loaded.step, loaded.position, loaded.bad) == (3, 40, BAD)
     model2, opt2, sched2 = _trained()
-    loaded.restore(folder, model2, opt2, sched2)
+    loaded.restore(folder, Backend(), _prepared(model2, opt2, sched2))
     assert _draws() == want, "every RNG continues where it was saved"
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters(), strict=True))
     a, b = opt.state_dict(), opt2.state_dict()
@@ -92,7 +96,7 @@ def test_a_planted_pickle_in_the_checkpoint_metadata_is_refused_not_run(tmp_path
     loaded, folder = TrainingProgress.load(tmp_path)
     model2, opt2, sched2 = _trained()
     with pytest.raises(TrainingError) as e:
-        loaded.restore(folder, model2, opt2, sched2)
+        loaded.restore(folder, Backend(), _prepared(model2, opt2, sched2))
     msg = str(e.value)
     assert "\n" not in msg and "could run code" in msg, msg
     assert not marker.exists(), "nothing in the file was executed"

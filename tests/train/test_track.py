@@ -9,21 +9,42 @@ from pathlib import Path
 import pytest
 import torch
 
-from lsd_edge.distill.teacher import OnlineTeacher
+from lsd_edge.models.info import ModelShape
 from lsd_edge.recipe.load import parse_recipe
+from lsd_edge.recipe.schema import StageConfig
 from lsd_edge.train.pipeline import distill
-from lsd_edge.train.track import flat_config, flops_per_token, mfu
+from lsd_edge.train.track import PEAK_TFLOPS, flat_config, mfu, step_flops
 
 
 def test_flops_count_the_student_trained_and_the_online_teacher_run_forward(tiny_student, tiny_teacher):
-    s = sum(p.numel() for p in tiny_student.parameters())
-    t = sum(p.numel() for p in tiny_teacher.parameters())
-    assert flops_per_token(tiny_student, None) == 6 * s
-    assert flops_per_token(tiny_student, OnlineTeacher(tiny_teacher)) == 6 * s + 2 * t
+    """PaLM's count, written out for the tiny models: 2N per token forward plus attention 4*L*D*T,
+    backward twice the forward when the LLM trains (once, activations only, when it is frozen)."""
+    s, t = ModelShape.of(tiny_student.config), ModelShape.of(tiny_teacher.config)
+    sc, tc = tiny_student.config.text_config, tiny_teacher.config.text_config
+    n_s = sum(p.numel() for p in tiny_student.model.language_model.parameters()) + (
+        0 if sc.tie_word_embeddings else tiny_student.lm_head.weight.numel()
+    )
+    n_t = sum(p.numel() for p in tiny_teacher.model.language_model.parameters()) + (
+        0 if tc.tie_word_embeddings else tiny_teacher.lm_head.weight.numel()
+    )
+    assert s.params["llm"] == n_s and t.params["llm"] == n_t
+    tokens, T = 100, 20
+    fwd_s = 2 * n_s + 4 * sc.num_hidden_layers * sc.hidden_size * T
+    fwd_t = 2 * n_t + 4 * tc.num_hidden_layers * tc.hidden_size * T
+    sft = StageConfig.model_validate({"name": "sft", "kind": "sft", "max_steps": 1})
+    dft = StageConfig.model_validate({"name": "dft", "kind": "dft", "max_steps": 1})
+    dpt = StageConfig.model_validate({"name": "dpt", "kind": "dpt", "max_steps": 1})
+    assert step_flops(s, t, sft, tokens, T) == tokens * fwd_s * 3, (
+        "no teacher in a stage that does not distil"
+    )
+    assert step_flops(s, t, dft, tokens, T) == tokens * (fwd_s * 3 + fwd_t)
+    assert step_flops(s, None, dft, tokens, T) == tokens * fwd_s * 3, "a teacher cache runs no forward"
+    assert step_flops(s, t, dpt, tokens, T) == tokens * (fwd_s * 2 + fwd_t), "frozen LLM: activations only"
 
 
 def test_mfu_only_where_the_peak_is_known():
-    assert mfu(1e9, 1000.0, torch.device("cpu"), 1) is None
+    assert mfu(1e15, torch.device("cpu"), 1) is None
+    assert PEAK_TFLOPS["H100"] == 989.0
 
 
 def test_the_recipe_goes_to_the_trackers_as_scalars(recipe_dict):

@@ -1,32 +1,180 @@
 """The student under DeepSpeed ZeRO (stage 2 or 3, from the launch config; `lsd_edge.train.launch`).
+Everything that knows DeepSpeed's internals is in this module, and DeepSpeed is imported only here,
+inside the functions a DeepSpeed launch calls.
 
-- `configure` writes what the recipe decides for the stage (micro-batch size, no accumulation of
-  DeepSpeed's own, gradient clipping) into the DeepSpeed config before the stage is prepared.
-- `gather_head` lets ZeRO-3 gather the lm_head weight for the whole objective (the chunked logit
-  losses read it outside the head's own forward).
+- `Zero.prepare` writes what the recipe decides for the stage into the DeepSpeed config
+  (`configure`: micro-batch size, no accumulation of DeepSpeed's own, gradient clipping) and puts
+  the student in a DeepSpeed engine; under ZeRO-3 `gather_head` lets it gather the lm_head weight
+  for the whole objective (the chunked logit losses read it outside the head's own forward).
+- DeepSpeed reduces gradients in buckets whose contents must match on every process, and ZeRO-3
+  gathers a module's weights when it is called: so every micro-batch reaches every trainable weight,
+  in one order (`ZeroPass`: the vision tower and projector run on a blank image, a latent map on
+  what it would have seen, at weight 0, where a micro-batch has nothing for them), and a pad slot
+  runs the online teacher as a real micro-batch does.
 - `full_weights` gives the trained student's weights whole (ZeRO-3 gathers them).
-- `save_state` / `load_state`: a resume state in the layout DDP and FSDP2 write (one weight and
+- `state_dicts` / `load_state`: a resume state in the layout DDP and FSDP2 write (one weight and
   AdamW state per parameter name, `lsd_edge.train.state`), so a ZeRO run resumes on any number of
   processes, under ZeRO, FSDP2, DDP or one process. Each tensor is gathered whole in turn and kept
   by one process (balanced by bytes); each process writes what it kept. Nothing is unpickled, and
   DeepSpeed's own checkpoints (pickles tied to the process count) are not used.
-
-DeepSpeed reduces gradients in buckets whose contents must match on every process, so every
-micro-batch must reach every trainable weight: `StudentStep` runs the vision tower on a blank image
-(and the latent projections on zeros) at weight 0 where a micro-batch would skip them.
+- `check_internals`: the DeepSpeed attributes read here, checked once per stage, so a DeepSpeed
+  release that moves them stops a run with one line instead of a resume state written wrong.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from lsd_edge.data.dataset import Batch
+from lsd_edge.distill.forward import Forward, StudentPass, image_features
+from lsd_edge.errors import TrainingError
 from lsd_edge.recipe.schema import StageConfig
+from lsd_edge.train.backends.base import Backend, Prepared, StudentStep, rebuilt
+from lsd_edge.train.backends.fsdp import shard_decoder_layers
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 LOAD_CHUNK_BYTES = 1 << 30  # a resume state is read back this many bytes of tensors at a time
+# The DeepSpeed releases this module is tested with (pyproject.toml's `deepspeed` extra says the same).
+TESTED = "deepspeed>=0.16,<0.20"
+
+
+@dataclass
+class ZeroForward(Forward):
+    blank_features: torch.Tensor | None = None  # (1, K, D): a blank image's, where the batch has none
+
+
+def blank_image(model, device: torch.device) -> torch.Tensor:
+    vc = model.config.vision_config
+    return torch.zeros(1, getattr(vc, "num_channels", 3), vc.image_size, vc.image_size, device=device)
+
+
+class ZeroPass(StudentPass):
+    """The student's forward with the image features computed here and put in place of the image
+    tokens (what LlavaModel does), so that a micro-batch without images runs the same modules (the
+    vision tower and projector on a blank image, at weight 0); a latent map with nothing to align
+    runs on the projector's output for that blank image, as it would on a real one."""
+
+    def run(self, model, batch: Batch, hidden_states: bool) -> Forward:
+        pixels = batch.pixel_values
+        feats = image_features(
+            model, pixels if pixels is not None else blank_image(model, batch.input_ids.device)
+        )
+        embeds = model.model.get_input_embeddings()(batch.input_ids)
+        blank = None
+        if pixels is None:
+            embeds = embeds + feats.sum().to(embeds.dtype) * 0.0  # reached, adds nothing
+            blank, feats = feats, None
+        else:
+            mask = batch.visual_mask.unsqueeze(-1).expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
+        out = model.model(
+            inputs_embeds=embeds,
+            attention_mask=batch.attention_mask,
+            output_hidden_states=hidden_states,
+            use_cache=False,
+            return_dict=True,
+        )
+        states = out.hidden_states if hidden_states else None
+        return ZeroForward(out.last_hidden_state, states, feats, blank)
+
+    def unused_map(self, proj: nn.Linear, f: Forward) -> torch.Tensor:
+        blank = getattr(f, "blank_features", None)
+        if blank is not None:  # the same path as with images: projector output -> map
+            return proj(blank.flatten(0, 1).float()).sum() * 0.0
+        x = torch.zeros(1, proj.in_features, device=proj.weight.device, dtype=proj.weight.dtype)
+        return proj(x).float().sum() * 0.0
+
+
+class ZeroStep(StudentStep):
+    student_pass = ZeroPass()
+
+    def forward(self, batch, teacher, stage, counts, vocab_rows, lam, weight=1.0):
+        total, terms = super().forward(batch, teacher, stage, counts, vocab_rows, lam, weight)
+        return total * weight, terms  # every trainable weight was reached (ZeroPass)
+
+
+class Zero(Backend):
+    """DeepSpeed ZeRO-2 (gradients and AdamW states partitioned) or ZeRO-3 (weights too)."""
+
+    pad_runs_teacher = True  # a pad slot runs the graph a real micro-batch runs
+
+    def __init__(self, dist, accelerator, stage: int):
+        super().__init__(dist, accelerator)
+        self.stage = stage
+        self.name = f"DeepSpeed ZeRO-{stage}"
+
+    def make_step(self, student: nn.Module, latent) -> StudentStep:
+        return ZeroStep(student, latent)
+
+    def prepare(self, student, latent, optimizer, scheduler, stage: StageConfig, bf16=False) -> Prepared:
+        step = self.make_step(student, latent)
+        hidden = student.config.text_config.hidden_size
+        configure(
+            self.accelerator.state.deepspeed_plugin.deepspeed_config, stage, self.dist.world, hidden, bf16
+        )
+        module, optimizer, scheduler = self.accelerator.prepare(step, optimizer, scheduler)
+        check_internals(module)
+        if self.stage == 3:
+            gather_head(step)
+        return Prepared(module, optimizer, scheduler, step)
+
+    def backward(self, p: Prepared, loss: torch.Tensor, last: bool) -> None:
+        """ZeRO reduces its buckets in every backward (it accumulates reduced, partitioned gradients);
+        the step's last backward also clips and steps (DeepSpeed's engine does both; the optimizer
+        step after it only advances the schedule)."""
+        p.module.set_gradient_accumulation_boundary(last)
+        p.module.backward(loss * self.dist.world if self.dist.active else loss)
+        if last:
+            p.module.step()
+
+    def clip(self, p: Prepared, max_norm: float) -> None:
+        return  # clipped inside DeepSpeed's step (the stage's max_grad_norm is in its config)
+
+    def state_dicts(self, p: Prepared) -> dict[str, Any]:
+        return state_dicts(p.module, self.dist.rank, self.dist.world)
+
+    def load_state(self, p: Prepared, read) -> None:
+        load_state(p.module, read)
+
+    def plain_student(self, p: Prepared, device: torch.device) -> nn.Module:
+        """Gathered (ZeRO-3), and free of the engine's hooks."""
+        student = p.step.student
+        return rebuilt(student, full_weights(student), device)
+
+    def shard_teacher(self, model: nn.Module) -> int:
+        # ZeRO-3's gathers of the student's weights run on the default group: the teacher's on its own
+        return shard_decoder_layers(model, own_group=True) if self.stage == 3 and self.dist.active else 0
+
+
+def check_internals(engine) -> None:
+    """The attributes of DeepSpeed's engine and ZeRO optimizer this module reads, present."""
+    zero = getattr(engine, "optimizer", None)
+    needs = {
+        "the engine's optimizer (ZeRO)": zero is not None,
+        "the ZeRO optimizer's torch optimizer (.optimizer)": zero is not None and hasattr(zero, "optimizer"),
+        "the fp32 partitions (fp32_partitioned_groups_flat or single_partition_of_fp32_groups)": zero
+        is not None
+        and (
+            hasattr(zero, "fp32_partitioned_groups_flat") or hasattr(zero, "single_partition_of_fp32_groups")
+        ),
+        "the parameter groups (bit16_groups, or fp16_groups and sub_group_to_group_id)": zero is not None
+        and (
+            bool(getattr(zero, "bit16_groups", None))
+            or (hasattr(zero, "fp16_groups") and hasattr(zero, "sub_group_to_group_id"))
+        ),
+    }
+    missing = [what for what, ok in needs.items() if not ok]
+    if missing:
+        import deepspeed
+
+        raise TrainingError(
+            f"DeepSpeed {deepspeed.__version__} no longer has {'; '.join(missing)}, which lsd-edge's "
+            f"resume states read; install {TESTED} (the versions it is tested with)"
+        )
 
 
 def configure(

@@ -1,0 +1,1 @@
+"""The training backends: one class per engine (one process, DDP, FSDP2, DeepSpeed ZeRO-2/3) that owns preparing the student, accumulation without a sync, backward, clipping, the optimizer step, the resume state, the plain student back, and what the engine needs of a forward pass."""
