@@ -164,20 +164,6 @@ def test_no_folder(tmp_path):
         load_runner(tmp_path / "nope")
 
 
-def test_an_export_in_the_earlier_layout_is_refused_in_one_line(tmp_path, onnx_dir):
-    old = tmp_path / "old"
-    shutil.copytree(onnx_dir, old)
-    for f in (old / "onnx").iterdir():
-        f.rename(old / f.name)  # graphs beside config.json, as exports before onnx/ were
-    (old / "onnx").rmdir()
-    with pytest.raises(RuntimeModelError) as e:
-        load_runner(old)
-    msg = str(e.value)
-    assert (
-        "\n" not in msg and "earlier layout" in msg and "export the model again with `lsd-edge export`" in msg
-    )
-
-
 BLOCKED = """
 import json, sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
