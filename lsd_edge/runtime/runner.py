@@ -1,7 +1,7 @@
-"""What every backend offers (`Runner`), and `load_runner`: a model folder in, the right runner out.
+"""What every backend offers (`Runner`) and what both runners share (`RunnerBase`, `as_image`).
 
-This module imports neither torch nor onnxruntime: `load_runner` imports the runner a folder needs
-when it is asked for, so loading an ONNX export never imports torch.
+This module imports neither torch nor onnxruntime; `lsd_edge.infer.load_runner`, above both runners,
+picks the one a folder needs.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from PIL import Image
 from lsd_edge.data.records import BadSample, load_image, open_image_bytes
 from lsd_edge.errors import RuntimeModelError
 from lsd_edge.runtime.textgen import Generation, SamplingParams
-from lsd_edge.workspace import is_export_folder
 
 
 def as_image(image) -> Image.Image | None:
@@ -80,19 +79,3 @@ class RunnerBase:
             on_text=on_text,
             t0=t0,
         )
-
-
-def load_runner(path: str | Path, device: str = "cpu", name: str | None = None, **kw) -> Runner:
-    """A runner for a model folder: HF weights -> TorchRunner; ONNX files -> OnnxRunner (torch-free)."""
-    p = Path(path)
-    if not p.exists():
-        raise RuntimeModelError(
-            f"{p}: no such model folder; give a folder written by lsd-edge distill or export"
-        )
-    if is_export_folder(p):
-        from lsd_edge.runtime.onnx.runner import OnnxRunner  # onnxruntime only when asked for
-
-        return OnnxRunner(p, device=device, name=name, **kw)
-    from lsd_edge.runtime.torch_runner import TorchRunner  # torch only when asked for
-
-    return TorchRunner(p, device=device, name=name, **kw)

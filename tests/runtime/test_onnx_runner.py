@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from lsd_edge.errors import RuntimeModelError
+from lsd_edge.infer import Runner, load_runner
 from lsd_edge.runtime.onnx.runner import OnnxRunner
-from lsd_edge.runtime.runner import Runner, load_runner
 from lsd_edge.runtime.textgen import SamplingParams
 from lsd_edge.runtime.torch_runner import TorchRunner
 
