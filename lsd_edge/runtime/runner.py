@@ -13,6 +13,7 @@ from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
+from lsd_edge.data.questions import EvalItem
 from lsd_edge.data.records import BadSample, load_image, open_image_bytes
 from lsd_edge.errors import RuntimeModelError
 from lsd_edge.runtime.textgen import Generation, SamplingParams
@@ -53,9 +54,31 @@ class Runner(Protocol):
     def info(self) -> dict: ...
 
 
+Progress = Callable[[int, int], None]  # (questions answered, questions in all)
+
+
+class Answerer(Protocol):
+    """What the one accuracy path (`lsd_edge.evaluate.accuracy`) asks of a backend: greedy answers,
+    in order, to eval items (prompt ids as the chat encoder makes them, and the images they show).
+
+    Both runners are answerers, and so is the GGUF gate's llama.cpp; `batch_size` asks a backend that
+    can to answer that many questions at once (PyTorch's batched generate), None one at a time
+    through the decode loop."""
+
+    def answers(
+        self,
+        items: list[EvalItem],
+        max_new_tokens: int,
+        *,
+        batch_size: int | None = None,
+        progress: Progress | None = None,
+    ) -> list[str]: ...
+
+
 class RunnerBase:
     """What both runners share: one question about one image is a prompt (`prompt_ids`) and the
-    image's model input (`image_input`) handed to `generate_ids`, which decodes with the one loop."""
+    image's model input (`images_input`) handed to `generate_ids`, which decodes with the one loop;
+    an eval item is its prompt ids and images handed to it the same way (`answers`)."""
 
     def generate(
         self,
@@ -72,10 +95,27 @@ class RunnerBase:
         ids = self.prompt_ids(question, image is not None)
         return self.generate_ids(
             ids,
-            self.image_input(image),
+            self.images_input([] if image is None else [image]),
             max_new_tokens,
             sampling=sampling,
             ignore_eos=ignore_eos,
             on_text=on_text,
             t0=t0,
         )
+
+    def answers(
+        self,
+        items: list[EvalItem],
+        max_new_tokens: int,
+        *,
+        batch_size: int | None = None,
+        progress: Progress | None = None,
+    ) -> list[str]:
+        """Greedy answers to eval items, one at a time through the decode loop (`Answerer`; this
+        backend does not batch, so `batch_size` is not used)."""
+        out = []
+        for it in items:
+            out.append(self.generate_ids(it.prompt_ids, self.images_input(it.images), max_new_tokens).text)
+            if progress is not None:
+                progress(len(out), len(items))
+        return out

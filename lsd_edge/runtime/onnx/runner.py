@@ -314,5 +314,6 @@ class OnnxRunner(RunnerBase):
             t0=t0,
         )
 
-    def image_input(self, image):
-        return None if image is None else self.pixel_values(image)
+    def images_input(self, images: list) -> np.ndarray | None:
+        """(N, 3, H, W) pixel values of N images; None for none."""
+        return np.concatenate([self.pixel_values(im) for im in images]) if images else None
