@@ -111,8 +111,8 @@ class RunnerBase:
         batch_size: int | None = None,
         progress: Progress | None = None,
     ) -> list[str]:
-        """Greedy answers to eval items, one at a time through the decode loop (`Answerer`; this
-        backend does not batch, so `batch_size` is not used)."""
+        """Greedy answers to eval items, one at a time through the decode loop (`Answerer`);
+        `batch_size` is for a runner that batches, which overrides this (PyTorch's)."""
         out = []
         for it in items:
             out.append(self.generate_ids(it.prompt_ids, self.images_input(it.images), max_new_tokens).text)
