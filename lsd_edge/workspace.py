@@ -44,9 +44,8 @@ def is_model_folder(folder: str | Path) -> bool:
 
 def is_export_folder(folder: str | Path) -> bool:
     """A folder `lsd-edge export` wrote: it holds ONNX graphs under onnx/ (its layout:
-    `lsd_edge.runtime.onnx.layout`), or beside config.json as exports before that did."""
-    folder = Path(folder)
-    return any(folder.glob("onnx/*.onnx")) or any(folder.glob("*.onnx"))
+    `lsd_edge.runtime.onnx.layout`)."""
+    return any(Path(folder).glob("onnx/*.onnx"))
 
 
 @dataclass(frozen=True)
@@ -108,10 +107,6 @@ class Workspace:
     @property
     def loss_curve(self) -> Path:
         return self.root / "loss_curve.png"
-
-    @property
-    def bench_json(self) -> Path:
-        return self.root / "bench.json"
 
     @property
     def ablate(self) -> Path:

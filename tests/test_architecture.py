@@ -18,7 +18,7 @@ MAX_FUNCTION_LINES = 60
 LONG_FUNCTIONS = {"run_stage"}  # the stage loop reads best in one piece
 # name -> why a module imports project code inside a function
 LOCAL_PROJECT_IMPORTS = {
-    "runtime/runner.py": "load_runner imports the runner a folder needs: ONNX use stays torch-free",
+    "infer.py": "load_runner imports the runner a folder needs: ONNX use stays torch-free",
     "bench/worker.py": "a bench row imports only its backend, so its memory is that backend's alone",
     "cli/deploy_commands.py": "`lsd-edge demo` imports gradio (through the page) only when it runs",
 }

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lsd_edge.data.questions import EvalItem
 from lsd_edge.errors import LsdEdgeError, RuntimeModelError
-from lsd_edge.evaluate.score import accuracy
+from lsd_edge.evaluate.accuracy import evaluate_answers
 from lsd_edge.runtime.memory import peak_rss_mb
 from lsd_edge.runtime.onnx.layout import graph_file
 
@@ -165,20 +166,20 @@ def open_image(path: str | None):
 # -------------------------------------------------------------------------------------------- measure
 
 
-def exact_match_rate(runner, items: list[dict], max_new_tokens: int, tick) -> float | None:
-    """Exact match of greedy answers (stopping at the stop tokens), normalised as `lsd-edge eval` does."""
-    if not items:
-        return None
-    answers = []
-    for it in items:
-        answers.append(runner.generate(open_image(it["image"]), it["question"], max_new_tokens).text)
-        tick()
-    return accuracy(answers, [it["answer"] for it in items])
+def eval_items(runner, items: list[dict]) -> list[EvalItem]:
+    """The spec's questions as eval items, prompted by the row's own runner (its chat template)."""
+    out = []
+    for k, it in enumerate(items):
+        image = open_image(it["image"])
+        ids = runner.prompt_ids(it["question"], image is not None)
+        out.append(EvalItem(str(k), "all", ids, [] if image is None else [image], it["answer"]))
+    return out
 
 
 def measure(spec: RowSpec) -> dict[str, Any]:
     """Load, warm up, time `repeats` x `prompts` greedy generations of exactly `max_new_tokens`
-    tokens (stop tokens ignored), read memory, then score exact match on `eval_items`."""
+    tokens (stop tokens ignored), read memory, then score exact match on `eval_items` (the one accuracy
+    path, `lsd_edge.evaluate.accuracy`)."""
     cuda = spec.device == "cuda"
     nvml = NvmlPeak() if cuda else None
     total = spec.warmup + spec.repeats * len(spec.prompts) + len(spec.eval_items)
@@ -215,7 +216,12 @@ def measure(spec: RowSpec) -> dict[str, Any]:
         if "torch" in sys.modules:
             torch = sys.modules["torch"]
             row["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    row["accuracy"] = exact_match_rate(runner, spec.eval_items, spec.eval_max_new_tokens, tick)
+    row["accuracy"] = None
+    if spec.eval_items:  # one question at a time through the decode loop, as the rows are timed
+        items = eval_items(runner, spec.eval_items)
+        row["accuracy"] = evaluate_answers(
+            runner, items, spec.eval_max_new_tokens, progress=lambda done, total: tick()
+        ).accuracy
     row["accuracy_samples"] = len(spec.eval_items)
     info = runner.info()
     row.update(

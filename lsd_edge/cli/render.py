@@ -319,7 +319,8 @@ def gguf_report(report: dict[str, Any]) -> list[RenderableType]:
         f"parity on {p['samples']} prompts ({p['source']}): llama.cpp greedy agreement "
         f"{100 * p['greedy_agreement']:.0f}% (first token {100 * p['first_token_agreement']:.0f}%), "
         f"logits max rel diff {p['max_rel_logit_diff']:.1e}, "
-        f"tokenizer agreement {100 * p['tokenizer']['agreement']:.0f}%",
+        f"tokenizer agreement {100 * p['tokenizer']['agreement']:.0f}%; accuracy PyTorch "
+        f"{percent(p['accuracy_torch'])} vs llama.cpp {percent(p['accuracy_llama_cpp'])}",
         f"[green]parity gate passed[/green]; report: {report['output']}/export_report.json; "
         f"Ollama: cd {report['output']} && ollama create NAME -f Modelfile",
     ]

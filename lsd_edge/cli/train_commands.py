@@ -12,7 +12,6 @@ from lsd_edge.cli.app import SetOpt, app, err, out, reporter, write_json_out
 from lsd_edge.data.records import BadSampleLog
 from lsd_edge.errors import LsdEdgeError
 from lsd_edge.evaluate.greedy import evaluate
-from lsd_edge.models.load import load_llava
 from lsd_edge.recipe.load import load_recipe
 from lsd_edge.train.ablate import ablate as run_ablate
 from lsd_edge.train.offline import cache_teacher as run_cache
@@ -61,10 +60,8 @@ def eval_(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
 ) -> None:
     """Exact-match accuracy by greedy generation, overall and per question type."""
-    model, processor = load_llava(str(model_dir), what="model")
     res = evaluate(
-        model,
-        processor,
+        model_dir,
         data,
         images,
         max_samples=max_samples,

@@ -20,11 +20,12 @@ from PIL import Image
 
 from lsd_edge.demo.examples import Example
 from lsd_edge.errors import ModelError
+from lsd_edge.infer import load_runner
 from lsd_edge.models.info import config_params, live_bytes
 from lsd_edge.models.load import resolve_device
 from lsd_edge.runtime.memory import MiB, PeakRSS
 from lsd_edge.runtime.onnx.layout import variants_in
-from lsd_edge.runtime.runner import Runner, load_runner
+from lsd_edge.runtime.runner import Runner
 from lsd_edge.runtime.textgen import Generation
 from lsd_edge.workspace import RUNS_ROOT, default_export_dir, export_source, is_export_folder, latest_run
 

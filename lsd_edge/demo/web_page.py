@@ -30,7 +30,7 @@ from urllib.parse import unquote, urlsplit
 
 import lsd_edge
 from lsd_edge.errors import LsdEdgeError
-from lsd_edge.runtime.onnx.layout import JS_DTYPE, check_layout, read_json_file, variants_in
+from lsd_edge.runtime.onnx.layout import JS_DTYPE, read_json_file, variants_in
 from lsd_edge.workspace import RUNS_ROOT, is_export_folder, latest_run
 
 PAGE_DIR = Path(__file__).parent / "web"
@@ -163,7 +163,6 @@ def check_export(folder: Path) -> tuple[tuple[str, ...], str | None]:
     transformers.js_config.dtype), or one line saying why the page cannot load it."""
     if not folder.is_dir() or not is_export_folder(folder):
         raise WebDemoError(f"{folder}: no ONNX export there; run `lsd-edge export --int8` or pass EXPORT_DIR")
-    check_layout(folder)  # graphs beside config.json: the layout before transformers.js's
     variants = tuple(variants_in(folder))
     if not variants:
         raise WebDemoError(

@@ -18,10 +18,10 @@ from typing import Any
 from lsd_edge.data.chat import ChatEncoder
 from lsd_edge.data.questions import EvalItem, n_images
 from lsd_edge.data.records import BadSample, load_image, parse_record, read_records
-from lsd_edge.evaluate.greedy import greedy_answers
 from lsd_edge.evaluate.score import exact_match
 from lsd_edge.files import write_json
 from lsd_edge.progress import QuietReporter, Reporter
+from lsd_edge.runtime.torch_runner import greedy_answers
 
 
 @dataclass

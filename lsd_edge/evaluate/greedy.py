@@ -1,80 +1,62 @@
-"""Exact-match evaluation of a LLaVA model by batched greedy generation.
+"""Exact-match evaluation of a LLaVA model by batched greedy generation: a model folder
+(`lsd-edge eval`) or the model in training (distill's eval split).
 
-Every assistant turn of an eval record is one question (`lsd_edge.data.questions`); the model
-answers greedily, many questions at a time with left padding, and `lsd_edge.evaluate.score` scores
-the answers overall and per question `type` (ShapesVQA writes one per record).
+Every assistant turn of an eval record is one question (`lsd_edge.data.questions`); PyTorch answers
+many at a time with left padding (`lsd_edge.runtime.torch_runner.greedy_answers`) and the one
+accuracy path (`lsd_edge.evaluate.accuracy`) scores the answers overall and per question `type`
+(ShapesVQA writes one per record).
 """
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
 from lsd_edge.data.questions import EvalItem, load_eval_items
 from lsd_edge.data.records import BadSampleLog
-from lsd_edge.evaluate.score import EvalResult, score
+from lsd_edge.evaluate.accuracy import BATCH_SIZE, evaluate_answers
+from lsd_edge.evaluate.score import EvalResult
 from lsd_edge.models.groups import eager
-from lsd_edge.models.tokens import stop_token_ids
 from lsd_edge.progress import Reporter, ticker
 from lsd_edge.recipe.schema import Recipe
+from lsd_edge.runtime.runner import Progress
+from lsd_edge.runtime.torch_runner import TorchRunner, greedy_answers
 
 
-@torch.no_grad()
-def greedy_answers(
-    model, processor, items: list[EvalItem], max_new_tokens: int = 8, batch_size: int = 64, progress=None
-) -> list[str]:
-    """Greedy answers for eval items, batched with left padding."""
-    tok = processor.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stop_token_ids(processor)[0]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out: list[str] = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        T = max(len(it.prompt_ids) for it in chunk)
-        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), T), dtype=torch.long)
-        for i, it in enumerate(chunk):
-            ids[i, T - len(it.prompt_ids) :] = torch.tensor(it.prompt_ids)
-            mask[i, T - len(it.prompt_ids) :] = 1
-        imgs = [im for it in chunk for im in it.images]
-        kwargs = {}
-        if imgs:
-            kwargs["pixel_values"] = processor.image_processor(images=imgs, return_tensors="pt")[
-                "pixel_values"
-            ].to(device, dtype=next(model.parameters()).dtype)
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stop_token_ids(processor, model),
-            pad_token_id=pad,
-            **kwargs,
-        )
-        for row in gen[:, T:]:
-            out.append(tok.decode(row, skip_special_tokens=True))
-        if progress is not None:
-            progress(min(start + batch_size, len(items)), len(items))
-    model.train(was_training)
-    return out
+class TrainingModel:
+    """The model in training as an `Answerer`: batched greedy answers; its train/eval mode, device
+    and compiled form are left as they are (a `TorchRunner` would take the model over)."""
+
+    def __init__(self, model, processor):
+        self.model, self.processor = model, processor
+
+    def answers(
+        self,
+        items: list[EvalItem],
+        max_new_tokens: int,
+        *,
+        batch_size: int | None = None,
+        progress: Progress | None = None,
+    ) -> list[str]:
+        batch = BATCH_SIZE if batch_size is None else batch_size
+        with eager():
+            return greedy_answers(self.model, self.processor, items, max_new_tokens, batch, progress)
 
 
 def evaluate(
-    model,
-    processor,
+    model_dir: str | Path,
     path,
     image_dir=None,
     *,
     max_samples=None,
     max_new_tokens=8,
-    batch_size=64,
+    batch_size=BATCH_SIZE,
     progress=None,
 ) -> EvalResult:
+    """A model folder's exact match on an eval file, its skipped records in `bad_samples`."""
+    runner = TorchRunner(model_dir)
     log = BadSampleLog()
-    items = load_eval_items(path, image_dir, processor, max_samples, log)
-    answers = greedy_answers(model, processor, items, max_new_tokens, batch_size, progress)
-    result = score(items, answers)
+    items = load_eval_items(path, image_dir, runner.processor, max_samples, log)
+    result = evaluate_answers(runner, items, max_new_tokens, batch_size=batch_size, progress=progress)
     result.bad_samples = log.as_dict()
     return result
 
@@ -88,9 +70,10 @@ def eval_split(recipe: Recipe, model, processor, label: str, reporter: Reporter)
     log = BadSampleLog()
     items = load_eval_items(path, images, processor, ev.max_samples, log)
     reporter.task(f"eval {label}", len(items))
-    with eager():
-        answers = greedy_answers(model, processor, items, ev.max_new_tokens, ev.batch_size, ticker(reporter))
-    result = score(items, answers)
+    answerer = TrainingModel(model, processor)
+    result = evaluate_answers(
+        answerer, items, ev.max_new_tokens, batch_size=ev.batch_size, progress=ticker(reporter)
+    )
     result.bad_samples = log.as_dict()
     reporter.advance(0, f"accuracy {result.accuracy:.3f}")
     reporter.done()

@@ -1,7 +1,7 @@
 """The one exact-match scorer, torch-free: an answer is right if it equals the reference after normalisation.
 
 Normalisation ignores case, runs of spaces and a trailing period or exclamation mark. Every accuracy
-lsd-edge reports (distill's eval split, `lsd-edge eval`, the export's parity gate, the bench's
+lsd-edge reports (distill's eval split, `lsd-edge eval`, the ONNX and GGUF export gates, the bench's
 accuracy column, the demo's agreement line, regenerated data's changed count) compares through
 `exact_match`.
 """
@@ -25,13 +25,6 @@ def normalize_answer(text: str) -> str:
 
 def exact_match(prediction: str, reference: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(reference)
-
-
-def accuracy(predictions: list[str], references: list[str]) -> float:
-    """The fraction of predictions that match their reference."""
-    if not references:
-        raise ValueError("accuracy of no answers")
-    return sum(exact_match(p, r) for p, r in zip(predictions, references, strict=True)) / len(references)
 
 
 @dataclass

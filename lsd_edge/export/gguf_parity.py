@@ -169,12 +169,39 @@ def rel_diff(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-12))
 
 
+def tower_images(images: list, image_size: tuple[int, int]) -> list:
+    """RGB images at the tower's (width, height), resampled as the processor does: both sides feed the
+    tower the same pixels."""
+    return [im.convert("RGB").resize(image_size, resample=3) for im in images]
+
+
+class LlamaCppAnswers:
+    """llama.cpp's greedy answers to eval items as text, an `Answerer` (`lsd_edge.runtime.runner`):
+    the one accuracy path scores them as it scores PyTorch's and ONNX Runtime's. PyTorch's runner
+    gives the image token, the stop tokens and the decoding to text, so only the model differs."""
+
+    def __init__(self, runner: LlamaCppRunner, torch_runner, image_size: tuple[int, int]):
+        self.runner, self.torch_runner, self.image_size = runner, torch_runner, image_size
+
+    def answers(self, items, max_new_tokens: int, *, batch_size=None, progress=None) -> list[str]:
+        t, out = self.torch_runner, []
+        for it in items:
+            images = tower_images(it.images, self.image_size)
+            tokens, _ = self.runner.greedy(
+                it.prompt_ids, t.encoder.image_id, images, max_new_tokens, t.stop_ids, t.vocab_rows
+            )
+            out.append(t.processor.tokenizer.decode(tokens, skip_special_tokens=True))
+            if progress is not None:
+                progress(len(out), len(items))
+        return out
+
+
 def compare(torch_runner, runner: LlamaCppRunner, items, image_size, max_new_tokens: int) -> dict[str, Any]:
     """Greedy agreement and logits of llama.cpp against PyTorch on `items` (EvalItems)."""
     enc = torch_runner.encoder
     agree, worst, top_agree, details = 0, 0.0, 0, []
     for it in items:
-        images = [im.convert("RGB").resize(image_size, resample=3) for im in it.images]
+        images = tower_images(it.images, image_size)
         ref: list[np.ndarray] = []
         want = torch_runner.generate_ids(
             it.prompt_ids, torch_runner.pixel_values(images), max_new_tokens, logits=ref

@@ -4,7 +4,8 @@
 byte-level BPE tokenizer, a SigLIP or CLIP tower read as llama.cpp reads it), writes `<name>.gguf`
 (`lsd_edge.export.gguf_llm`) and `mmproj-<name>.gguf` (`lsd_edge.export.gguf_vision`) and an Ollama
 `Modelfile`, then runs the parity gate through llama-cpp-python (`lsd_edge.export.gguf_parity`):
-llama.cpp's greedy tokens must equal PyTorch's on every prompt. A folder that fails is kept as
+llama.cpp's greedy tokens must equal PyTorch's on every prompt. With eval data, both sides' exact
+match on the gate's questions is reported too (`lsd_edge.evaluate.accuracy`), not gated. A folder that fails is kept as
 `<output>.failed` with the reason in its export_report.json, as the ONNX export does.
 """
 
@@ -21,9 +22,11 @@ from typing import Any
 import gguf
 
 from lsd_edge.errors import ExportError
+from lsd_edge.evaluate.accuracy import BATCH_SIZE, evaluate_answers
 from lsd_edge.export.gguf_llm import check_quant, check_text_config, tokenizer_facts, write_llm
 from lsd_edge.export.gguf_parity import (
     INSTALL,
+    LlamaCppAnswers,
     LlamaCppRunner,
     compare,
     llama_cpp_missing,
@@ -126,15 +129,17 @@ def _gate(parity: dict, settings: GgufSettings) -> list[str]:
 def _parity(torch_runner: TorchRunner, llm: Path, mmproj: Path, settings: GgufSettings) -> dict[str, Any]:
     items, source = parity_items(settings.data, settings.images, torch_runner.processor, settings.samples)
     runner = LlamaCppRunner(llm, mmproj)
+    size = processor_image_size_wh(torch_runner.processor)
     try:
-        rep = compare(
-            torch_runner,
-            runner,
-            items,
-            processor_image_size_wh(torch_runner.processor),
-            settings.max_new_tokens,
-        )
+        rep = compare(torch_runner, runner, items, size, settings.max_new_tokens)
         rep["tokenizer"] = tokenizer_agreement(torch_runner, runner, list(SYNTHETIC_QUESTIONS))
+        rep["accuracy_torch"] = rep["accuracy_llama_cpp"] = None
+        if settings.data is not None:  # eval questions: both sides scored by the one accuracy path
+            rep["accuracy_torch"] = evaluate_answers(
+                torch_runner, items, settings.max_new_tokens, batch_size=BATCH_SIZE
+            ).accuracy
+            llama = LlamaCppAnswers(runner, torch_runner, size)
+            rep["accuracy_llama_cpp"] = evaluate_answers(llama, items, settings.max_new_tokens).accuracy
     finally:
         runner.close()
     rep["source"] = source

@@ -3,7 +3,8 @@
 The export's parity gate runs these on eval questions (or, without eval data, on random images):
 prefill and decode logits of each ONNX variant against PyTorch's, teacher-forced on PyTorch's greedy
 tokens so that one early flip does not hide later differences; free-running greedy tokens; exact-match
-accuracy. Both sides generate through their runners, that is through the one decode loop.
+accuracy (`lsd_edge.evaluate.accuracy`, the one accuracy path). Both sides generate through their
+runners, that is through the one decode loop.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from PIL import Image
 from lsd_edge.data.chat import ChatEncoder, user_message
 from lsd_edge.data.questions import EvalItem, load_eval_items
 from lsd_edge.errors import ExportError
-from lsd_edge.evaluate.greedy import greedy_answers
-from lsd_edge.evaluate.score import accuracy
+from lsd_edge.evaluate.accuracy import BATCH_SIZE, evaluate_answers
 from lsd_edge.runtime.onnx.runner import OnnxRunner
 from lsd_edge.runtime.torch_runner import TorchRunner
 
@@ -54,12 +54,6 @@ def parity_items(
     return out, "synthetic (random images; no eval data)"
 
 
-def onnx_pixels(runner: OnnxRunner, images: list) -> np.ndarray | None:
-    if not images:
-        return None
-    return np.concatenate([runner.pixel_values(im) for im in images])
-
-
 def rel_diff(a: np.ndarray, ref: np.ndarray) -> float:
     """max |a - ref| / max |ref|: the largest error relative to the logits' own scale."""
     return float(np.abs(a.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-12))
@@ -73,7 +67,7 @@ def compare(
     worst, vision_diff, agree = 0.0, 0.0, 0
     for it in items:
         tpx = torch_runner.pixel_values(it.images)
-        opx = onnx_pixels(runner, it.images)
+        opx = runner.images_input(it.images)
         ref: list[np.ndarray] = []  # prefill (T, V), then (V,) per decode step
         tokens = torch_runner.generate_ids(it.prompt_ids, tpx, max_new_tokens, logits=ref).token_ids
         if tpx is not None:  # the vision graph against the model's own image path, projector included
@@ -96,20 +90,6 @@ def compare(
         "vision_max_rel_diff": vision_diff,
         "greedy_agreement": agree / max(1, len(items)),
     }
-
-
-def onnx_accuracy(runner: OnnxRunner, items: list[EvalItem], max_new_tokens: int) -> float:
-    answers = [
-        runner.generate_ids(it.prompt_ids, onnx_pixels(runner, it.images), max_new_tokens).text
-        for it in items
-    ]
-    return accuracy(answers, [it.answer for it in items])
-
-
-def torch_accuracy(torch_runner: TorchRunner, items: list[EvalItem], max_new_tokens: int) -> float:
-    """Exact match of PyTorch's batched greedy answers: the number `lsd-edge eval` and distill report."""
-    answers = greedy_answers(torch_runner.model, torch_runner.processor, items, max_new_tokens=max_new_tokens)
-    return accuracy(answers, [it.answer for it in items])
 
 
 def parity_report(
@@ -145,8 +125,11 @@ def parity_report(
         acc_items, _ = parity_items(data, images, processor, eval_samples)
         rep["accuracy_samples"] = len(acc_items)
         rep["accuracy_variant"] = variants[-1]
-        rep["accuracy_torch"] = torch_accuracy(torch_runner, acc_items, max_new_tokens)
-        rep["accuracy_onnx"] = onnx_accuracy(runners[variants[-1]], acc_items, max_new_tokens)
+        # PyTorch batched, as `lsd-edge eval` and distill report it; ONNX Runtime one question at a time
+        rep["accuracy_torch"] = evaluate_answers(
+            torch_runner, acc_items, max_new_tokens, batch_size=BATCH_SIZE
+        ).accuracy
+        rep["accuracy_onnx"] = evaluate_answers(runners[variants[-1]], acc_items, max_new_tokens).accuracy
     if reporter is not None:
         reporter.advance(1, "accuracy")
     rep["bench_image"] = items[0].images[0] if items and items[0].images else None

@@ -169,7 +169,8 @@ def model_card(f: CardFacts) -> str:
     body += [
         "## Use",
         "",
-        "With lsd-edge (`pip install lsd-edge`; the ONNX runner needs no torch):",
+        "With lsd-edge (`pip install lsd-edge`) through its public API, `lsd_edge.infer` (the ONNX "
+        "runner needs no torch):",
         "",
         "```python",
         s["lsd-edge"].rstrip(),

@@ -1,7 +1,7 @@
-"""What every backend offers (`Runner`), and `load_runner`: a model folder in, the right runner out.
+"""What every backend offers (`Runner`) and what both runners share (`RunnerBase`, `as_image`).
 
-This module imports neither torch nor onnxruntime: `load_runner` imports the runner a folder needs
-when it is asked for, so loading an ONNX export never imports torch.
+This module imports neither torch nor onnxruntime; `lsd_edge.infer.load_runner`, above both runners,
+picks the one a folder needs.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
+from lsd_edge.data.questions import EvalItem
 from lsd_edge.data.records import BadSample, load_image, open_image_bytes
 from lsd_edge.errors import RuntimeModelError
 from lsd_edge.runtime.textgen import Generation, SamplingParams
-from lsd_edge.workspace import is_export_folder
 
 
 def as_image(image) -> Image.Image | None:
@@ -54,9 +54,31 @@ class Runner(Protocol):
     def info(self) -> dict: ...
 
 
+Progress = Callable[[int, int], None]  # (questions answered, questions in all)
+
+
+class Answerer(Protocol):
+    """What the one accuracy path (`lsd_edge.evaluate.accuracy`) asks of a backend: greedy answers,
+    in order, to eval items (prompt ids as the chat encoder makes them, and the images they show).
+
+    Both runners are answerers, and so is the GGUF gate's llama.cpp; `batch_size` asks a backend that
+    can to answer that many questions at once (PyTorch's batched generate), None one at a time
+    through the decode loop."""
+
+    def answers(
+        self,
+        items: list[EvalItem],
+        max_new_tokens: int,
+        *,
+        batch_size: int | None = None,
+        progress: Progress | None = None,
+    ) -> list[str]: ...
+
+
 class RunnerBase:
     """What both runners share: one question about one image is a prompt (`prompt_ids`) and the
-    image's model input (`image_input`) handed to `generate_ids`, which decodes with the one loop."""
+    image's model input (`images_input`) handed to `generate_ids`, which decodes with the one loop;
+    an eval item is its prompt ids and images handed to it the same way (`answers`)."""
 
     def generate(
         self,
@@ -73,7 +95,7 @@ class RunnerBase:
         ids = self.prompt_ids(question, image is not None)
         return self.generate_ids(
             ids,
-            self.image_input(image),
+            self.images_input([] if image is None else [image]),
             max_new_tokens,
             sampling=sampling,
             ignore_eos=ignore_eos,
@@ -81,18 +103,19 @@ class RunnerBase:
             t0=t0,
         )
 
-
-def load_runner(path: str | Path, device: str = "cpu", name: str | None = None, **kw) -> Runner:
-    """A runner for a model folder: HF weights -> TorchRunner; ONNX files -> OnnxRunner (torch-free)."""
-    p = Path(path)
-    if not p.exists():
-        raise RuntimeModelError(
-            f"{p}: no such model folder; give a folder written by lsd-edge distill or export"
-        )
-    if is_export_folder(p):
-        from lsd_edge.runtime.onnx.runner import OnnxRunner  # onnxruntime only when asked for
-
-        return OnnxRunner(p, device=device, name=name, **kw)
-    from lsd_edge.runtime.torch_runner import TorchRunner  # torch only when asked for
-
-    return TorchRunner(p, device=device, name=name, **kw)
+    def answers(
+        self,
+        items: list[EvalItem],
+        max_new_tokens: int,
+        *,
+        batch_size: int | None = None,
+        progress: Progress | None = None,
+    ) -> list[str]:
+        """Greedy answers to eval items, one at a time through the decode loop (`Answerer`);
+        `batch_size` is for a runner that batches, which overrides this (PyTorch's)."""
+        out = []
+        for it in items:
+            out.append(self.generate_ids(it.prompt_ids, self.images_input(it.images), max_new_tokens).text)
+            if progress is not None:
+                progress(len(out), len(items))
+        return out

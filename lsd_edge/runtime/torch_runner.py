@@ -1,7 +1,10 @@
-"""The PyTorch runner: greedy or sampled generation with a KV cache from an HF LLaVA folder.
+"""The PyTorch runner: greedy or sampled generation with a KV cache from an HF LLaVA folder, and
+batched greedy answers to eval questions (`greedy_answers`).
 
 Prompts are built by the data side's `ChatEncoder` (the same ids training saw) and tokens are picked
-by the one decode loop (`lsd_edge.runtime.textgen.decode_loop`) the ONNX runner uses too.
+by the one decode loop (`lsd_edge.runtime.textgen.decode_loop`) the ONNX runner uses too. Many eval
+questions at a time go through HF `generate` with left padding instead: what `lsd-edge eval`,
+distill's eval split, the export gates' PyTorch accuracy and regenerated data use.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ import numpy as np
 import torch
 
 from lsd_edge.data.chat import ChatEncoder, user_message
+from lsd_edge.data.questions import EvalItem
 from lsd_edge.models.groups import count_params
 from lsd_edge.models.info import dir_size_mb
 from lsd_edge.models.load import load_llava
 from lsd_edge.models.tokens import stop_token_ids
-from lsd_edge.runtime.runner import RunnerBase
+from lsd_edge.runtime.runner import Progress, RunnerBase
 from lsd_edge.runtime.textgen import Generation, SamplingParams, generate_tokens
 
 
@@ -133,5 +137,62 @@ class TorchRunner(RunnerBase):
                 sync=self._sync,
             )
 
-    def image_input(self, image):
-        return None if image is None else self.pixel_values([image])
+    def images_input(self, images: list) -> torch.Tensor | None:
+        return self.pixel_values(images)
+
+    def answers(
+        self,
+        items: list[EvalItem],
+        max_new_tokens: int,
+        *,
+        batch_size: int | None = None,
+        progress: Progress | None = None,
+    ) -> list[str]:
+        """Greedy answers to eval items (`Answerer`): `batch_size` at a time with left padding
+        (`greedy_answers`, what `lsd-edge eval` and distill report), or with None one at a time through
+        the decode loop, as the ONNX runner answers."""
+        if batch_size is None:
+            return super().answers(items, max_new_tokens, progress=progress)
+        return greedy_answers(self.model, self.processor, items, max_new_tokens, batch_size, progress)
+
+
+@torch.no_grad()
+def greedy_answers(
+    model, processor, items: list[EvalItem], max_new_tokens: int = 8, batch_size: int = 64, progress=None
+) -> list[str]:
+    """Greedy answers for eval items, batched with left padding."""
+    tok = processor.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stop_token_ids(processor)[0]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        T = max(len(it.prompt_ids) for it in chunk)
+        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), T), dtype=torch.long)
+        for i, it in enumerate(chunk):
+            ids[i, T - len(it.prompt_ids) :] = torch.tensor(it.prompt_ids)
+            mask[i, T - len(it.prompt_ids) :] = 1
+        imgs = [im for it in chunk for im in it.images]
+        kwargs = {}
+        if imgs:
+            kwargs["pixel_values"] = processor.image_processor(images=imgs, return_tensors="pt")[
+                "pixel_values"
+            ].to(device, dtype=next(model.parameters()).dtype)
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop_token_ids(processor, model),
+            pad_token_id=pad,
+            **kwargs,
+        )
+        for row in gen[:, T:]:
+            out.append(tok.decode(row, skip_special_tokens=True))
+        if progress is not None:
+            progress(min(start + batch_size, len(items)), len(items))
+    model.train(was_training)
+    return out

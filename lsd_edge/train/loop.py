@@ -129,7 +129,7 @@ def prepare_stage(job: StageJob, reporter: Reporter) -> StageSetup:
                 stage.loss.latent_pairs, model.config.text_config.hidden_size, teacher.hidden_size
             ).to(job.device)
     steps = total_steps(stage, len(job.dataset))
-    optimizer, scheduler, _ = make_optimizer(model, latent, stage, steps)
+    optimizer, scheduler = make_optimizer(model, latent, stage, steps)
     bf16 = uses_bf16(job.device, job.run.precision)
     s = StageSetup(
         teacher=teacher,

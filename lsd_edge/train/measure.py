@@ -177,5 +177,5 @@ def pick_stage(recipe: Recipe, name: str | None) -> StageConfig:
         distilling = [s for s in recipe.stages if s.distills]
         return (distilling or recipe.stages)[-1]
     if name not in names:
-        raise LsdEdgeError(f"--stage {name}: the recipe has no such stage; it has {', '.join(names)}")
+        raise LsdEdgeError(f"--stage {name}: the recipe has no such stage; its stages are {', '.join(names)}")
     return recipe.stages[names.index(name)]

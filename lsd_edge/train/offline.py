@@ -28,6 +28,7 @@ from lsd_edge.models.load import resolve_device
 from lsd_edge.progress import QuietReporter, Reporter
 from lsd_edge.recipe.schema import DISTILLING_KINDS, Recipe, StageConfig
 from lsd_edge.train.context import RunContext
+from lsd_edge.train.measure import pick_stage
 from lsd_edge.train.setup import autocast
 from lsd_edge.train.teacher import TeacherSlot
 from lsd_edge.workspace import Workspace
@@ -228,15 +229,6 @@ class StageInputs:
 # ------------------------------------------------------------------------------ the offline commands
 
 
-def find_stage(recipe: Recipe, name: str) -> StageConfig:
-    for st in recipe.stages:
-        if st.name == name:
-            return st
-    raise LsdEdgeError(
-        f"--stage {name}: the recipe has no such stage; its stages are {', '.join(s.name for s in recipe.stages)}"
-    )
-
-
 def offline_inputs(recipe: Recipe, reporter: Reporter | None = None) -> StageInputs:
     """A run set up for work on the teacher's side only: data prepared, teacher loaded (or trained)."""
     reporter = reporter or QuietReporter()
@@ -259,7 +251,7 @@ def cache_teacher(
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """`lsd-edge cache-teacher`: make (or find up to date) a stage's top-k teacher cache."""
-    stage = find_stage(recipe, stage_name)
+    stage = pick_stage(recipe, stage_name)
     if stage.kind not in DISTILLING_KINDS or not stage.distills:
         raise LsdEdgeError(
             f"--stage {stage_name}: a '{stage.kind}' stage does no distillation, so it has no use for a "
@@ -274,6 +266,6 @@ def regenerate_data(
     recipe: Recipe, stage_name: str, force: bool = False, reporter: Reporter | None = None
 ) -> dict[str, Any]:
     """`lsd-edge regenerate`: make (or find up to date) a stage's teacher-answered data."""
-    stage = find_stage(recipe, stage_name)
+    stage = pick_stage(recipe, stage_name)
     inputs = offline_inputs(recipe, reporter)
     return {"used_by_stage": stage.regenerate, **inputs.regenerated(stage, remake=True, force=force)}

@@ -68,10 +68,8 @@ def param_groups(model, latent: nn.Module | None, stage: StageConfig) -> list[di
 
 
 def make_optimizer(model, latent: nn.Module | None, stage: StageConfig, steps: int):
-    """AdamW over the stage's parameter groups and its warmup + decay schedule over `steps`; also the
-    flat list of every trained parameter (what gradient clipping and syncing see)."""
+    """AdamW over the stage's parameter groups and its warmup + decay schedule over `steps`."""
     groups = param_groups(model, latent, stage)
-    params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage, steps))
-    return optimizer, scheduler, params
+    return optimizer, scheduler

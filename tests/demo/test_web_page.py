@@ -25,7 +25,6 @@ from lsd_edge.demo.web_page import (
     route,
     web_settings,
 )
-from lsd_edge.errors import RuntimeModelError
 from lsd_edge.runtime.onnx.layout import GRAPHS
 from lsd_edge.runtime.onnx.runner import OnnxRunner
 
@@ -163,7 +162,7 @@ def test_the_export_folder_default_and_its_problems(tmp_path):
     old.mkdir()
     (old / "config.json").write_text("{}")
     (old / "decoder_model_merged.onnx").write_bytes(b"")
-    with pytest.raises(RuntimeModelError, match="earlier layout"):
+    with pytest.raises(WebDemoError, match="no ONNX export there"):  # graphs must be under onnx/
         web_settings(old, assets=assets)
     with pytest.raises(WebDemoError, match="no transformers.js_config"):
         web_settings(fake_export(tmp_path / "before", dtype=None), assets=assets)

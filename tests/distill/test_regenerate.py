@@ -15,9 +15,9 @@ from lsd_edge.data.questions import EvalItem
 from lsd_edge.data.records import load_image, to_messages
 from lsd_edge.distill.regenerate import regenerate
 from lsd_edge.errors import LsdEdgeError, RecipeError
-from lsd_edge.evaluate.greedy import greedy_answers
 from lsd_edge.recipe.load import parse_recipe
 from lsd_edge.recipe.toml import dumps_toml
+from lsd_edge.runtime.torch_runner import greedy_answers
 from lsd_edge.train.pipeline import DistillOptions, distill
 
 from ..helpers import one_red_line, run

@@ -42,8 +42,8 @@ def test_eval_items_one_per_answer(tmp_path, shapes_dir, processor):
     assert items[1].answer == "two" and len(items[1].prompt_ids) > len(items[0].prompt_ids)
 
 
-def test_evaluate_model(tiny_teacher, processor, shapes_dir):
-    res = evaluate(tiny_teacher, processor, shapes_dir / "eval.json", shapes_dir / "images", max_new_tokens=3)
+def test_evaluate_model(teacher_dir, shapes_dir):
+    res = evaluate(teacher_dir, shapes_dir / "eval.json", shapes_dir / "images", max_new_tokens=3)
     d = res.as_dict()
     assert (
         d["n"] == 8

@@ -261,6 +261,34 @@ def test_llama_cpp_greedy_tokens_equal_pytorch(bpe_student, standins, tmp_path, 
     # the answers depend on the image: llama.cpp reads the image embeddings, not only the text
     answers = {tuple(t["torch"]) for t in parity["tokens"]}
     assert len(answers) > 1, parity["tokens"]
+    assert 0.0 <= parity["accuracy_torch"] <= 1.0 and 0.0 <= parity["accuracy_llama_cpp"] <= 1.0
+
+
+def test_llama_cpp_answers_are_decoded_and_scored_as_pytorchs(teacher_dir, shapes_dir):
+    """The glue that lets the one accuracy path score llama.cpp: images at the tower's size, the
+    prompt's image token and stop tokens from PyTorch's runner, tokens decoded by its tokenizer
+    (a stand-in for llama.cpp that answers with PyTorch's own tokens)."""
+    from lsd_edge.data.questions import load_eval_items
+    from lsd_edge.evaluate.accuracy import evaluate_answers
+    from lsd_edge.export.gguf_parity import LlamaCppAnswers
+    from lsd_edge.runtime.torch_runner import TorchRunner
+
+    torch_runner = TorchRunner(teacher_dir)
+    size = torch_runner.processor.image_processor.size
+    seen = []
+
+    class Echo:
+        def greedy(self, ids, image_id, images, max_new_tokens, stop_ids, vocab_rows):
+            assert image_id == torch_runner.encoder.image_id and stop_ids == torch_runner.stop_ids
+            seen.append({im.size for im in images})
+            px = torch_runner.pixel_values(images)
+            return torch_runner.generate_ids(ids, px, max_new_tokens).token_ids, []
+
+    items = load_eval_items(shapes_dir / "eval.json", shapes_dir / "images", torch_runner.processor)
+    wh = (size["width"], size["height"])
+    got = evaluate_answers(LlamaCppAnswers(Echo(), torch_runner, wh), items, 4)
+    want = evaluate_answers(torch_runner, items, 4)
+    assert got.as_dict() == want.as_dict() and seen and all(s == {wh} for s in seen)
 
 
 @pytest.mark.slow

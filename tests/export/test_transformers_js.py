@@ -15,8 +15,8 @@ import subprocess
 import pytest
 
 from lsd_edge.export.pipeline import export
+from lsd_edge.infer import load_runner
 from lsd_edge.runtime.onnx.layout import JS_DTYPE
-from lsd_edge.runtime.runner import load_runner
 
 from ..helpers import REPO, lively_student, onnx_settings
 

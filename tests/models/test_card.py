@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
+from lsd_edge.infer import load_runner
 from lsd_edge.models.card import CARD_FACTS, README, CardFacts, code_blocks, model_card
-from lsd_edge.runtime.runner import load_runner
 from lsd_edge.runtime.torch_runner import TorchRunner
 
 from ..export.test_transformers_js import WEB, node_or_skip

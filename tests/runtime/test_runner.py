@@ -7,9 +7,8 @@ from PIL import Image
 
 from lsd_edge.data.questions import load_eval_items
 from lsd_edge.errors import RuntimeModelError
-from lsd_edge.evaluate.greedy import greedy_answers
-from lsd_edge.runtime.runner import Runner, load_runner
-from lsd_edge.runtime.torch_runner import TorchRunner
+from lsd_edge.infer import Runner, load_runner
+from lsd_edge.runtime.torch_runner import TorchRunner, greedy_answers
 
 
 def test_torch_runner_matches_batched_greedy(teacher_dir, shapes_dir):

@@ -46,16 +46,6 @@ def variants_in(folder: str | Path) -> list[str]:
     return [v for v in VARIANT_SUFFIX if all((folder / graph_file(g, v)).is_file() for g in GRAPHS)]
 
 
-def check_layout(folder: str | Path) -> None:
-    """Refuse, in one line, an export written before the graphs moved under onnx/."""
-    folder = Path(folder)
-    if not (folder / GRAPH_DIR).is_dir() and any(folder.glob("*.onnx")):
-        raise RuntimeModelError(
-            f"{folder}: an export in lsd-edge's earlier layout (graphs beside config.json, not under "
-            "onnx/); export the model again with `lsd-edge export`"
-        )
-
-
 def read_json_file(path: Path, what: str) -> dict:
     if not path.is_file():
         raise RuntimeModelError(

@@ -21,7 +21,6 @@ from lsd_edge.runtime.onnx.layout import (
     GRAPHS,
     REPORT,
     VARIANT_SUFFIX,
-    check_layout,
     first_line,
     graph_file,
     read_json_file,
@@ -75,7 +74,6 @@ class OnnxRunner(RunnerBase):
         self.path = Path(folder)
         if not self.path.is_dir():
             raise RuntimeModelError(f"{self.path}: no such export folder; run `lsd-edge export` first")
-        check_layout(self.path)
         report = self.path / REPORT
         self.report = read_json_file(report, "export report") if report.is_file() else {}
         self.variant = self._pick_variant(variant)
@@ -316,5 +314,6 @@ class OnnxRunner(RunnerBase):
             t0=t0,
         )
 
-    def image_input(self, image):
-        return None if image is None else self.pixel_values(image)
+    def images_input(self, images: list) -> np.ndarray | None:
+        """(N, 3, H, W) pixel values of N images; None for none."""
+        return np.concatenate([self.pixel_values(im) for im in images]) if images else None
