@@ -15,8 +15,10 @@ from lsd_edge.models.info import model_info
 from lsd_edge.models.load import resolve_device
 from lsd_edge.progress import ticker
 from lsd_edge.recipe.load import load_recipe
+from lsd_edge.train.backends.select import setup
 from lsd_edge.train.measure import measure_step, pick_stage
 from lsd_edge.train.memory import estimate_recipe
+from lsd_edge.workspace import Workspace
 
 PANEL = "Recipes, data and models"
 
@@ -85,7 +87,11 @@ def memory(
     if measure:
         chosen = pick_stage(r, stage)
         est = rows[r.stages.index(chosen)]
-        m = measure_step(r, chosen, device=device, seq_len=seq_len, steps=steps, peak_tflops=peak_tflops)
+        # the launch's backend (`accelerate launch` measures DDP, FSDP2 or ZeRO; else one process)
+        backend, device = setup(r.run, Workspace(r.output_dir).trackers)
+        m = measure_step(
+            r, chosen, device=device, seq_len=seq_len, steps=steps, peak_tflops=peak_tflops, backend=backend
+        )
         out.print(render.measured_table(m, est.total, chosen.name))
         result["measured"] = m.as_dict()
     write_json_out(json_out, result)

@@ -25,18 +25,19 @@ from lsd_edge.data.dataset import Batch, LlavaDataset
 from lsd_edge.data.loading import SlotReader, SlotSampler
 from lsd_edge.data.records import BadSampleLog
 from lsd_edge.data.sampling import IndexStream
-from lsd_edge.distill.objective import TERMS, Counts, LatentProjector
+from lsd_edge.distill.objective import TERMS, Counts
 from lsd_edge.distill.teacher import OnlineTeacher, Teacher
 from lsd_edge.errors import LsdEdgeError, TrainingError
-from lsd_edge.models.groups import set_activation_checkpointing, set_trainable
+from lsd_edge.models.groups import set_activation_checkpointing
 from lsd_edge.models.info import ModelShape
 from lsd_edge.progress import Reporter
 from lsd_edge.recipe.schema import DISTILL_TERMS, RunConfig, StageConfig
 from lsd_edge.train import track
 from lsd_edge.train.backends.base import Backend, Prepared, pad_batch
 from lsd_edge.train.distributed import Dist
-from lsd_edge.train.setup import autocast, make_optimizer, total_steps, uses_bf16
+from lsd_edge.train.setup import total_steps
 from lsd_edge.train.state import TrainingProgress, has_state
+from lsd_edge.train.step import Stepper, prepare_student
 from lsd_edge.workspace import Workspace
 
 
@@ -84,18 +85,23 @@ class StageResult:
 class StageSetup:
     """What the loop works with, made by `prepare_stage`."""
 
-    teacher: Teacher | None
-    prepared: Prepared
+    stepper: Stepper
     steps: int
     stream: IndexStream
     reader: SlotReader | None
     bad: BadSampleLog
-    vocab_rows: int
     checkpointing: bool
-    pad: Batch  # what a slot with nothing to run feeds the model, so every process runs each slot
     shapes: tuple[ModelShape, ModelShape | None] | None = None  # student, online teacher: for MFU
     step: int = 0
     position: int = 0
+
+    @property
+    def prepared(self) -> Prepared:
+        return self.stepper.prepared
+
+    @property
+    def teacher(self) -> Teacher | None:
+        return self.stepper.teacher
 
 
 def open_reader(job: StageJob, s: StageSetup) -> SlotReader:
@@ -111,36 +117,35 @@ def open_reader(job: StageJob, s: StageSetup) -> SlotReader:
 
 
 def prepare_stage(job: StageJob, reporter: Reporter) -> StageSetup:
-    """Trainable groups, latent projections, optimizer and schedule (prepared by Accelerate), data
+    """Trainable groups, latent projections, optimizer and schedule (prepared by the backend), data
     stream and loader; then the stage's newest resume state, if it has one (a state exists only for
     a stage cut short), loaded into the prepared objects."""
     stage, model = job.stage, job.model
-    set_trainable(model, stage.trainable)
-    model.train()
     checkpointing = job.checkpointing or stage.gradient_checkpointing
-    if checkpointing:
-        set_activation_checkpointing(model, True)
     teacher = job.teacher if stage.distills else None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(job.run.seed * 7919 + job.index)
-        latent = None
-        if teacher is not None and stage.loss.weight("latent") > 0:
-            latent = LatentProjector(
-                stage.loss.latent_pairs, model.config.text_config.hidden_size, teacher.hidden_size
-            ).to(job.device)
     steps = total_steps(stage, len(job.dataset))
-    optimizer, scheduler = make_optimizer(model, latent, stage, steps)
-    bf16 = uses_bf16(job.device, job.run.precision)
+    prepared = prepare_student(
+        job.backend,
+        model,
+        teacher,
+        stage,
+        steps=steps,
+        seed=job.run.seed * 7919 + job.index,
+        device=job.device,
+        precision=job.run.precision,
+        checkpointing=checkpointing,
+    )
+    pad = pad_batch(job.processor.tokenizer.pad_token_id, job.device)
+    vocab_rows = len(job.processor.tokenizer)
     s = StageSetup(
-        teacher=teacher,
-        prepared=job.backend.prepare(model, latent, optimizer, scheduler, stage, bf16),
+        stepper=Stepper(
+            job.backend, prepared, stage, teacher, vocab_rows, pad, job.device, job.run.precision
+        ),
         steps=steps,
         stream=IndexStream(len(job.dataset), job.run.seed * 31 + job.index),
         reader=None,
         bad=BadSampleLog(),
-        vocab_rows=len(job.processor.tokenizer),
         checkpointing=checkpointing,
-        pad=pad_batch(job.processor.tokenizer.pad_token_id, job.device),
         shapes=flop_shapes(model, teacher, job.device),
     )
     found = TrainingProgress.load(job.state_dir)
@@ -191,38 +196,6 @@ def global_counts(batches: list[Batch], n_img_tokens: int, dist: Dist, device) -
 def merged_bad(dist: Dist, bad: BadSampleLog) -> BadSampleLog:
     """Bad samples met by all processes (each process sees only its own micro-batches)."""
     return BadSampleLog.merged(dist.gather(bad.as_dict()))
-
-
-def accumulate(job: StageJob, s: StageSetup, slots: list[Batch | None], counts: Counts, lam: float):
-    """Forward and backward of this process's micro-batches of one step; the loss terms' sums.
-    Gradients are communicated in the last one's backward only. With several processes a slot with
-    nothing to run still runs (a pad token at weight 0), so every process meets each collective."""
-    sums = {t: 0.0 for t in TERMS}
-    p, backend, dist = s.prepared, job.backend, job.dist
-    for i, b in enumerate(slots):
-        weight, teacher = 1.0, s.teacher
-        if b is None:
-            if not dist.active:
-                continue
-            # the backend says whether a pad slot runs the online teacher (a sharded teacher's
-            # forward is collective); a cache is never run for one
-            b, weight = s.pad, 0.0
-            online = backend.pad_runs_teacher and isinstance(teacher, OnlineTeacher)
-            teacher = teacher if online else None
-        last = i == len(slots) - 1
-        with backend.no_sync(p, last):
-            with autocast(job.device, job.run.precision):
-                total, terms = p.module(b, teacher, job.stage, counts, s.vocab_rows, lam, weight)
-            if weight:
-                for name, value in terms.items():
-                    sums[name] += float(value.detach())
-            # a projector-only stage on a text-only batch has nothing to learn (a backend whose
-            # processes must meet gives such a loss a graph of its own)
-            if total.requires_grad:
-                backend.backward(p, total, last)
-    if dist.active:
-        sums = dict(zip(TERMS, dist.sum_floats([sums[t] for t in TERMS], job.device), strict=True))
-    return sums
 
 
 def flop_shapes(model, teacher: Teacher | None, device: torch.device):
@@ -289,11 +262,9 @@ def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
                 continue
             unusable = 0
             lam = stage.distill_schedule.factor(s.step, s.steps)
-            sums = accumulate(job, s, slots, counts, lam)
+            sums = s.stepper.accumulate(slots, counts, lam)
             check_finite(job, sums, s.step)
-            if stage.max_grad_norm > 0:
-                job.backend.clip(p, stage.max_grad_norm)
-            job.backend.optimizer_step(p)
+            s.stepper.update()
             s.step += 1
             dt = time.perf_counter() - t0
             tokens_seen += counts.tokens

@@ -17,16 +17,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lsd_edge.data.dataset import Batch
-from lsd_edge.distill.objective import Counts, LatentProjector, loss_terms, weighted_total
+from lsd_edge.distill.objective import Counts
 from lsd_edge.distill.teacher import OnlineTeacher
 from lsd_edge.errors import LsdEdgeError
-from lsd_edge.models.groups import compile_layers, set_activation_checkpointing, set_trainable
+from lsd_edge.models.groups import compile_layers
 from lsd_edge.models.info import ModelShape, live_bytes, random_model
 from lsd_edge.models.load import torch_dtype
 from lsd_edge.models.tokens import IGNORE_INDEX, image_tokens
 from lsd_edge.recipe.schema import Recipe, StageConfig
+from lsd_edge.train.backends.base import Backend, pad_batch, raw_optimizer
 from lsd_edge.train.memory import recipe_configs
-from lsd_edge.train.setup import autocast
+from lsd_edge.train.step import Stepper, prepare_student
 from lsd_edge.train.track import device_peak_tflops, step_flops
 
 
@@ -84,26 +85,6 @@ def _cpu_peak(fn) -> int:
     return peak
 
 
-def _random_models(recipe: Recipe, stage: StageConfig, t_cfg, s_cfg, device: torch.device):
-    """Random-weight teacher (frozen, in its dtype) and student (fp32, trainable groups set, compiled
-    and checkpointed as the recipe says), and the stage's latent projections."""
-    teacher = random_model(t_cfg, torch_dtype(recipe.teacher.dtype, device), device, seed=0)
-    teacher.requires_grad_(False).eval()
-    student = random_model(s_cfg, torch.float32, device, seed=1)
-    if recipe.run.compile:
-        compile_layers(student)
-    set_trainable(student, stage.trainable)
-    student.train()
-    if stage.gradient_checkpointing or recipe.student.gradient_checkpointing:
-        set_activation_checkpointing(student, True)
-    latent = None
-    if stage.distills and stage.loss.weight("latent") > 0:
-        latent = LatentProjector(
-            stage.loss.latent_pairs, s_cfg.text_config.hidden_size, t_cfg.text_config.hidden_size
-        ).to(device)
-    return teacher, student, latent
-
-
 def measure_step(
     recipe: Recipe,
     stage: StageConfig,
@@ -112,33 +93,50 @@ def measure_step(
     seq_len: int | None = None,
     steps: int = 2,
     peak_tflops: float | None = None,
+    backend: Backend | None = None,
 ) -> StepMeasurement:
     """Run `steps` (at least 2) optimizer steps of `stage` on random-weight models built from the
     recipe's configs and synthetic worst-case batches; the last one is measured (earlier ones warm
-    up, make the optimizer states and, with torch.compile, compile). On CPU the last step is timed
-    and one more runs under the profiler, whose bookkeeping would distort the time."""
+    up, make the optimizer states and, with torch.compile, compile). The student is prepared and
+    stepped as training does it (`lsd_edge.train.step`), by `backend` (the launch's: one process,
+    DDP, FSDP2 or ZeRO; by default one process); each process runs its share of the step's
+    micro-batches. On CPU the last step is timed and one more runs under the profiler, whose
+    bookkeeping would distort the time."""
+    backend = backend or Backend()
     t_cfg, s_cfg = recipe_configs(recipe)
     T = seq_len or recipe.data.max_length
-    teacher, student, latent = _random_models(recipe, stage, t_cfg, s_cfg, device)
-    online = OnlineTeacher(teacher)
-    params = [p for p in student.parameters() if p.requires_grad] + (
-        list(latent.parameters()) if latent else []
+    teacher = random_model(t_cfg, torch_dtype(recipe.teacher.dtype, device), device, seed=0)
+    teacher.requires_grad_(False).eval()
+    backend.shard_teacher(teacher)
+    online = OnlineTeacher(teacher) if stage.distills else None
+    student = random_model(s_cfg, torch.float32, device, seed=1)
+    if recipe.run.compile:
+        compile_layers(student)
+    checkpointing = stage.gradient_checkpointing or recipe.student.gradient_checkpointing
+    prepared = prepare_student(
+        backend,
+        student,
+        online,
+        stage,
+        steps=steps + 1,
+        seed=0,
+        device=device,
+        precision=recipe.run.precision,
+        checkpointing=checkpointing,
     )
-    optimizer = torch.optim.AdamW(params, lr=1e-6)
     vocab_rows = min(s_cfg.text_config.vocab_size, t_cfg.text_config.vocab_size)
     batches = [
         synthetic_batch(s_cfg, stage.batch_size, T, vocab_rows, device, seed=k)
         for k in range(stage.grad_accum)
     ]
-    counts = Counts.of(batches, image_tokens(s_cfg))
+    counts = Counts.of(batches, image_tokens(s_cfg))  # the whole step's, over every process
+    mine = [None if k is None else batches[k] for k in backend.dist.micro_batches(stage.grad_accum)]
+    pad = pad_batch(0, device)
+    stepper = Stepper(backend, prepared, stage, online, vocab_rows, pad, device, recipe.run.precision)
 
     def step():
-        for b in batches:
-            with autocast(device, recipe.run.precision):
-                terms = loss_terms(student, online, b, stage, counts, vocab_rows, latent)
-            weighted_total(terms, stage, 1.0).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        stepper.accumulate(mine, counts, 1.0)
+        stepper.update()
 
     for _ in range(max(1, steps - 1)):  # at least one: AdamW makes its states in the first step
         step()
@@ -154,7 +152,7 @@ def measure_step(
         t0 = time.perf_counter()
         step()
         seconds = time.perf_counter() - t0
-        start = live_bytes(student, teacher, optimizer, latent)
+        start = live_bytes(student, teacher, raw_optimizer(prepared.optimizer), prepared.step.latent)
         peak = start + _cpu_peak(step)
     tokens = counts.tokens
     tflops = step_flops(ModelShape.of(s_cfg), ModelShape.of(t_cfg), stage, tokens, T) / seconds / 1e12
