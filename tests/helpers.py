@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from lsd_edge.cli.main import main
-from lsd_edge.export.pipeline import ExportSettings
+from lsd_edge.export.onnx.pipeline import ExportSettings
 
 REPO = Path(__file__).resolve().parents[1]
 

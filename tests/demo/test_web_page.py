@@ -267,7 +267,7 @@ def require(env: str, missing: str) -> None:
 @pytest.fixture(scope="module")
 def lively_int8_export(tmp_path_factory, shapes_dir) -> Path:
     """A lively tiny student (its answers differ per question) exported as fp32 + int8."""
-    from lsd_edge.export.pipeline import export
+    from lsd_edge.export.onnx.pipeline import export
 
     tmp = tmp_path_factory.mktemp("web_export")
     student = lively_student(tmp / "student")

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from lsd_edge.errors import ExportError
-from lsd_edge.export.graphs import MergedDecoder
-from lsd_edge.export.pipeline import ExportSettings, _gate, export, latest_student
-from lsd_edge.export.quantize import quantize_gather_rows
+from lsd_edge.export.gated import latest_student
+from lsd_edge.export.onnx.graphs import MergedDecoder
+from lsd_edge.export.onnx.pipeline import ExportSettings, _gate, export
+from lsd_edge.export.onnx.quantize import quantize_gather_rows
 from lsd_edge.models.load import load_llava
 from lsd_edge.runtime.onnx.layout import GRAPHS, REPORT, graph_file
 from lsd_edge.workspace import default_export_dir as default_output
@@ -228,7 +229,7 @@ def _reuse_graphs(src: Path, damage: float = 0.0):
 
 
 def test_failed_gate_keeps_artifacts_beside(tmp_path, monkeypatch, onnx_dir, onnx_student_dir, shapes_dir):
-    monkeypatch.setattr("lsd_edge.export.pipeline.write_graphs", _reuse_graphs(onnx_dir, damage=0.05))
+    monkeypatch.setattr("lsd_edge.export.onnx.pipeline.write_graphs", _reuse_graphs(onnx_dir, damage=0.05))
     out = tmp_path / "onnx"
     with pytest.raises(ExportError, match="parity gate failed: fp32 logits differ") as e:
         export(onnx_student_dir, out, onnx_settings(shapes_dir))
@@ -238,7 +239,7 @@ def test_failed_gate_keeps_artifacts_beside(tmp_path, monkeypatch, onnx_dir, onn
     assert r["gate"]["passed"] is False and "fp32 logits" in r["gate"]["reasons"][0]
     assert (tmp_path / "onnx.failed" / "onnx" / "decoder_model_merged_int8.onnx").is_file()
     # a later good export replaces the failed folder
-    monkeypatch.setattr("lsd_edge.export.pipeline.write_graphs", _reuse_graphs(onnx_dir))
+    monkeypatch.setattr("lsd_edge.export.onnx.pipeline.write_graphs", _reuse_graphs(onnx_dir))
     export(onnx_student_dir, out, onnx_settings(shapes_dir, quantize="none"))
     assert out.is_dir() and not (tmp_path / "onnx.failed").exists()
     assert _report(out)["variants"] == ["fp32"]
@@ -255,7 +256,7 @@ def test_gate_rules():
 
 
 def test_without_eval_data_checks_random_images(tmp_path, monkeypatch, onnx_dir, onnx_student_dir):
-    monkeypatch.setattr("lsd_edge.export.pipeline.write_graphs", _reuse_graphs(onnx_dir))
+    monkeypatch.setattr("lsd_edge.export.onnx.pipeline.write_graphs", _reuse_graphs(onnx_dir))
     s = ExportSettings(quantize="none", parity_samples=2, max_new_tokens=3, bench_tokens=4, bench_repeats=1)
     r = export(onnx_student_dir, tmp_path / "o", s).report
     assert r["parity"]["source"].startswith("synthetic") and r["parity"]["accuracy_onnx"] is None
@@ -346,7 +347,7 @@ def test_latest_student_and_default_output(tmp_path, onnx_student_dir):
 def test_cli_bare_export_picks_the_latest_run(
     tmp_path, monkeypatch, capsys, onnx_dir, onnx_student_dir, shapes_dir
 ):
-    monkeypatch.setattr("lsd_edge.export.pipeline.write_graphs", _reuse_graphs(onnx_dir))
+    monkeypatch.setattr("lsd_edge.export.onnx.pipeline.write_graphs", _reuse_graphs(onnx_dir))
     run_dir = _fake_run(tmp_path / "runs", "tiny", onnx_student_dir)
     monkeypatch.chdir(tmp_path)
     code, out, err = run(

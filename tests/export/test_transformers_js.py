@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from lsd_edge.export.pipeline import export
+from lsd_edge.export.onnx.pipeline import export
 from lsd_edge.runtime.onnx.layout import JS_DTYPE
 from lsd_edge.runtime.runner import load_runner
 

@@ -13,56 +13,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from lsd_edge.data.chat import ChatEncoder, user_message
-from lsd_edge.data.questions import EvalItem, load_eval_items
-from lsd_edge.errors import ExportError
+from lsd_edge.data.questions import EvalItem
 from lsd_edge.evaluate.greedy import greedy_answers
 from lsd_edge.evaluate.score import accuracy
+from lsd_edge.export.gated import parity_items, rel_diff
 from lsd_edge.runtime.onnx.runner import OnnxRunner
 from lsd_edge.runtime.torch_runner import TorchRunner
-
-SYNTHETIC_QUESTIONS = ("describe the image .", "what is in the image ?", "how many shapes are there ?")
-
-
-def check_data(data: Path) -> None:
-    if not Path(data).is_file():
-        raise ExportError(
-            f"{data}: no such eval data file; pass --data with a LLaVA-format eval JSON "
-            "(the parity gate compares answers on it)"
-        )
-
-
-def parity_items(
-    data: Path | None, images: Path | None, processor, n: int | None
-) -> tuple[list[EvalItem], str]:
-    """Eval questions for the gate, and where they came from; synthetic ones when there is no eval data."""
-    if data is not None:
-        check_data(data)
-        return load_eval_items(data, images, processor, n), str(data)
-    # No eval data: random images and fixed questions still check logits and greedy tokens.
-    enc = ChatEncoder(processor)
-    rng = np.random.default_rng(0)
-    size = processor.image_processor.size
-    h, w = size.get("height") or size.get("shortest_edge"), size.get("width") or size.get("shortest_edge")
-    out = []
-    for i in range(n or 4):
-        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        ids = enc.encode_prompt([user_message(SYNTHETIC_QUESTIONS[i % len(SYNTHETIC_QUESTIONS)], 1)])
-        out.append(EvalItem(f"synthetic-{i}", "all", ids, [img], ""))
-    return out, "synthetic (random images; no eval data)"
 
 
 def onnx_pixels(runner: OnnxRunner, images: list) -> np.ndarray | None:
     if not images:
         return None
     return np.concatenate([runner.pixel_values(im) for im in images])
-
-
-def rel_diff(a: np.ndarray, ref: np.ndarray) -> float:
-    """max |a - ref| / max |ref|: the largest error relative to the logits' own scale."""
-    return float(np.abs(a.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-12))
 
 
 def compare(
