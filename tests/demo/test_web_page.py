@@ -30,7 +30,7 @@ from lsd_edge.runtime.onnx.layout import GRAPHS
 from lsd_edge.runtime.onnx.runner import OnnxRunner
 
 from ..browser import ask_web_page, chromium, find_browser, open_web_page
-from ..helpers import lively_student, one_red_line, onnx_settings, run
+from ..helpers import LIVELY_VARIANT_BOUNDS, lively_student, one_red_line, onnx_settings, run
 
 N = 8  # new tokens per question in the browser test
 
@@ -271,7 +271,8 @@ def lively_int8_export(tmp_path_factory, shapes_dir) -> Path:
 
     tmp = tmp_path_factory.mktemp("web_export")
     student = lively_student(tmp / "student")
-    return export(student, tmp / "onnx-int8", onnx_settings(shapes_dir, quantize="int8")).output
+    settings = onnx_settings(shapes_dir, quantize="int8", **LIVELY_VARIANT_BOUNDS)
+    return export(student, tmp / "onnx-int8", settings).output
 
 
 def eval_pairs(shapes_dir: Path, n: int) -> list[tuple[Path, str]]:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,14 @@ import torch
 from lsd_edge.errors import ExportError
 from lsd_edge.export.gated import latest_student
 from lsd_edge.export.onnx.graphs import MergedDecoder
-from lsd_edge.export.onnx.pipeline import ExportSettings, _gate, export
+from lsd_edge.export.onnx.pipeline import (
+    VARIANT_BOUNDS,
+    ExportSettings,
+    VariantBound,
+    _gate,
+    _variant_gate,
+    export,
+)
 from lsd_edge.export.onnx.quantize import quantize_gather_rows
 from lsd_edge.models.load import load_llava
 from lsd_edge.runtime.onnx.layout import GRAPHS, REPORT, graph_file
@@ -253,6 +261,75 @@ def test_gate_rules():
     assert why == "int8 accuracy 47.0% is more than 2 points below PyTorch's 50.0%"
     assert "greedy tokens match PyTorch on 75%" in _gate(s, {**ok, "greedy_agreement": 0.75}, None, None)[0]
     assert "fp32 logits differ" in _gate(s, {**ok, "max_rel_logit_diff": 2e-3}, 0.5, 0.5)[0]
+
+
+def test_variant_gate_rules():
+    s = ExportSettings(quantize="int4")
+    ok = {"max_rel_logit_diff": 0.2, "greedy_agreement": 0.5}
+    assert _variant_gate(s, ok) == [] and _variant_gate(ExportSettings(quantize="none"), {}) == []
+    assert s.variant_bound == VARIANT_BOUNDS["int4"]
+    assert _variant_gate(s, {**ok, "max_rel_logit_diff": 0.5}) == [
+        "int4 logits differ from PyTorch by 5.00e-01 (relative) > 4e-01, the int4 bound"
+    ]
+    assert _variant_gate(s, {**ok, "greedy_agreement": 0.25}) == [
+        "int4 greedy tokens match PyTorch on 25% of samples, below 50%"
+    ]
+    # the settings' own bounds replace the measured ones, one at a time
+    mine = ExportSettings(quantize="int8", max_variant_rel_logit_diff=0.3)
+    assert mine.variant_bound == VariantBound(0.3, VARIANT_BOUNDS["int8"].min_greedy_agreement)
+    assert _variant_gate(mine, {"max_rel_logit_diff": 0.25, "greedy_agreement": 1.0}) == []
+
+
+def _scale_lm_head(m: onnx.ModelProto) -> None:
+    """The lm_head's quantization scales doubled: every logit twice what it should be."""
+    scales = [t for t in m.graph.initializer if "lm_head" in t.name and "scale" in t.name]
+    assert scales, [t.name for t in m.graph.initializer]
+    for t in scales:
+        t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t) * 2, t.name))
+
+
+def _scramble_weight(m: onnx.ModelProto) -> None:
+    """The bytes of the largest quantized weight reversed: its values land in the wrong places."""
+    big = max(
+        (t for t in m.graph.initializer if t.data_type != onnx.TensorProto.FLOAT),
+        key=lambda t: len(t.raw_data),
+    )
+    arr = onnx.numpy_helper.to_array(big)
+    big.CopyFrom(onnx.numpy_helper.from_array(arr.reshape(-1)[::-1].reshape(arr.shape).copy(), big.name))
+
+
+@pytest.mark.parametrize(
+    "quantize,damage",
+    [("int8", _scale_lm_head), ("int4", _scramble_weight)],
+    ids=["int8-scales", "int4-weight"],
+)
+def test_a_broken_quantized_export_is_refused_without_eval_data(
+    quantize, damage, tmp_path, monkeypatch, onnx_student_dir
+):
+    from lsd_edge.export.onnx import pipeline
+
+    write_graphs = pipeline.write_graphs
+
+    def broken(model, out, variants, *args, **kw):
+        made = write_graphs(model, out, variants, *args, **kw)
+        path = out / graph_file("decoder_model_merged", variants[-1])
+        m = onnx.load(str(path))
+        damage(m)
+        onnx.save(m, str(path))
+        return made
+
+    monkeypatch.setattr(pipeline, "write_graphs", broken)
+    s = ExportSettings(quantize=quantize, parity_samples=4, max_new_tokens=4, bench_tokens=4, bench_repeats=1)
+    with pytest.raises(ExportError, match=f"parity gate failed: {quantize} logits differ from PyTorch") as e:
+        export(onnx_student_dir, tmp_path / "o", s)
+    assert "\n" not in str(e.value) and not (tmp_path / "o").exists()
+    r = _report(tmp_path / "o.failed")
+    assert r["parity"]["source"].startswith("synthetic") and r["parity"]["accuracy_onnx"] is None
+    assert r["gate"]["passed"] is False and r["parity"]["variants"]["fp32"]["greedy_agreement"] == 1.0
+    assert all(why.startswith(f"{quantize} ") for why in r["gate"]["reasons"]), r["gate"]["reasons"]
+    own = r["parity"]["variants"][r["variants"][-1]]
+    assert own["max_rel_logit_diff"] > 2 * VARIANT_BOUNDS[quantize].max_rel_logit_diff
+    assert r["gate"]["variant_bound"] == {quantize: asdict(VARIANT_BOUNDS[quantize])}
 
 
 def test_without_eval_data_checks_random_images(tmp_path, monkeypatch, onnx_dir, onnx_student_dir):

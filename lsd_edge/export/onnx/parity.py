@@ -33,7 +33,7 @@ def compare(
 ) -> dict[str, Any]:
     """Logits (teacher-forced on PyTorch's tokens) and free-running greedy tokens, ONNX vs PyTorch."""
     model = torch_runner.model
-    worst, vision_diff, agree = 0.0, 0.0, 0
+    worst, vision_diff, agree, first = 0.0, 0.0, 0, 0
     for it in items:
         tpx = torch_runner.pixel_values(it.images)
         opx = onnx_pixels(runner, it.images)
@@ -53,11 +53,13 @@ def compare(
             worst = max(worst, rel_diff(logits[0, -1], want))
         got = runner.generate_ids(it.prompt_ids, opx, max_new_tokens)
         agree += got.token_ids == tokens
+        first += got.token_ids[:1] == tokens[:1]
     return {
         "samples": len(items),
         "max_rel_logit_diff": worst,
         "vision_max_rel_diff": vision_diff,
         "greedy_agreement": agree / max(1, len(items)),
+        "first_token_agreement": first / max(1, len(items)),
     }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,27 @@ CARRIED = (
 VARIANT_OF = {"none": "fp32", "int8": "int8", "int4": "int4", "fp16": "fp16"}
 
 
+@dataclass(frozen=True)
+class VariantBound:
+    """What a quantized variant's own outputs must keep on the gate's samples, eval data or not."""
+
+    max_rel_logit_diff: float  # against PyTorch's, teacher-forced on its tokens (parity.compare)
+    min_greedy_agreement: float  # share of samples whose whole greedy answer equals PyTorch's
+
+
+# Measured with `python scripts/gate_bounds.py` (export/README.md, "Parity gate") on the tests'
+# 128-wide student and an untrained student of recipes/tiny.toml's size, 16 samples with and
+# without eval data, on CPU: relative logit difference int8 1.5-1.8e-2, int4 0.19-0.21, fp16
+# 6-8e-4; greedy agreement 0.94-1.0 (0.75 on the tests' 4 samples: one answer drifting late). Each
+# logit bound leaves about twice the worst figure; a damaged graph (the lm_head's scales doubled,
+# a weight's bytes scrambled) lands near 1. Greedy answers must agree on half the samples.
+VARIANT_BOUNDS = {
+    "int8": VariantBound(5e-2, 0.5),
+    "int4": VariantBound(0.4, 0.5),
+    "fp16": VariantBound(1e-2, 0.5),
+}
+
+
 @dataclass
 class ExportSettings:
     """What an export does; `from_model_dir` fills it from the recipe the model was trained with."""
@@ -69,6 +90,9 @@ class ExportSettings:
     bench_tokens: int = 32
     bench_repeats: int = 3
     external_data_mb: float = 1536.0  # graphs with more weights than this keep them in <file>_data
+    # the quantized variant's own bounds; None: the variant's measured ones (VARIANT_BOUNDS)
+    max_variant_rel_logit_diff: float | None = None
+    min_variant_greedy_agreement: float | None = None
     note: str | None = None  # why the recipe's eval data is not used, shown to the user
 
     @classmethod
@@ -85,6 +109,8 @@ class ExportSettings:
                 parity_samples=ex.parity_samples,
                 max_rel_logit_diff=ex.max_rel_logit_diff,
                 max_accuracy_drop=ex.max_accuracy_drop,
+                max_variant_rel_logit_diff=ex.max_variant_rel_logit_diff,
+                min_variant_greedy_agreement=ex.min_variant_greedy_agreement,
                 decoder=ex.decoder,
                 eval_samples=recipe.eval.max_samples,
                 max_new_tokens=recipe.eval.max_new_tokens,
@@ -116,6 +142,18 @@ class ExportSettings:
     def variant(self) -> str:
         return VARIANT_OF[self.quantize]
 
+    @property
+    def variant_bound(self) -> VariantBound | None:
+        """The quantized variant's bounds (None for an fp32 export), the settings' where they give one."""
+        if self.variant == "fp32":
+            return None
+        measured = VARIANT_BOUNDS[self.variant]
+        logits, greedy = self.max_variant_rel_logit_diff, self.min_variant_greedy_agreement
+        return VariantBound(
+            measured.max_rel_logit_diff if logits is None else logits,
+            measured.min_greedy_agreement if greedy is None else greedy,
+        )
+
 
 def _carry_files(model_dir: Path, out: Path) -> None:
     for name in CARRIED:
@@ -146,6 +184,26 @@ def _gate(settings: ExportSettings, fp32: dict, acc_torch, acc_onnx) -> list[str
     return reasons
 
 
+def _variant_gate(settings: ExportSettings, own: dict) -> list[str]:
+    """Why the quantized variant's own outputs (`own`: its parity.compare) are refused: logits or
+    greedy tokens beyond its bounds; without eval data too."""
+    v, bound = settings.variant, settings.variant_bound
+    if bound is None:
+        return []
+    reasons = []
+    if own["max_rel_logit_diff"] > bound.max_rel_logit_diff:
+        reasons.append(
+            f"{v} logits differ from PyTorch by {own['max_rel_logit_diff']:.2e} (relative) > "
+            f"{bound.max_rel_logit_diff:.0e}, the {v} bound"
+        )
+    if own["greedy_agreement"] < bound.min_greedy_agreement:
+        reasons.append(
+            f"{v} greedy tokens match PyTorch on {100 * own['greedy_agreement']:.0f}% of samples, "
+            f"below {100 * bound.min_greedy_agreement:.0f}%"
+        )
+    return reasons
+
+
 def _parity_and_gate(
     torch_runner, tmp: Path, variants, settings: ExportSettings, report, reporter
 ) -> list[str]:
@@ -167,11 +225,14 @@ def _parity_and_gate(
             "are checked on random images[/yellow]"
         )
     reasons = _gate(settings, parity["variants"]["fp32"], parity["accuracy_torch"], parity["accuracy_onnx"])
+    reasons += _variant_gate(settings, parity["variants"][settings.variant])
+    bound = settings.variant_bound
     report["gate"] = {
         "passed": not reasons,
         "reasons": reasons,
         "max_rel_logit_diff": settings.max_rel_logit_diff,
         "max_accuracy_drop": settings.max_accuracy_drop,
+        "variant_bound": None if bound is None else {settings.variant: asdict(bound)},
     }
     return reasons
 
