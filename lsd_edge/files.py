@@ -2,11 +2,13 @@
 
 Every folder lsd-edge makes (checkpoints, caches, exports, data) is written to a temporary sibling
 and renamed into place, so a run killed at any moment leaves either the old folder or the new one.
-`files_hash` ties a cache to the bytes it was made from, not to names or dates.
+`files_hash` ties a cache to the bytes it was made from, not to names or dates; `jsonable` is how
+settings (a dataclass, paths inside) become the JSON a report records.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -48,6 +50,14 @@ def write_json(path: str | Path, data: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def jsonable(value: Any) -> Any:
+    """`value` as it reads back from JSON: a dataclass as a dict, tuples as lists, paths (and anything
+    else JSON has no type for) as strings."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    return json.loads(json.dumps(value, default=str))
 
 
 WEIGHT_FILES = ("config.json", "*.safetensors", "tokenizer.json")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lsd_edge.errors import LsdEdgeError
-from lsd_edge.files import read_json, write_json
+from lsd_edge.files import jsonable, read_json, write_json
 
 IDENTITY_FILE = "identity.json"
 _UNSET = object()
@@ -74,7 +74,7 @@ class Manifest:
     @property
     def normalized(self) -> dict[str, Any]:
         """`tied_to` as it reads back from JSON (tuples become lists, paths strings)."""
-        return json.loads(json.dumps(self.tied_to, default=str))
+        return jsonable(self.tied_to)
 
     @property
     def digest(self) -> str:

@@ -134,7 +134,7 @@ def onnx_student_dir(tmp_path_factory, tiny_teacher, processor) -> Path:
 @pytest.fixture(scope="session")
 def onnx_dir(tmp_path_factory, onnx_student_dir, shapes_dir) -> Path:
     """`onnx_student_dir` exported once (fp32 + int8), shared by the export and runner tests."""
-    from lsd_edge.export.pipeline import export
+    from lsd_edge.export.onnx.pipeline import export
 
     out = tmp_path_factory.mktemp("exports") / "onnx"
     return export(onnx_student_dir, out, onnx_settings(shapes_dir)).output

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from lsd_edge.cli.main import main
-from lsd_edge.export.pipeline import ExportSettings
+from lsd_edge.export.onnx.pipeline import ExportSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,6 +120,12 @@ def lively_student(out: Path) -> Path:
                 p.copy_(torch.randn(p.shape, generator=gen) * 2 / p.shape[1] ** 0.5)
     save_model(student, proc, out)
     return out
+
+
+# lively_student amplifies quantization error (int8 logits 0.2 off PyTorch's, int4 1.0, most greedy
+# answers different: scripts/gate_bounds.py), so its quantized exports are gated on fp32 and
+# accuracy only; the tests that use them compare runtimes on the same graphs, not with PyTorch.
+LIVELY_VARIANT_BOUNDS = dict(max_variant_rel_logit_diff=10.0, min_variant_greedy_agreement=0.0)
 
 
 def write_records(tmp_path: Path, records: list, name: str = "d.json") -> Path:

@@ -1,4 +1,5 @@
-"""The machine a bench ran on: memory bandwidth (the roofline's denominator), cores, memory, GPU, versions."""
+"""The machine a bench ran on: memory bandwidth (the roofline's denominator), cores, memory, GPU,
+versions; the one-line description is `lsd_edge.runtime.machine`'s, which the export shares."""
 
 from __future__ import annotations
 
@@ -6,16 +7,15 @@ import os
 import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime
-import psutil
 import torch
 import transformers
 
 import lsd_edge
+from lsd_edge.runtime.machine import cpu_name, machine_label, memory_gib
 
 
 def memory_bandwidth(mb: int = 1024, threads: int | None = None, repeats: int = 5) -> float:
@@ -51,26 +51,13 @@ def cuda_bandwidth(mb: int = 1024, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / best
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(device: str, threads: int, bandwidth: float) -> dict[str, Any]:
-    cores = os.cpu_count() or 1
-    mem = psutil.virtual_memory().total / 2**30
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
-    label = f"{cores} cores, {mem:.0f} GiB, {gpu or 'no GPU'} ({cpu_name()}, {platform.machine()})"
     return {
-        "label": label,
+        "label": machine_label(gpu),
         "cpu": cpu_name(),
-        "cores": cores,
-        "memory_gib": round(mem, 1),
+        "cores": os.cpu_count() or 1,
+        "memory_gib": round(memory_gib(), 1),
         "gpu": gpu,
         "device": device,
         "threads_per_worker": threads,

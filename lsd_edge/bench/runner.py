@@ -20,7 +20,6 @@ import sys
 import tempfile
 import threading
 from collections import deque
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,8 @@ from lsd_edge.bench.plan import BenchSettings, Target, bench_defaults, pick_prom
 from lsd_edge.bench.report import BenchResult, BenchRow
 from lsd_edge.bench.worker import PROGRESS, RowSpec
 from lsd_edge.errors import BenchError
-from lsd_edge.export.arch import arch_export_dir, is_current
+from lsd_edge.export.onnx.arch import arch_export_dir, is_current
+from lsd_edge.files import jsonable
 from lsd_edge.models.info import ModelShape
 from lsd_edge.progress import QuietReporter, Reporter
 from lsd_edge.workspace import RUNS_ROOT, arch_exports_dir
@@ -251,7 +251,7 @@ def bench(
     return BenchResult(
         machine=machine,
         settings={
-            **{k: _plain(v) for k, v in asdict(settings).items()},
+            **jsonable(settings),
             **knobs,
             "threads": threads,
             "prompt_source": prompts.source,
@@ -265,13 +265,6 @@ def bench(
         notes=notes,
         command=command,
     )
-
-
-def _plain(v):
-    """A setting as JSON holds it: paths (alone or in a list) as strings."""
-    if isinstance(v, list):
-        return [_plain(x) for x in v]
-    return str(v) if isinstance(v, Path) else v
 
 
 def ensure_arch_export(arch, cache: Path, seed: int, threads: int, tmp: Path, reporter: Reporter) -> Path:

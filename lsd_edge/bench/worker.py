@@ -51,7 +51,7 @@ class RowSpec:
     repeats: int = 3
     warmup: int = 1
     eval_max_new_tokens: int = 8
-    task: str = "measure"  # measure | export_arch (see lsd_edge.export.arch)
+    task: str = "measure"  # measure | export_arch (see lsd_edge.export.onnx.arch)
 
     def write(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self)), encoding="utf-8")
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = RowSpec(**json.loads(Path(argv[0]).read_text(encoding="utf-8")))
         if spec.task == "export_arch":
-            from lsd_edge.export.arch import export_arch  # torch and the exporter: this task only
+            from lsd_edge.export.onnx.arch import export_arch  # torch and the exporter: this task only
 
             a = spec.arch
             result = {

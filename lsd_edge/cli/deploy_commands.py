@@ -19,8 +19,8 @@ from lsd_edge.demo.examples import shapes_examples
 from lsd_edge.demo.models import load_models, resolve_paths
 from lsd_edge.demo.web_page import make_server, serve, web_settings
 from lsd_edge.errors import LsdEdgeError
-from lsd_edge.export.gguf_pipeline import export_gguf
-from lsd_edge.export.pipeline import export
+from lsd_edge.export.gguf.pipeline import export_gguf
+from lsd_edge.export.onnx.pipeline import export
 
 PANEL = "Export, bench and demo"
 

@@ -1,1 +1,1 @@
-"""Export: the ONNX graphs, their quantized variants, the parity gate against PyTorch, the export pipeline."""
+"""Export: the ONNX pipeline (`onnx/`) and the GGUF pipeline (`gguf/`), side by side over what both share (`gated`)."""

@@ -341,6 +341,10 @@ class ExportConfig(Strict):
     parity_samples: PositiveInt = 16
     max_rel_logit_diff: PositiveFloat = 1e-3
     max_accuracy_drop: NonNegFloat = 0.02
+    # the quantized variant's own bounds against PyTorch (None: the ones measured for the variant,
+    # lsd_edge.export.onnx.pipeline.VARIANT_BOUNDS)
+    max_variant_rel_logit_diff: PositiveFloat | None = None
+    min_variant_greedy_agreement: Annotated[float, Field(ge=0, le=1)] | None = None
     # auto: onnxruntime-genai's model builder where it supports the LLM (GroupQueryAttention, in-place
     # KV cache), else lsd-edge's traced decoder; builder: that or an error; traced: lsd-edge's own
     decoder: Literal["auto", "builder", "traced"] = "auto"

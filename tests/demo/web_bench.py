@@ -19,8 +19,8 @@ import statistics
 import threading
 from pathlib import Path
 
-from lsd_edge.bench.machine import cpu_name
 from lsd_edge.demo.web_page import make_server, web_settings
+from lsd_edge.runtime.machine import cpu_name
 from lsd_edge.runtime.onnx.runner import OnnxRunner
 
 from ..browser import ask_web_page, chromium, open_web_page

@@ -9,14 +9,14 @@ import torch
 from safetensors.torch import load_file
 
 from lsd_edge.errors import ExportError
-from lsd_edge.export.decoder import (
+from lsd_edge.export.onnx.decoder import (
     builder_error,
     builder_source,
     decoder_plans,
     run_builder,
     save_causal_lm,
 )
-from lsd_edge.export.pipeline import ExportSettings
+from lsd_edge.export.onnx.pipeline import ExportSettings
 from lsd_edge.models.load import load_llava
 
 from ..helpers import one_red_line, run
@@ -47,7 +47,7 @@ def test_the_builder_where_it_can_and_why_not_elsewhere(monkeypatch):
         with pytest.raises(ExportError, match=f"export.decoder = builder: .*{why.split(',')[0]}"):
             decoder_plans(tc, variants, target, "builder")
     assert "asked for" in decoder_plans(_tc(), ["fp32"], "cpu", "traced")["fp32"].reason
-    monkeypatch.setattr("lsd_edge.export.decoder.builder_version", lambda: None)
+    monkeypatch.setattr("lsd_edge.export.onnx.decoder.builder_version", lambda: None)
     assert decoder_plans(_tc(), ["fp32"], "cpu")["fp32"].reason == "onnxruntime-genai is not installed"
 
 
@@ -95,7 +95,7 @@ def test_decoder_setting_is_checked(tmp_path, monkeypatch, capsys, onnx_student_
 def test_builder_int4_with_external_data(tmp_path, onnx_student_dir, shapes_dir):
     """A decoder past the external-data threshold keeps its weights in <file>_data (moved, not
     reloaded), the int4 variant is quantized from it, and both pass the gate through the runner."""
-    from lsd_edge.export.pipeline import export
+    from lsd_edge.export.onnx.pipeline import export
     from lsd_edge.runtime.onnx.runner import OnnxRunner
 
     from ..helpers import onnx_settings

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,17 @@ import pytest
 import torch
 
 from lsd_edge.errors import ExportError
-from lsd_edge.export.graphs import MergedDecoder
-from lsd_edge.export.pipeline import ExportSettings, _gate, export, latest_student
-from lsd_edge.export.quantize import quantize_gather_rows
+from lsd_edge.export.gated import latest_student
+from lsd_edge.export.onnx.graphs import MergedDecoder
+from lsd_edge.export.onnx.pipeline import (
+    VARIANT_BOUNDS,
+    ExportSettings,
+    VariantBound,
+    _gate,
+    _variant_gate,
+    export,
+)
+from lsd_edge.export.onnx.quantize import quantize_gather_rows
 from lsd_edge.models.load import load_llava
 from lsd_edge.runtime.onnx.layout import GRAPHS, REPORT, graph_file
 from lsd_edge.workspace import default_export_dir as default_output
@@ -228,7 +237,7 @@ def _reuse_graphs(src: Path, damage: float = 0.0):
 
 
 def test_failed_gate_keeps_artifacts_beside(tmp_path, monkeypatch, onnx_dir, onnx_student_dir, shapes_dir):
-    monkeypatch.setattr("lsd_edge.export.pipeline.write_graphs", _reuse_graphs(onnx_dir, damage=0.05))
+    monkeypatch.setattr("lsd_edge.export.onnx.pipeline.write_graphs", _reuse_graphs(onnx_dir, damage=0.05))
     out = tmp_path / "onnx"
     with pytest.raises(ExportError, match="parity gate failed: fp32 logits differ") as e:
         export(onnx_student_dir, out, onnx_settings(shapes_dir))
@@ -238,7 +247,7 @@ def test_failed_gate_keeps_artifacts_beside(tmp_path, monkeypatch, onnx_dir, onn
     assert r["gate"]["passed"] is False and "fp32 logits" in r["gate"]["reasons"][0]
     assert (tmp_path / "onnx.failed" / "onnx" / "decoder_model_merged_int8.onnx").is_file()
     # a later good export replaces the failed folder
-    monkeypatch.setattr("lsd_edge.export.pipeline.write_graphs", _reuse_graphs(onnx_dir))
+    monkeypatch.setattr("lsd_edge.export.onnx.pipeline.write_graphs", _reuse_graphs(onnx_dir))
     export(onnx_student_dir, out, onnx_settings(shapes_dir, quantize="none"))
     assert out.is_dir() and not (tmp_path / "onnx.failed").exists()
     assert _report(out)["variants"] == ["fp32"]
@@ -254,8 +263,77 @@ def test_gate_rules():
     assert "fp32 logits differ" in _gate(s, {**ok, "max_rel_logit_diff": 2e-3}, 0.5, 0.5)[0]
 
 
+def test_variant_gate_rules():
+    s = ExportSettings(quantize="int4")
+    ok = {"max_rel_logit_diff": 0.2, "greedy_agreement": 0.5}
+    assert _variant_gate(s, ok) == [] and _variant_gate(ExportSettings(quantize="none"), {}) == []
+    assert s.variant_bound == VARIANT_BOUNDS["int4"]
+    assert _variant_gate(s, {**ok, "max_rel_logit_diff": 0.5}) == [
+        "int4 logits differ from PyTorch by 5.00e-01 (relative) > 4e-01, the int4 bound"
+    ]
+    assert _variant_gate(s, {**ok, "greedy_agreement": 0.25}) == [
+        "int4 greedy tokens match PyTorch on 25% of samples, below 50%"
+    ]
+    # the settings' own bounds replace the measured ones, one at a time
+    mine = ExportSettings(quantize="int8", max_variant_rel_logit_diff=0.3)
+    assert mine.variant_bound == VariantBound(0.3, VARIANT_BOUNDS["int8"].min_greedy_agreement)
+    assert _variant_gate(mine, {"max_rel_logit_diff": 0.25, "greedy_agreement": 1.0}) == []
+
+
+def _scale_lm_head(m: onnx.ModelProto) -> None:
+    """The lm_head's quantization scales doubled: every logit twice what it should be."""
+    scales = [t for t in m.graph.initializer if "lm_head" in t.name and "scale" in t.name]
+    assert scales, [t.name for t in m.graph.initializer]
+    for t in scales:
+        t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t) * 2, t.name))
+
+
+def _scramble_weight(m: onnx.ModelProto) -> None:
+    """The bytes of the largest quantized weight reversed: its values land in the wrong places."""
+    big = max(
+        (t for t in m.graph.initializer if t.data_type != onnx.TensorProto.FLOAT),
+        key=lambda t: len(t.raw_data),
+    )
+    arr = onnx.numpy_helper.to_array(big)
+    big.CopyFrom(onnx.numpy_helper.from_array(arr.reshape(-1)[::-1].reshape(arr.shape).copy(), big.name))
+
+
+@pytest.mark.parametrize(
+    "quantize,damage",
+    [("int8", _scale_lm_head), ("int4", _scramble_weight)],
+    ids=["int8-scales", "int4-weight"],
+)
+def test_a_broken_quantized_export_is_refused_without_eval_data(
+    quantize, damage, tmp_path, monkeypatch, onnx_student_dir
+):
+    from lsd_edge.export.onnx import pipeline
+
+    write_graphs = pipeline.write_graphs
+
+    def broken(model, out, variants, *args, **kw):
+        made = write_graphs(model, out, variants, *args, **kw)
+        path = out / graph_file("decoder_model_merged", variants[-1])
+        m = onnx.load(str(path))
+        damage(m)
+        onnx.save(m, str(path))
+        return made
+
+    monkeypatch.setattr(pipeline, "write_graphs", broken)
+    s = ExportSettings(quantize=quantize, parity_samples=4, max_new_tokens=4, bench_tokens=4, bench_repeats=1)
+    with pytest.raises(ExportError, match=f"parity gate failed: {quantize} logits differ from PyTorch") as e:
+        export(onnx_student_dir, tmp_path / "o", s)
+    assert "\n" not in str(e.value) and not (tmp_path / "o").exists()
+    r = _report(tmp_path / "o.failed")
+    assert r["parity"]["source"].startswith("synthetic") and r["parity"]["accuracy_onnx"] is None
+    assert r["gate"]["passed"] is False and r["parity"]["variants"]["fp32"]["greedy_agreement"] == 1.0
+    assert all(why.startswith(f"{quantize} ") for why in r["gate"]["reasons"]), r["gate"]["reasons"]
+    own = r["parity"]["variants"][r["variants"][-1]]
+    assert own["max_rel_logit_diff"] > 2 * VARIANT_BOUNDS[quantize].max_rel_logit_diff
+    assert r["gate"]["variant_bound"] == {quantize: asdict(VARIANT_BOUNDS[quantize])}
+
+
 def test_without_eval_data_checks_random_images(tmp_path, monkeypatch, onnx_dir, onnx_student_dir):
-    monkeypatch.setattr("lsd_edge.export.pipeline.write_graphs", _reuse_graphs(onnx_dir))
+    monkeypatch.setattr("lsd_edge.export.onnx.pipeline.write_graphs", _reuse_graphs(onnx_dir))
     s = ExportSettings(quantize="none", parity_samples=2, max_new_tokens=3, bench_tokens=4, bench_repeats=1)
     r = export(onnx_student_dir, tmp_path / "o", s).report
     assert r["parity"]["source"].startswith("synthetic") and r["parity"]["accuracy_onnx"] is None
@@ -346,7 +424,7 @@ def test_latest_student_and_default_output(tmp_path, onnx_student_dir):
 def test_cli_bare_export_picks_the_latest_run(
     tmp_path, monkeypatch, capsys, onnx_dir, onnx_student_dir, shapes_dir
 ):
-    monkeypatch.setattr("lsd_edge.export.pipeline.write_graphs", _reuse_graphs(onnx_dir))
+    monkeypatch.setattr("lsd_edge.export.onnx.pipeline.write_graphs", _reuse_graphs(onnx_dir))
     run_dir = _fake_run(tmp_path / "runs", "tiny", onnx_student_dir)
     monkeypatch.chdir(tmp_path)
     code, out, err = run(

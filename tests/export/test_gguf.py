@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from lsd_edge.errors import ExportError
-from lsd_edge.export.gguf_llm import LLAMA3_REGEX, QWEN2_REGEX, tokenizer_facts, write_llm
-from lsd_edge.export.gguf_parity import llama_cpp_missing
-from lsd_edge.export.gguf_pipeline import check_gguf_file, export_gguf
-from lsd_edge.export.gguf_template import MARKER_FIRST, llama_cpp_template
-from lsd_edge.export.gguf_vision import write_mmproj
+from lsd_edge.export.gguf.llm import LLAMA3_REGEX, QWEN2_REGEX, tokenizer_facts, write_llm
+from lsd_edge.export.gguf.parity import llama_cpp_missing
+from lsd_edge.export.gguf.pipeline import check_gguf_file, export_gguf
+from lsd_edge.export.gguf.template import MARKER_FIRST, llama_cpp_template
+from lsd_edge.export.gguf.vision import write_mmproj
 from lsd_edge.models.load import load_llava
 
 from ..helpers import one_red_line, run
@@ -67,7 +67,7 @@ def bpe_student(standins, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def clip_llama_student(standins, tmp_path_factory) -> Path:
     """LLaVA-1.5's shape over the BPE tokenizer: CLIP (CLS dropped, layer -2 of 3) and a Llama LLM
-    (llama.cpp runs the LLM; the CLIP tower is refused, see lsd_edge.export.gguf_vision)."""
+    (llama.cpp runs the LLM; the CLIP tower is refused, see lsd_edge.export.gguf.vision)."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -193,7 +193,7 @@ def test_llama_llm_file_and_clip_refusal(clip_llama_student, tmp_path):
 
 
 def test_selection_llama_cpp_does_not_make_is_refused(bpe_student, tmp_path):
-    from lsd_edge.export.gguf_vision import check_vision
+    from lsd_edge.export.gguf.vision import check_vision
 
     model, _ = load_llava(str(bpe_student), dtype="float32", device="cpu")
     model.config.vision_feature_select_strategy = "default"  # would drop a SigLIP patch
@@ -296,7 +296,7 @@ def test_llama_cpp_answers_are_decoded_and_scored_as_pytorchs(teacher_dir, shape
 def test_llama_cpp_text_only_greedy(bpe_student, clip_llama_student, tmp_path, which):
     """The LLM file alone, no mmproj: llama.cpp's greedy tokens of text-only prompts equal PyTorch's."""
     needs_llama_cpp()
-    from lsd_edge.export.gguf_parity import LlamaCppRunner
+    from lsd_edge.export.gguf.parity import LlamaCppRunner
     from lsd_edge.runtime.torch_runner import TorchRunner
 
     torch_runner = TorchRunner(bpe_student if which == "qwen2" else clip_llama_student, dtype="float32")
@@ -335,7 +335,7 @@ def test_failed_gate_is_kept_aside(bpe_student, tmp_path):
 @pytest.mark.slow
 def test_llama_cpp_refuses_a_corrupt_file_in_one_line(tmp_path):
     needs_llama_cpp()
-    from lsd_edge.export.gguf_parity import LlamaCppRunner
+    from lsd_edge.export.gguf.parity import LlamaCppRunner
 
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + os.urandom(256))
@@ -367,7 +367,7 @@ def test_cli_export_gguf(bpe_student, tmp_path, monkeypatch, capsys):
 
 
 def test_missing_llama_cpp_is_refused_before_writing(bpe_student, tmp_path, monkeypatch):
-    import lsd_edge.export.gguf_pipeline as pipeline
+    import lsd_edge.export.gguf.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "llama_cpp_missing", lambda: "llama-cpp-python is not importable (x)")
     with pytest.raises(ExportError, match=r"the GGUF parity gate runs llama.cpp through it; pip install"):
@@ -422,7 +422,7 @@ def test_pre_tokenizer_names(standins, regex, name):
 def test_llama_cpp_splits_as_the_hf_pre_tokenizer(bpe_student, tmp_path, regex):
     """The pre-tokenizer name written makes llama.cpp split text (digits, contractions, newlines) as HF does."""
     needs_llama_cpp()
-    from lsd_edge.export.gguf_parity import LlamaCppRunner
+    from lsd_edge.export.gguf.parity import LlamaCppRunner
 
     model, processor = load_llava(str(bpe_student), dtype="float32", device="cpu")
     processor.tokenizer = _with_pre_tokenizer(processor.tokenizer, regex)

@@ -14,11 +14,11 @@ import subprocess
 
 import pytest
 
-from lsd_edge.export.pipeline import export
+from lsd_edge.export.onnx.pipeline import export
 from lsd_edge.infer import load_runner
 from lsd_edge.runtime.onnx.layout import JS_DTYPE
 
-from ..helpers import REPO, lively_student, onnx_settings
+from ..helpers import LIVELY_VARIANT_BOUNDS, REPO, lively_student, onnx_settings
 
 WEB = REPO / "web"
 N_QUESTIONS = 20
@@ -74,7 +74,7 @@ def web_exports(tmp_path_factory):
     student = lively_student(tmp / "student")
     folders = {}
     for quantize in ("int8", "int4"):
-        settings = onnx_settings(tmp / "shapes", quantize=quantize, parity_samples=2)
+        settings = onnx_settings(tmp / "shapes", quantize=quantize, parity_samples=2, **LIVELY_VARIANT_BOUNDS)
         folders[quantize] = export(student, tmp / f"onnx-{quantize}", settings).output
     records = json.loads((tmp / "shapes" / "eval.json").read_text())[:N_QUESTIONS]
     items = [

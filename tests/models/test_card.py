@@ -51,7 +51,7 @@ def test_front_matter_and_figures():
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
     """The tiny recipe distilled and its student exported (int8)."""
-    from lsd_edge.export.pipeline import export
+    from lsd_edge.export.onnx.pipeline import export
     from lsd_edge.recipe.load import parse_recipe
     from lsd_edge.train.pipeline import distill
 

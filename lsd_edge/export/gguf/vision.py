@@ -19,8 +19,25 @@ from pathlib import Path
 import gguf
 
 from lsd_edge.errors import ExportError
-from lsd_edge.export.gguf_llm import QUANTS, add_tensor, check_quant
+from lsd_edge.export.gguf.llm import QUANTS, add_tensor, check_quant, tensor_name
 
+T = gguf.MODEL_TENSOR
+
+# The hidden-state layer llama.cpp's clip.cpp reads (its KEY_FEATURE_LAYER); gguf-py has no constant for it.
+FEATURE_LAYER = "clip.vision.feature_layer"
+MMPROJ_ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ]  # "clip"
+MLP_PROJECTOR = gguf.VISION_PROJECTOR_TYPE_NAMES[gguf.VISION_PROJECTOR_TYPE.MLP]  # LLaVA's 2-layer MLP
+# tower layer -> gguf-py's tensor
+TOWER_PARTS = {
+    "self_attn.q_proj": T.V_ENC_ATTN_Q,
+    "self_attn.k_proj": T.V_ENC_ATTN_K,
+    "self_attn.v_proj": T.V_ENC_ATTN_V,
+    "self_attn.out_proj": T.V_ENC_ATTN_O,
+    "layer_norm1": T.V_ENC_INPUT_NORM,
+    "layer_norm2": T.V_ENC_POST_ATTN_NORM,
+    "mlp.fc1": T.V_ENC_FFN_UP,
+    "mlp.fc2": T.V_ENC_FFN_DOWN,
+}
 # tower model_type -> the selection llama.cpp's llava graph makes for it
 SELECTION = {"siglip_vision_model": "full", "clip_vision_model": "default"}
 # the tower's FFN activation -> clip.use_gelu (False: llama.cpp's gelu_quick)
@@ -75,7 +92,7 @@ def _hparams(writer: gguf.GGUFWriter, config, processor, used: int, file_type) -
     ip = processor.image_processor
     writer.add_file_type(file_type)
     writer.add_clip_has_vision_encoder(True)
-    writer.add_clip_projector_type("mlp")
+    writer.add_clip_projector_type(MLP_PROJECTOR)
     writer.add_vision_image_size(vc.image_size)
     writer.add_vision_patch_size(vc.patch_size)
     writer.add_vision_embedding_length(vc.hidden_size)
@@ -88,30 +105,21 @@ def _hparams(writer: gguf.GGUFWriter, config, processor, used: int, file_type) -
     writer.add_vision_image_std([float(x) for x in ip.image_std])
     writer.add_vision_use_gelu(USE_GELU[vc.hidden_act])
     # read after the last layer written (llama.cpp would otherwise skip it)
-    writer.add_array("clip.vision.feature_layer", [used])
+    writer.add_array(FEATURE_LAYER, [used])
 
 
 def _tower_tensors(writer: gguf.GGUFWriter, tower, used: int, qtype) -> None:
     emb = tower.embeddings
-    add_tensor(writer, "v.patch_embd.weight", emb.patch_embedding.weight, gguf.GGMLQuantizationType.F16)
+    f16 = gguf.GGMLQuantizationType.F16
+    add_tensor(writer, tensor_name(T.V_ENC_EMBD_PATCH), emb.patch_embedding.weight, f16)
     if emb.patch_embedding.bias is not None:
-        add_tensor(writer, "v.patch_embd.bias", emb.patch_embedding.bias, qtype)
-    add_tensor(writer, "v.position_embd.weight", emb.position_embedding.weight, gguf.GGMLQuantizationType.F16)
+        add_tensor(writer, tensor_name(T.V_ENC_EMBD_PATCH, suffix="bias"), emb.patch_embedding.bias, qtype)
+    add_tensor(writer, tensor_name(T.V_ENC_EMBD_POS), emb.position_embedding.weight, f16)
     for i, layer in enumerate(tower.encoder.layers[:used]):
-        at = layer.self_attn
-        parts = {
-            "attn_q": at.q_proj,
-            "attn_k": at.k_proj,
-            "attn_v": at.v_proj,
-            "attn_out": at.out_proj,
-            "ln1": layer.layer_norm1,
-            "ln2": layer.layer_norm2,
-            "ffn_up": layer.mlp.fc1,
-            "ffn_down": layer.mlp.fc2,
-        }
-        for key, mod in parts.items():
-            add_tensor(writer, f"v.blk.{i}.{key}.weight", mod.weight, qtype)
-            add_tensor(writer, f"v.blk.{i}.{key}.bias", mod.bias, qtype)
+        for path, kind in TOWER_PARTS.items():
+            mod = layer.get_submodule(path)
+            add_tensor(writer, tensor_name(kind, i), mod.weight, qtype)
+            add_tensor(writer, tensor_name(kind, i, "bias"), mod.bias, qtype)
 
 
 def write_mmproj(model, processor, out: Path, quant: str, name: str, what: str) -> Path:
@@ -120,16 +128,17 @@ def write_mmproj(model, processor, out: Path, quant: str, name: str, what: str) 
     _, used = check_vision(model.config, what)
     file_type, qtype = QUANTS[quant]
     proj = model.model.multi_modal_projector
-    writer = gguf.GGUFWriter(str(out), "clip")
+    writer = gguf.GGUFWriter(str(out), MMPROJ_ARCH)
     writer.add_name(f"mmproj-{name}")
     _hparams(writer, model.config, processor, used, file_type)
     tower = model.model.vision_tower
     tower = getattr(tower, "vision_model", tower)
     _tower_tensors(writer, tower, used, qtype)
+    # llama.cpp's mlp projector reads mm.0 and mm.2, the linear layers of LLaVA's Sequential
     for idx, lin in ((0, proj.linear_1), (2, proj.linear_2)):
-        add_tensor(writer, f"mm.{idx}.weight", lin.weight, qtype)
+        add_tensor(writer, tensor_name(T.V_MMPROJ, idx), lin.weight, qtype)
         if lin.bias is not None:
-            add_tensor(writer, f"mm.{idx}.bias", lin.bias, qtype)
+            add_tensor(writer, tensor_name(T.V_MMPROJ, idx, "bias"), lin.bias, qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

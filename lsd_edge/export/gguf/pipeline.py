@@ -2,19 +2,18 @@
 
 `export_gguf(model_dir, output, settings)` checks the model can be written (a Qwen2/Llama LLM with a
 byte-level BPE tokenizer, a SigLIP or CLIP tower read as llama.cpp reads it), writes `<name>.gguf`
-(`lsd_edge.export.gguf_llm`) and `mmproj-<name>.gguf` (`lsd_edge.export.gguf_vision`) and an Ollama
-`Modelfile`, then runs the parity gate through llama-cpp-python (`lsd_edge.export.gguf_parity`):
+(`lsd_edge.export.gguf.llm`) and `mmproj-<name>.gguf` (`lsd_edge.export.gguf.vision`) and an Ollama
+`Modelfile`, then runs the parity gate through llama-cpp-python (`lsd_edge.export.gguf.parity`):
 llama.cpp's greedy tokens must equal PyTorch's on every prompt. With eval data, both sides' exact
-match on the gate's questions is reported too (`lsd_edge.evaluate.accuracy`), not gated. A folder that fails is kept as
-`<output>.failed` with the reason in its export_report.json, as the ONNX export does.
+match on the gate's questions is reported too (`lsd_edge.evaluate.accuracy`), not gated. A folder
+that fails is kept as `<output>.failed` with the reason in its export_report.json, as the ONNX
+export does (`lsd_edge.export.gated`).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,17 @@ import gguf
 
 from lsd_edge.errors import ExportError
 from lsd_edge.evaluate.accuracy import BATCH_SIZE, evaluate_answers
-from lsd_edge.export.gguf_llm import check_quant, check_text_config, tokenizer_facts, write_llm
-from lsd_edge.export.gguf_parity import (
+from lsd_edge.export.gated import (
+    SYNTHETIC_QUESTIONS,
+    ExportResult,
+    check_data,
+    gated,
+    parity_items,
+    source_folder,
+    versions,
+)
+from lsd_edge.export.gguf.llm import check_quant, check_text_config, tokenizer_facts, write_llm
+from lsd_edge.export.gguf.parity import (
     INSTALL,
     LlamaCppAnswers,
     LlamaCppRunner,
@@ -32,17 +40,13 @@ from lsd_edge.export.gguf_parity import (
     llama_cpp_missing,
     tokenizer_agreement,
 )
-from lsd_edge.export.gguf_template import llama_cpp_template
-from lsd_edge.export.gguf_vision import check_vision, write_mmproj
-from lsd_edge.export.parity import SYNTHETIC_QUESTIONS, check_data, parity_items
-from lsd_edge.export.pipeline import ExportResult, latest_student, versions
-from lsd_edge.files import atomic_dir, write_json
+from lsd_edge.export.gguf.template import llama_cpp_template
+from lsd_edge.export.gguf.vision import check_vision, write_mmproj
+from lsd_edge.files import jsonable
 from lsd_edge.models.tokens import processor_image_size
 from lsd_edge.progress import QuietReporter, Reporter
 from lsd_edge.runtime.torch_runner import TorchRunner
 from lsd_edge.workspace import RUNS_ROOT
-
-REPORT = "export_report.json"
 
 
 @dataclass
@@ -76,7 +80,7 @@ def check_gguf_file(path: Path) -> dict[str, Any]:
         raise ExportError(f"{path}: no such GGUF file; export it with `lsd-edge export MODEL_DIR --gguf`")
     try:
         reader = gguf.GGUFReader(str(path))
-        field = reader.fields["general.architecture"]
+        field = reader.fields[gguf.Keys.General.ARCHITECTURE]
         arch = bytes(field.parts[field.data[0]]).decode("utf-8")
     except Exception as e:  # gguf-py raises ValueError, KeyError or struct errors on a damaged file
         raise ExportError(f"{path}: not a readable GGUF file ({type(e).__name__}); export it again") from e
@@ -151,22 +155,13 @@ def processor_image_size_wh(processor) -> tuple[int, int]:
     return (w, h)
 
 
-def _source(model_dir, settings, reporter: Reporter, runs_root: Path) -> tuple[Path, GgufSettings]:
-    if model_dir is None:
-        model_dir = latest_student(runs_root)
-        reporter.message(f"exporting the student of the most recent run: {model_dir}")
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ExportError(f"{model_dir}: no such model folder; give a folder written by lsd-edge distill")
-    settings = (
-        settings
-        if isinstance(settings, GgufSettings)
-        else GgufSettings(**{k: v for k, v in (settings or {}).items() if v is not None})
-    )
+def _settings(settings: GgufSettings | dict[str, Any] | None) -> GgufSettings:
+    if not isinstance(settings, GgufSettings):
+        settings = GgufSettings(**{k: v for k, v in (settings or {}).items() if v is not None})
     check_quant(settings.quant)
     if settings.data is not None:
         check_data(settings.data)
-    return model_dir, settings
+    return settings
 
 
 def export_gguf(
@@ -178,55 +173,57 @@ def export_gguf(
 ) -> ExportResult:
     """Write the GGUF pair and Modelfile, gate them on llama.cpp's greedy tokens; the report is in the folder."""
     reporter = reporter or QuietReporter()
-    model_dir, settings = _source(model_dir, settings, reporter, runs_root)
+    model_dir, _ = source_folder(model_dir, reporter, runs_root)
+    settings = _settings(settings)
     torch_runner = TorchRunner(model_dir, device="cpu", dtype="float32")
-    model, processor = torch_runner.model, torch_runner.processor
-    check_model(model, processor, str(model_dir))
+    check_model(torch_runner.model, torch_runner.processor, str(model_dir))
     missing = llama_cpp_missing()
     if missing is not None:
         raise ExportError(f"{missing}: the GGUF parity gate runs llama.cpp through it; {INSTALL}")
-    out_final = Path(output) if output is not None else default_gguf_dir(model_dir)
-    failed = out_final.with_name(out_final.name + ".failed")
+    out = Path(output) if output is not None else default_gguf_dir(model_dir)
     name = model_dir.name if model_dir.name != "student" else model_dir.parent.name
-    report: dict[str, Any] = {"model_dir": str(model_dir), "output": str(out_final), "format": "gguf"}
-    report["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}
+    report: dict[str, Any] = {"model_dir": str(model_dir), "output": str(out), "format": "gguf"}
+    report["settings"] = jsonable(settings)
     reporter.task(f"export {name} to GGUF", 2)
-    with atomic_dir(out_final) as tmp:
+    job = GgufJob(model_dir, name, settings, torch_runner, report, reporter)
+    return gated(out, report, job.build, "GGUF parity gate")
+
+
+@dataclass
+class GgufJob:
+    """One GGUF export being built: what `build` needs besides the temporary folder it fills."""
+
+    model_dir: Path
+    name: str
+    settings: GgufSettings
+    torch_runner: TorchRunner
+    report: dict[str, Any]
+    reporter: Reporter
+
+    def build(self, tmp: Path) -> list[str]:
+        """The two GGUF files and the Modelfile, checked, then the parity gate; its reasons."""
+        model, processor = self.torch_runner.model, self.torch_runner.processor
+        name, quant, report = self.name, self.settings.quant, self.report
         t0 = time.perf_counter()
-        eos = _eos(model, processor)
-        llm = write_llm(model, processor, eos, tmp / f"{name}.gguf", settings.quant, name, str(model_dir))
-        mmproj = write_mmproj(
-            model, processor, tmp / f"mmproj-{name}.gguf", settings.quant, name, str(model_dir)
+        llm = write_llm(
+            model, processor, _eos(model, processor), tmp / f"{name}.gguf", quant, name, str(self.model_dir)
         )
+        mmproj = write_mmproj(model, processor, tmp / f"mmproj-{name}.gguf", quant, name, str(self.model_dir))
         (tmp / "Modelfile").write_text(
-            modelfile(name, f"exported by lsd-edge from {model_dir} ({settings.quant})")
+            modelfile(name, f"exported by lsd-edge from {self.model_dir} ({quant})")
         )
         report["chat_template"] = llama_cpp_template(processor)[1]
         report["files"] = {p.name: check_gguf_file(p) for p in (llm, mmproj)}
-        reporter.advance(1, "written")
+        self.reporter.advance(1, "written")
         t1 = time.perf_counter()
-        report["parity"] = _parity(torch_runner, llm, mmproj, settings)
-        reporter.advance(1, "parity")
-        reasons = _gate(report["parity"], settings)
+        report["parity"] = _parity(self.torch_runner, llm, mmproj, self.settings)
+        self.reporter.advance(1, "parity")
+        reasons = _gate(report["parity"], self.settings)
         report["gate"] = {"passed": not reasons, "reasons": reasons}
         report["timing_s"] = {"write": round(t1 - t0, 2), "parity": round(time.perf_counter() - t1, 2)}
-        report["versions"] = {
-            **versions(),
-            "gguf": _version("gguf"),
-            "llama_cpp_python": _version("llama_cpp_python"),
-        }
-        write_json(tmp / REPORT, report)
-        reporter.done()
-        if reasons:
-            shutil.rmtree(failed, ignore_errors=True)
-            os.replace(tmp, failed)
-            report["output"] = str(failed)
-            write_json(failed / REPORT, report)
-            raise ExportError(
-                f"GGUF parity gate failed: {'; '.join(reasons)}; the export is kept in {failed}"
-            )
-    shutil.rmtree(failed, ignore_errors=True)
-    return ExportResult(out_final, report)
+        report["versions"] = versions(gguf=_version("gguf"), llama_cpp_python=_version("llama_cpp_python"))
+        self.reporter.done()
+        return reasons
 
 
 def _eos(model, processor) -> int | None:

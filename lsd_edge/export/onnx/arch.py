@@ -17,11 +17,10 @@ from transformers import LlavaConfig
 
 import lsd_edge
 from lsd_edge.data.shapes import vocabulary
-from lsd_edge.export.assemble import export_peak_mb, write_graphs
-from lsd_edge.export.decoder import builder_version
-from lsd_edge.export.package import package
-from lsd_edge.export.pipeline import versions
-from lsd_edge.export.quantize import sizes_mb
+from lsd_edge.export.onnx.assemble import export_peak_mb, onnx_versions, write_graphs
+from lsd_edge.export.onnx.decoder import builder_version
+from lsd_edge.export.onnx.package import package
+from lsd_edge.export.onnx.quantize import sizes_mb
 from lsd_edge.files import atomic_dir, write_json
 from lsd_edge.identity import Manifest
 from lsd_edge.models.archs import arch_processor
@@ -90,7 +89,7 @@ def export_arch(
                 "seconds": round(time.perf_counter() - t0, 1),
                 "timing_s": made["seconds"],
                 "peak_rss_mb": export_peak_mb(made),
-                "versions": versions(),
+                "versions": onnx_versions(),
             },
         )
         arch_manifest(name, config, seed).write(tmp)

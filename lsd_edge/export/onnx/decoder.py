@@ -10,7 +10,7 @@ reads and writes a KV cache that past and present share in place (`kv_cache: sha
 report), which `OnnxRunner` binds once per generation.
 
 An LLM the builder does not know (or an export without onnxruntime-genai) gets lsd-edge's traced
-decoder (`lsd_edge.export.graphs.MergedDecoder`); `decoder_plans` says which, and why.
+decoder (`lsd_edge.export.onnx.graphs.MergedDecoder`); `decoder_plans` says which, and why.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import onnx
 from safetensors.torch import save_file
 
 from lsd_edge.errors import ExportError
-from lsd_edge.export.graphs import kv_shape, quiet
-from lsd_edge.export.quantize import matmul_nbits, save_proto
+from lsd_edge.export.onnx.graphs import kv_shape, quiet
+from lsd_edge.export.onnx.quantize import matmul_nbits, save_proto
 from lsd_edge.runtime.memory import run_measured
 from lsd_edge.runtime.onnx.layout import graph_file
 

@@ -14,49 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from lsd_edge.data.chat import ChatEncoder, user_message
-from lsd_edge.data.questions import EvalItem, load_eval_items
-from lsd_edge.errors import ExportError
+from lsd_edge.data.questions import EvalItem
 from lsd_edge.evaluate.accuracy import BATCH_SIZE, evaluate_answers
+from lsd_edge.export.gated import parity_items, rel_diff
 from lsd_edge.runtime.onnx.runner import OnnxRunner
 from lsd_edge.runtime.torch_runner import TorchRunner
-
-SYNTHETIC_QUESTIONS = ("describe the image .", "what is in the image ?", "how many shapes are there ?")
-
-
-def check_data(data: Path) -> None:
-    if not Path(data).is_file():
-        raise ExportError(
-            f"{data}: no such eval data file; pass --data with a LLaVA-format eval JSON "
-            "(the parity gate compares answers on it)"
-        )
-
-
-def parity_items(
-    data: Path | None, images: Path | None, processor, n: int | None
-) -> tuple[list[EvalItem], str]:
-    """Eval questions for the gate, and where they came from; synthetic ones when there is no eval data."""
-    if data is not None:
-        check_data(data)
-        return load_eval_items(data, images, processor, n), str(data)
-    # No eval data: random images and fixed questions still check logits and greedy tokens.
-    enc = ChatEncoder(processor)
-    rng = np.random.default_rng(0)
-    size = processor.image_processor.size
-    h, w = size.get("height") or size.get("shortest_edge"), size.get("width") or size.get("shortest_edge")
-    out = []
-    for i in range(n or 4):
-        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        ids = enc.encode_prompt([user_message(SYNTHETIC_QUESTIONS[i % len(SYNTHETIC_QUESTIONS)], 1)])
-        out.append(EvalItem(f"synthetic-{i}", "all", ids, [img], ""))
-    return out, "synthetic (random images; no eval data)"
-
-
-def rel_diff(a: np.ndarray, ref: np.ndarray) -> float:
-    """max |a - ref| / max |ref|: the largest error relative to the logits' own scale."""
-    return float(np.abs(a.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-12))
 
 
 def compare(
@@ -64,7 +27,7 @@ def compare(
 ) -> dict[str, Any]:
     """Logits (teacher-forced on PyTorch's tokens) and free-running greedy tokens, ONNX vs PyTorch."""
     model = torch_runner.model
-    worst, vision_diff, agree = 0.0, 0.0, 0
+    worst, vision_diff, agree, first = 0.0, 0.0, 0, 0
     for it in items:
         tpx = torch_runner.pixel_values(it.images)
         opx = runner.images_input(it.images)
@@ -84,11 +47,13 @@ def compare(
             worst = max(worst, rel_diff(logits[0, -1], want))
         got = runner.generate_ids(it.prompt_ids, opx, max_new_tokens)
         agree += got.token_ids == tokens
+        first += got.token_ids[:1] == tokens[:1]
     return {
         "samples": len(items),
         "max_rel_logit_diff": worst,
         "vision_max_rel_diff": vision_diff,
         "greedy_agreement": agree / max(1, len(items)),
+        "first_token_agreement": first / max(1, len(items)),
     }
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from lsd_edge.export.graphs import quiet
+from lsd_edge.export.onnx.graphs import quiet
 from lsd_edge.runtime.onnx.layout import GRAPHS, graph_file
 
 

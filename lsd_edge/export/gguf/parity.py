@@ -19,6 +19,7 @@ import numpy as np
 
 from lsd_edge.data.chat import user_message
 from lsd_edge.errors import ExportError
+from lsd_edge.export.gated import rel_diff
 
 INSTALL = 'pip install -e ".[gguf]" (llama-cpp-python builds from source; several minutes)'
 
@@ -163,10 +164,6 @@ class LlamaCppRunner:
             pos += 1
             steps.append(logits)
         return out, steps
-
-
-def rel_diff(a: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(a.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-12))
 
 
 def tower_images(images: list, image_size: tuple[int, int]) -> list:

@@ -2,7 +2,8 @@
 BPE tokenizer (gguf-py's "gpt2" model with llama.cpp's pre-tokenizer name) and the chat template.
 
 Written with gguf-py, as llama.cpp's own `convert_hf_to_gguf.py` does (its Qwen2Model and LlamaModel
-classes, and `get_vocab_base` for the vocabulary): the same key and tensor names, embedding rows past
+classes, and `get_vocab_base` for the vocabulary): the same key and tensor names, gguf-py's constants
+(`gguf.MODEL_TENSOR`, `gguf.TENSOR_NAMES`, the writer's `add_*` keys), embedding rows past
 the tokenizer as `[PAD{i}]` tokens, Llama's q/k rows permuted for llama.cpp's rope. Matrices are
 stored F16 or Q8_0 (gguf.quants); norms and biases stay F32, and a matrix whose rows are not a multiple
 of Q8_0's 32-value block falls back to F16, as the converter does.
@@ -18,14 +19,22 @@ import numpy as np
 import torch
 
 from lsd_edge.errors import ExportError
-from lsd_edge.export.gguf_template import llama_cpp_template
+from lsd_edge.export.gguf.template import llama_cpp_template
 
 # quant choice -> (gguf file type, tensor type of the matrices)
 QUANTS = {
     "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
 }
-ARCHS = {"qwen2": "qwen2", "llama": "llama"}
+# HF model_type -> llama.cpp's architecture name
+ARCHS = {
+    "qwen2": gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2],
+    "llama": gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA],
+}
+# llama.cpp's name for a byte-level BPE vocabulary (src/llama-vocab.cpp, LLAMA_VOCAB_TYPE_BPE);
+# gguf-py has no constant for it (its own vocab.py writes the same literal).
+BPE_TOKENIZER_MODEL = "gpt2"
+T = gguf.MODEL_TENSOR
 # Pre-tokenizer regexes (tokenizer.json `Split` patterns) and llama.cpp's name for each
 # (src/llama-vocab.cpp); GPT-2's is what a plain ByteLevel pre-tokenizer applies.
 QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -100,7 +109,7 @@ def write_tokenizer(
 ) -> None:
     facts = tokenizer_facts(tokenizer, what)
     tokens, types = _tokens(facts, rows)
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(BPE_TOKENIZER_MODEL)
     writer.add_tokenizer_pre(facts["pre"])
     writer.add_token_list(tokens)
     writer.add_token_types(types)
@@ -116,6 +125,11 @@ def write_tokenizer(
         writer.add_pad_token_id(tokenizer.pad_token_id)
     if template:
         writer.add_chat_template(template)
+
+
+def tensor_name(kind: gguf.MODEL_TENSOR, bid: int | None = None, suffix: str = "weight") -> str:
+    """gguf-py's name of a tensor, as llama.cpp looks it up: `blk.3.attn_q.weight`."""
+    return f"{gguf.TENSOR_NAMES[kind].format(bid=bid)}.{suffix}"
 
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -168,33 +182,22 @@ def check_text_config(cfg, what: str) -> str:
 
 def _layer_tensors(writer, layer, i: int, cfg, arch: str, qtype) -> None:
     at, mlp = layer.self_attn, layer.mlp
-    q, k = at.q_proj.weight.detach().float().numpy(), at.k_proj.weight.detach().float().numpy()
-    if arch == "llama":
-        q, k = _permute(q, cfg.num_attention_heads), _permute(k, cfg.num_key_value_heads)
-    parts = {
-        "attn_norm.weight": layer.input_layernorm.weight,
-        "attn_q.weight": q,
-        "attn_k.weight": k,
-        "attn_v.weight": at.v_proj.weight,
-        "attn_output.weight": at.o_proj.weight,
-        "ffn_norm.weight": layer.post_attention_layernorm.weight,
-        "ffn_gate.weight": mlp.gate_proj.weight,
-        "ffn_up.weight": mlp.up_proj.weight,
-        "ffn_down.weight": mlp.down_proj.weight,
-    }
-    for proj, key in (
-        (at.q_proj, "attn_q"),
-        (at.k_proj, "attn_k"),
-        (at.v_proj, "attn_v"),
-        (at.o_proj, "attn_output"),
-    ):
-        if proj.bias is not None:
-            b = proj.bias.detach().float().numpy()
-            if arch == "llama" and key in ("attn_q", "attn_k"):
-                b = _permute(b, cfg.num_attention_heads if key == "attn_q" else cfg.num_key_value_heads)
-            parts[f"{key}.bias"] = b
-    for key, t in parts.items():
-        add_tensor(writer, f"blk.{i}.{key}", t, qtype)
+    projs = {T.ATTN_Q: at.q_proj, T.ATTN_K: at.k_proj, T.ATTN_V: at.v_proj, T.ATTN_OUT: at.o_proj}
+    rope_heads = {T.ATTN_Q: cfg.num_attention_heads, T.ATTN_K: cfg.num_key_value_heads}
+
+    def rows(kind, t: torch.Tensor) -> np.ndarray:
+        t = t.detach().float().numpy()
+        return _permute(t, rope_heads[kind]) if arch == "llama" and kind in rope_heads else t
+
+    parts: dict[tuple, torch.Tensor | np.ndarray] = {(T.ATTN_NORM, "weight"): layer.input_layernorm.weight}
+    parts.update({(kind, "weight"): rows(kind, proj.weight) for kind, proj in projs.items()})
+    parts[T.FFN_NORM, "weight"] = layer.post_attention_layernorm.weight
+    parts[T.FFN_GATE, "weight"] = mlp.gate_proj.weight
+    parts[T.FFN_UP, "weight"] = mlp.up_proj.weight
+    parts[T.FFN_DOWN, "weight"] = mlp.down_proj.weight
+    parts.update({(k, "bias"): rows(k, p.bias) for k, p in projs.items() if p.bias is not None})
+    for (kind, suffix), t in parts.items():
+        add_tensor(writer, tensor_name(kind, i, suffix), t, qtype)
 
 
 def write_llm(model, processor, eos: int | None, out: Path, quant: str, name: str, what: str) -> Path:
@@ -210,12 +213,12 @@ def write_llm(model, processor, eos: int | None, out: Path, quant: str, name: st
     template, _ = llama_cpp_template(processor)
     write_tokenizer(writer, processor.tokenizer, embed.shape[0], eos, template, what)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_tensor(writer, "token_embd.weight", embed, qtype)
+    add_tensor(writer, tensor_name(T.TOKEN_EMBD), embed, qtype)
     for i, layer in enumerate(lm.layers):
         _layer_tensors(writer, layer, i, cfg, arch, qtype)
-    add_tensor(writer, "output_norm.weight", lm.norm.weight, qtype)
+    add_tensor(writer, tensor_name(T.OUTPUT_NORM), lm.norm.weight, qtype)
     if not cfg.tie_word_embeddings:
-        add_tensor(writer, "output.weight", model.lm_head.weight, qtype)
+        add_tensor(writer, tensor_name(T.OUTPUT), model.lm_head.weight, qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -5,14 +5,13 @@ A quick figure for the export report; `lsd-edge bench` measures each model in it
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lsd_edge.runtime.machine import machine_label
 from lsd_edge.runtime.onnx.runner import OnnxRunner
 
 
@@ -36,12 +35,6 @@ def decode_speed(runners: dict[str, Any], image, question: str, tokens: int, rep
     }
 
 
-def machine() -> str:
-    cores = os.cpu_count() or 0
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cores}-core {platform.machine()} CPU, {gpu}"
-
-
 def speed_report(
     torch_runner, folder: Path, variants: list[str], image, tokens: int, repeats: int
 ) -> dict[str, Any]:
@@ -51,6 +44,6 @@ def speed_report(
     speed: dict[str, Any] = decode_speed(runners, image, "describe the image .", tokens, repeats)
     base = speed["torch"]["decode_tokens_per_s"] or float("nan")
     speed["onnx_vs_torch_decode"] = round(speed[f"onnx_{variants[-1]}"]["decode_tokens_per_s"] / base, 2)
-    speed["machine"] = machine()
+    speed["machine"] = machine_label(torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
     speed["threads"] = {"torch": torch.get_num_threads(), "onnxruntime": "default (one per physical core)"}
     return speed

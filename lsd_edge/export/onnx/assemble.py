@@ -1,9 +1,9 @@
-"""Every graph of an export, for every variant: what `lsd-edge export` and the bench's architecture
-exports share.
+"""Every graph of an export, for every variant, and the versions of the tools that made them: what
+`lsd-edge export` and the bench's architecture exports share.
 
-The vision encoder and the token embeddings are traced by lsd-edge (`lsd_edge.export.graphs`) and
-quantized by it (`lsd_edge.export.quantize`); the decoder of each variant comes from
-onnxruntime-genai's model builder where it supports the LLM (`lsd_edge.export.decoder`), else it is
+The vision encoder and the token embeddings are traced by lsd-edge (`lsd_edge.export.onnx.graphs`) and
+quantized by it (`lsd_edge.export.onnx.quantize`); the decoder of each variant comes from
+onnxruntime-genai's model builder where it supports the LLM (`lsd_edge.export.onnx.decoder`), else it is
 traced and quantized like the other two.
 """
 
@@ -14,9 +14,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lsd_edge.export.decoder import DECODER, decoder_plans, decoder_report, start_builds
-from lsd_edge.export.graphs import export_graphs
-from lsd_edge.export.quantize import quantize_graphs
+import onnx
+import onnxruntime
+
+from lsd_edge.export.gated import versions
+from lsd_edge.export.onnx.decoder import (
+    DECODER,
+    builder_version,
+    decoder_plans,
+    decoder_report,
+    start_builds,
+)
+from lsd_edge.export.onnx.graphs import export_graphs
+from lsd_edge.export.onnx.quantize import quantize_graphs
 from lsd_edge.runtime.memory import peak_rss_mb
 from lsd_edge.runtime.onnx.layout import GRAPHS
 
@@ -74,3 +84,12 @@ def write_graphs(
 def export_peak_mb(made: dict[str, Any]) -> dict[str, float]:
     """Peak resident memory of this process and of the model builder's runs (`write_graphs`), MiB."""
     return {"process": round(peak_rss_mb(), 1), "subprocess": round(made["builder_peak_mb"], 1)}
+
+
+def onnx_versions() -> dict[str, str | None]:
+    """The versions an ONNX export report records: PyTorch's, transformers' and the exporters'."""
+    return versions(
+        onnx=onnx.__version__,
+        onnxruntime=onnxruntime.__version__,
+        onnxruntime_genai=builder_version() or "not installed",
+    )

@@ -1,43 +1,38 @@
 """`lsd-edge export`: a model folder in, an export folder out that passed the parity gate, with its report.
 
-`export(model_dir, settings)` traces the three graphs (`lsd_edge.export.graphs`), writes the quantized
-variant for the target (`lsd_edge.export.quantize`), then compares the export with PyTorch on eval
-samples (`lsd_edge.export.parity`): fp32 logits and greedy tokens (the gate every export must pass),
+`export(model_dir, settings)` traces the three graphs (`lsd_edge.export.onnx.graphs`), writes the quantized
+variant for the target (`lsd_edge.export.onnx.quantize`), then compares the export with PyTorch on eval
+samples (`lsd_edge.export.onnx.parity`): fp32 logits and greedy tokens (the gate every export must pass),
 and exact-match accuracy of the quantized variant; then measures decode speed of both. A folder
 that fails the gate is kept beside the output as `<output>.failed`, with the reason in its
-export_report.json, and the call raises `ExportError`; an earlier good export stays in place.
+export_report.json, and the call raises `ExportError`; an earlier good export stays in place
+(`lsd_edge.export.gated`, which the GGUF export shares).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import onnx
-import onnxruntime
-import torch
-import transformers
-
 from lsd_edge.data.questions import first_questions
 from lsd_edge.errors import ExportError
-from lsd_edge.export.assemble import export_peak_mb, write_graphs
-from lsd_edge.export.decoder import builder_version
-from lsd_edge.export.package import package
-from lsd_edge.export.parity import check_data, parity_report
-from lsd_edge.export.quantize import sizes_mb
-from lsd_edge.export.speed import speed_report
-from lsd_edge.files import atomic_dir, read_json, write_json
+from lsd_edge.export.gated import ExportResult, check_data, gated, source_folder
+from lsd_edge.export.onnx.assemble import export_peak_mb, onnx_versions, write_graphs
+from lsd_edge.export.onnx.package import package
+from lsd_edge.export.onnx.parity import parity_report
+from lsd_edge.export.onnx.quantize import sizes_mb
+from lsd_edge.export.onnx.speed import speed_report
+from lsd_edge.files import jsonable
 from lsd_edge.models.card import CardFacts, read_facts, write_card
 from lsd_edge.models.groups import count_params
 from lsd_edge.progress import QuietReporter, Reporter
 from lsd_edge.recipe.load import folder_recipe
-from lsd_edge.runtime.onnx.layout import GRAPHS, REPORT
+from lsd_edge.runtime.onnx.layout import GRAPHS
 from lsd_edge.runtime.torch_runner import TorchRunner
-from lsd_edge.workspace import RUNS_ROOT, default_export_dir, latest_run
+from lsd_edge.workspace import RUNS_ROOT, default_export_dir
 
 # Files of a model folder that an export folder carries over (configs, tokenizer, processor).
 CARRIED = (
@@ -56,6 +51,27 @@ CARRIED = (
 VARIANT_OF = {"none": "fp32", "int8": "int8", "int4": "int4", "fp16": "fp16"}
 
 
+@dataclass(frozen=True)
+class VariantBound:
+    """What a quantized variant's own outputs must keep on the gate's samples, eval data or not."""
+
+    max_rel_logit_diff: float  # against PyTorch's, teacher-forced on its tokens (parity.compare)
+    min_greedy_agreement: float  # share of samples whose whole greedy answer equals PyTorch's
+
+
+# Measured with `python scripts/gate_bounds.py` (export/README.md, "Parity gate") on the tests'
+# 128-wide student and an untrained student of recipes/tiny.toml's size, 16 samples with and
+# without eval data, on CPU: relative logit difference int8 1.5-1.8e-2, int4 0.19-0.21, fp16
+# 6-8e-4; greedy agreement 0.94-1.0 (0.75 on the tests' 4 samples: one answer drifting late). Each
+# logit bound leaves about twice the worst figure; a damaged graph (the lm_head's scales doubled,
+# a weight's bytes scrambled) lands near 1. Greedy answers must agree on half the samples.
+VARIANT_BOUNDS = {
+    "int8": VariantBound(5e-2, 0.5),
+    "int4": VariantBound(0.4, 0.5),
+    "fp16": VariantBound(1e-2, 0.5),
+}
+
+
 @dataclass
 class ExportSettings:
     """What an export does; `from_model_dir` fills it from the recipe the model was trained with."""
@@ -70,10 +86,13 @@ class ExportSettings:
     images: Path | None = None
     eval_samples: int | None = None  # accuracy questions; default: the recipe's eval.max_samples (all)
     max_new_tokens: int = 8
-    decoder: str = "auto"  # auto | builder | traced (lsd_edge.export.decoder)
+    decoder: str = "auto"  # auto | builder | traced (lsd_edge.export.onnx.decoder)
     bench_tokens: int = 32
     bench_repeats: int = 3
     external_data_mb: float = 1536.0  # graphs with more weights than this keep them in <file>_data
+    # the quantized variant's own bounds; None: the variant's measured ones (VARIANT_BOUNDS)
+    max_variant_rel_logit_diff: float | None = None
+    min_variant_greedy_agreement: float | None = None
     note: str | None = None  # why the recipe's eval data is not used, shown to the user
 
     @classmethod
@@ -90,6 +109,8 @@ class ExportSettings:
                 parity_samples=ex.parity_samples,
                 max_rel_logit_diff=ex.max_rel_logit_diff,
                 max_accuracy_drop=ex.max_accuracy_drop,
+                max_variant_rel_logit_diff=ex.max_variant_rel_logit_diff,
+                min_variant_greedy_agreement=ex.min_variant_greedy_agreement,
                 decoder=ex.decoder,
                 eval_samples=recipe.eval.max_samples,
                 max_new_tokens=recipe.eval.max_new_tokens,
@@ -121,22 +142,17 @@ class ExportSettings:
     def variant(self) -> str:
         return VARIANT_OF[self.quantize]
 
-
-def latest_student(runs_root: Path = RUNS_ROOT) -> Path:
-    """The student of the most recent finished run under `runs_root`."""
-    run = latest_run(runs_root)
-    if run is None:
-        raise ExportError(
-            f"no model folder given and no finished run under {runs_root}/ (a run folder with student/ and "
-            "report.json); give one, e.g. `lsd-edge export runs/tiny/student`"
+    @property
+    def variant_bound(self) -> VariantBound | None:
+        """The quantized variant's bounds (None for an fp32 export), the settings' where they give one."""
+        if self.variant == "fp32":
+            return None
+        measured = VARIANT_BOUNDS[self.variant]
+        logits, greedy = self.max_variant_rel_logit_diff, self.min_variant_greedy_agreement
+        return VariantBound(
+            measured.max_rel_logit_diff if logits is None else logits,
+            measured.min_greedy_agreement if greedy is None else greedy,
         )
-    return run.student
-
-
-@dataclass
-class ExportResult:
-    output: Path
-    report: dict[str, Any] = field(default_factory=dict)
 
 
 def _carry_files(model_dir: Path, out: Path) -> None:
@@ -168,19 +184,24 @@ def _gate(settings: ExportSettings, fp32: dict, acc_torch, acc_onnx) -> list[str
     return reasons
 
 
-def _source(model_dir, settings, reporter: Reporter, runs_root: Path) -> tuple[Path, ExportSettings, bool]:
-    """The model folder (given, or the latest run's student), its settings, and whether it was picked."""
-    picked = model_dir is None
-    model_dir = latest_student(runs_root) if picked else Path(model_dir)
-    if picked:
-        reporter.message(f"exporting the student of the most recent run: {model_dir}")
-    if not model_dir.is_dir():
-        raise ExportError(f"{model_dir}: no such model folder; give a folder written by lsd-edge distill")
-    if not isinstance(settings, ExportSettings):
-        settings = ExportSettings.from_model_dir(model_dir, **(settings or {}))
-    if settings.data is not None:
-        check_data(settings.data)
-    return model_dir, settings, picked
+def _variant_gate(settings: ExportSettings, own: dict) -> list[str]:
+    """Why the quantized variant's own outputs (`own`: its parity.compare) are refused: logits or
+    greedy tokens beyond its bounds; without eval data too."""
+    v, bound = settings.variant, settings.variant_bound
+    if bound is None:
+        return []
+    reasons = []
+    if own["max_rel_logit_diff"] > bound.max_rel_logit_diff:
+        reasons.append(
+            f"{v} logits differ from PyTorch by {own['max_rel_logit_diff']:.2e} (relative) > "
+            f"{bound.max_rel_logit_diff:.0e}, the {v} bound"
+        )
+    if own["greedy_agreement"] < bound.min_greedy_agreement:
+        reasons.append(
+            f"{v} greedy tokens match PyTorch on {100 * own['greedy_agreement']:.0f}% of samples, "
+            f"below {100 * bound.min_greedy_agreement:.0f}%"
+        )
+    return reasons
 
 
 def _parity_and_gate(
@@ -204,11 +225,14 @@ def _parity_and_gate(
             "are checked on random images[/yellow]"
         )
     reasons = _gate(settings, parity["variants"]["fp32"], parity["accuracy_torch"], parity["accuracy_onnx"])
+    reasons += _variant_gate(settings, parity["variants"][settings.variant])
+    bound = settings.variant_bound
     report["gate"] = {
         "passed": not reasons,
         "reasons": reasons,
         "max_rel_logit_diff": settings.max_rel_logit_diff,
         "max_accuracy_drop": settings.max_accuracy_drop,
+        "variant_bound": None if bound is None else {settings.variant: asdict(bound)},
     }
     return reasons
 
@@ -226,9 +250,12 @@ def export(
     overrides of what the model folder's recipe says (`ExportSettings.from_model_dir`).
     """
     reporter = reporter or QuietReporter()
-    model_dir, settings, picked = _source(model_dir, settings, reporter, runs_root)
-    out_final = Path(output) if output is not None else default_export_dir(model_dir)
-    failed = out_final.with_name(out_final.name + ".failed")
+    model_dir, picked = source_folder(model_dir, reporter, runs_root)
+    if not isinstance(settings, ExportSettings):
+        settings = ExportSettings.from_model_dir(model_dir, **(settings or {}))
+    if settings.data is not None:
+        check_data(settings.data)
+    out = Path(output) if output is not None else default_export_dir(model_dir)
     variant = settings.variant
     variants = ["fp32"] if variant == "fp32" else ["fp32", variant]
     started = time.perf_counter()
@@ -237,16 +264,35 @@ def export(
     report: dict[str, Any] = {
         "model_dir": str(model_dir),
         "picked_latest_run": picked,
-        "output": str(out_final),
+        "output": str(out),
         "default_variant": variant,
         "variants": variants,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+        "settings": jsonable(settings),
     }
-    with atomic_dir(out_final) as tmp:
+    job = OnnxJob(model_dir, out, settings, variants, torch_runner, report, reporter, started)
+    return gated(out, report, job.build, "parity gate")
+
+
+@dataclass
+class OnnxJob:
+    """One export being built: what `build` needs besides the temporary folder it fills."""
+
+    model_dir: Path
+    out: Path
+    settings: ExportSettings
+    variants: list[str]
+    torch_runner: TorchRunner
+    report: dict[str, Any]
+    reporter: Reporter
+    started: float
+
+    def build(self, tmp: Path) -> list[str]:
+        """Graphs, package, sizes, parity and its gate, speed (when passed), card; the gate's reasons."""
+        settings, variants, report, reporter = self.settings, self.variants, self.report, self.reporter
         t0 = time.perf_counter()
-        _carry_files(model_dir, tmp)
+        _carry_files(self.model_dir, tmp)
         made = write_graphs(
-            torch_runner.model,
+            self.torch_runner.model,
             tmp,
             variants,
             settings.target,
@@ -257,32 +303,25 @@ def export(
         report["decoder"] = made["decoder"]
         if "quantization" in made:
             report["quantization"] = made["quantization"]
-        reporter.advance(1 + (variant != "fp32"), "graphs written")
-        report["transformers_js"] = package(tmp, variants, variant)
+        reporter.advance(1 + (len(variants) > 1), "graphs written")
+        report["transformers_js"] = package(tmp, variants, settings.variant)
         t2 = time.perf_counter()
-        report.update(size_report(tmp, model_dir, variants))
-        reasons = _parity_and_gate(torch_runner, tmp, variants, settings, report, reporter)
+        report.update(size_report(tmp, self.model_dir, variants))
+        reasons = _parity_and_gate(self.torch_runner, tmp, variants, settings, report, reporter)
         t3 = time.perf_counter()
         image = report["parity"].pop("bench_image")
         if not reasons:
             report["speed"] = speed_report(
-                torch_runner, tmp, variants, image, settings.bench_tokens, settings.bench_repeats
+                self.torch_runner, tmp, variants, image, settings.bench_tokens, settings.bench_repeats
             )
             reporter.advance(1, "speed")
-        times = {"export": t2 - t0, "parity": t3 - t2, "total": time.perf_counter() - started}
+        times = {"export": t2 - t0, "parity": t3 - t2, "total": time.perf_counter() - self.started}
         report["timing_s"] = {**made["seconds"], **{k: round(v, 2) for k, v in times.items()}}
-        report.update(peak_rss_mb=export_peak_mb(made), versions=versions())
-        write_card(tmp, export_card(model_dir, out_final, settings, torch_runner.model, report))
-        write_json(tmp / REPORT, report)
+        report.update(peak_rss_mb=export_peak_mb(made), versions=onnx_versions())
+        card = export_card(self.model_dir, self.out, settings, self.torch_runner.model, report)
+        write_card(tmp, card)
         reporter.done()
-        if reasons:
-            shutil.rmtree(failed, ignore_errors=True)
-            os.replace(tmp, failed)  # keep what was made for inspection; an earlier good export stays
-            report["output"] = str(failed)
-            write_json(failed / REPORT, report)
-            raise ExportError(f"parity gate failed: {'; '.join(reasons)}; the export is kept in {failed}")
-    shutil.rmtree(failed, ignore_errors=True)
-    return ExportResult(out_final, report)
+        return reasons
 
 
 def export_card(model_dir: Path, out: Path, settings: ExportSettings, model, report: dict) -> CardFacts:
@@ -323,17 +362,3 @@ def size_report(out: Path, model_dir: Path, variants: list[str]) -> dict[str, An
         v = variants[-1]
         rep["size_ratio"] = {g: round(sizes[v][g] / sizes["fp32"][g], 4) for g in (*GRAPHS, "total")}
     return rep
-
-
-def versions() -> dict[str, str]:
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "onnxruntime_genai": builder_version() or "not installed",
-    }
-
-
-def load_report(folder: str | Path) -> dict[str, Any]:
-    return read_json(Path(folder) / REPORT)

@@ -1,0 +1,1 @@
+"""The ONNX export: three traced graphs (or the model builder's decoder), their quantized variants, the files transformers.js reads, the parity gate against PyTorch, speed, the pipeline, and random-weight exports for the bench."""
