@@ -88,7 +88,7 @@ def deepspeed_plugin() -> DeepSpeedPlugin | None:
 
     ZeRO-2 (gradients and AdamW states partitioned) and ZeRO-3 (weights too) train the student;
     everything lsd-edge decides per stage (micro-batch size, gradient clipping, optimizer, schedule)
-    is written into the config when each stage is prepared (`lsd_edge.train.zero.configure`)."""
+    is written into the config when each stage is prepared (`lsd_edge.train.backends.zero.configure`)."""
     if _env("ACCELERATE_USE_DEEPSPEED", "false") != "true":
         return None
     if importlib.util.find_spec("deepspeed") is None:

@@ -270,7 +270,7 @@ def test_llama_cpp_answers_are_decoded_and_scored_as_pytorchs(teacher_dir, shape
     (a stand-in for llama.cpp that answers with PyTorch's own tokens)."""
     from lsd_edge.data.questions import load_eval_items
     from lsd_edge.evaluate.accuracy import evaluate_answers
-    from lsd_edge.export.gguf_parity import LlamaCppAnswers
+    from lsd_edge.export.gguf.parity import LlamaCppAnswers
     from lsd_edge.runtime.torch_runner import TorchRunner
 
     torch_runner = TorchRunner(teacher_dir)
