@@ -22,6 +22,19 @@ from lsd_edge.errors import LsdEdgeError, RecipeError
 
 
 def main() -> None:
+    debug = os.environ.get("LSD_EDGE_DEBUG")
+    try:
+        _main()
+    finally:
+        # `--debug` sets LSD_EDGE_DEBUG for the command's library code and the processes it starts; a
+        # caller running main() in-process (a test, a notebook) gets its own environment back.
+        if debug is None:
+            os.environ.pop("LSD_EDGE_DEBUG", None)
+        else:
+            os.environ["LSD_EDGE_DEBUG"] = debug
+
+
+def _main() -> None:
     try:
         app()
     except LsdEdgeError as e:
@@ -35,7 +48,9 @@ def main() -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         err.print(
-            "[bold red]interrupted[/bold red]: what was finished is kept; `lsd-edge distill --resume` continues a run"
+            "[bold red]interrupted[/bold red]: what was finished is kept; `lsd-edge distill --resume` continues a run",
+            highlight=False,
+            soft_wrap=True,
         )
         sys.exit(130)
 

@@ -14,6 +14,8 @@ from lsd_edge.recipe.load import parse_recipe
 from lsd_edge.train.pipeline import distill
 from lsd_edge.train.track import flat_config, flops_per_token, mfu
 
+from ..helpers import require_dev
+
 
 def test_flops_count_the_student_trained_and_the_online_teacher_run_forward(tiny_student, tiny_teacher):
     s = sum(p.numel() for p in tiny_student.parameters())
@@ -37,8 +39,8 @@ def test_the_recipe_goes_to_the_trackers_as_scalars(recipe_dict):
 def test_trackio_and_wandb_record_a_run_offline(recipe_dict, tmp_path, monkeypatch):
     """run.report_to = ["trackio", "wandb"] (TensorBoard: tests/train/test_train.py): Trackio's local
     database holds every step's loss, and W&B writes its offline run under the trackers folder."""
-    pytest.importorskip("trackio")
-    pytest.importorskip("wandb")
+    require_dev("trackio")
+    require_dev("wandb")
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read when trackio is imported
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
