@@ -123,6 +123,17 @@ def lively_student(out: Path, seed: int = 3) -> Path:
     return out
 
 
+def scored_here(recipe, model_dir: Path) -> float:
+    """The eval-split accuracy of a saved model, scored in the test as a run scores it (the recipe's
+    [eval] settings and data): what a run reports for that folder must equal it."""
+    from lsd_edge.evaluate.greedy import eval_split
+    from lsd_edge.models.load import load_llava
+    from lsd_edge.progress import QuietReporter
+
+    model, processor = load_llava(str(model_dir))
+    return eval_split(recipe, model, processor, "test", QuietReporter())["accuracy"]
+
+
 def write_records(tmp_path: Path, records: list, name: str = "d.json") -> Path:
     """LLaVA-format records written as a JSON list (or JSONL when `name` ends with .jsonl)."""
     p = tmp_path / name
@@ -167,6 +178,16 @@ def one_red_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), f"not one red line:\n{err}"
     return lines[0]
+
+
+def red_line_after_progress(err: str) -> str:
+    """The CLI's error output after a command's progress lines (bars, "loading ..." notes on stderr):
+    its last line, checked to be its only `error:` line and whole (a wrapped or second line would come
+    last), with no traceback."""
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("error:"), f"no red line last:\n{err}"
+    assert sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in err, err
+    return lines[-1]
 
 
 def require_dev(name: str):

@@ -46,13 +46,30 @@ def _main() -> None:
         for line in lines[1:]:
             err.print(f"[red]{escape(line)}[/red]", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        err.print(
-            "[bold red]interrupted[/bold red]: what was finished is kept; `lsd-edge distill --resume` continues a run",
-            highlight=False,
-            soft_wrap=True,
-        )
-        sys.exit(130)
+    except KeyboardInterrupt:  # before a command runs (Typer handles those in one)
+        interrupted()
+    except SystemExit as e:
+        # Typer turns Ctrl+C in a command into a silent exit 130 (`raise Exit(130) from e`): say what it means
+        if e.code == 130 and _by_ctrl_c(e):
+            interrupted()
+        raise
+
+
+def _by_ctrl_c(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def interrupted() -> None:
+    err.print(
+        "[bold red]interrupted[/bold red]: what was finished is kept; `lsd-edge distill --resume` continues a run",
+        highlight=False,
+        soft_wrap=True,
+    )
+    sys.exit(130)
 
 
 if __name__ == "__main__":
