@@ -4,6 +4,7 @@ Trackio and W&B offline."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,13 @@ def test_trackio_and_wandb_record_a_run_offline(recipe_dict, tmp_path, monkeypat
 
     runs = list((root / "trackers" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_a_dev_dependency_that_does_not_import_fails_under_require_dev(monkeypatch):
+    monkeypatch.setitem(sys.modules, "trackio", None)  # `import trackio` now raises ImportError
+    monkeypatch.setenv("LSD_EDGE_REQUIRE_DEV", "1")
+    with pytest.raises(pytest.fail.Exception, match="LSD_EDGE_REQUIRE_DEV=1 but trackio does not import"):
+        require_dev("trackio")
+    monkeypatch.delenv("LSD_EDGE_REQUIRE_DEV")
+    with pytest.raises(pytest.skip.Exception, match="trackio does not import"):
+        require_dev("trackio")
