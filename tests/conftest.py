@@ -19,7 +19,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the commands tests start (s
 
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from .helpers import TINY_VISION, onnx_settings, tiny_recipe_dict  # noqa: E402
+from .helpers import LIVELY_VARIANT_BOUNDS, TINY_VISION, lively_student, onnx_settings, tiny_recipe_dict  # noqa: E402
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
@@ -138,3 +138,19 @@ def onnx_dir(tmp_path_factory, onnx_student_dir, shapes_dir) -> Path:
 
     out = tmp_path_factory.mktemp("exports") / "onnx"
     return export(onnx_student_dir, out, onnx_settings(shapes_dir)).output
+
+
+@pytest.fixture(scope="session")
+def lively_dir(tmp_path_factory) -> Path:
+    """A lively student (`helpers.lively_student`): its greedy answers differ from question to question,
+    so a comparison of answers shows a runtime that got a token, an image or a question wrong."""
+    return lively_student(tmp_path_factory.mktemp("lively") / "student")
+
+
+@pytest.fixture(scope="session")
+def lively_onnx_dir(tmp_path_factory, lively_dir, shapes_dir) -> Path:
+    """`lively_dir` exported once (fp32 + int8)."""
+    from lsd_edge.export.onnx.pipeline import export
+
+    out = tmp_path_factory.mktemp("lively_exports") / "onnx"
+    return export(lively_dir, out, onnx_settings(shapes_dir, **LIVELY_VARIANT_BOUNDS)).output

@@ -4,6 +4,7 @@ and running the CLI in-process."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -88,11 +89,11 @@ def tiny_recipe_dict(data_root: str, output_dir: str) -> dict:
     }
 
 
-def lively_student(out: Path) -> Path:
+def lively_student(out: Path, seed: int = 3) -> Path:
     """A tiny student saved to `out` whose LLM weights are drawn at 2/sqrt(fan-in), not at the
     initializer's 0.02: untrained, yet its greedy answers differ from question to question, so a
     runtime that gets a token wrong shows it. Built over the ShapesVQA vocabulary, with a head size
-    (16) that onnxruntime-genai's model builder takes."""
+    (16) that onnxruntime-genai's model builder takes. Another `seed` draws another such model."""
     import torch
 
     from lsd_edge.data.shapes import vocabulary
@@ -113,7 +114,7 @@ def lively_student(out: Path) -> Path:
         vision_from=teacher,
         seed=2,
     )
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in student.named_parameters():
             if p.ndim == 2 and "vision_tower" not in name:
@@ -126,6 +127,17 @@ def lively_student(out: Path) -> Path:
 # answers different: scripts/gate_bounds.py), so its quantized exports are gated on fp32 and
 # accuracy only; the tests that use them compare runtimes on the same graphs, not with PyTorch.
 LIVELY_VARIANT_BOUNDS = dict(max_variant_rel_logit_diff=10.0, min_variant_greedy_agreement=0.0)
+
+
+def scored_here(recipe, model_dir: Path) -> float:
+    """The eval-split accuracy of a saved model, scored in the test as a run scores it (the recipe's
+    [eval] settings and data): what a run reports for that folder must equal it."""
+    from lsd_edge.evaluate.greedy import eval_split
+    from lsd_edge.models.load import load_llava
+    from lsd_edge.progress import QuietReporter
+
+    model, processor = load_llava(str(model_dir))
+    return eval_split(recipe, model, processor, "test", QuietReporter())["accuracy"]
 
 
 def write_records(tmp_path: Path, records: list, name: str = "d.json") -> Path:
@@ -154,7 +166,9 @@ def onnx_settings(shapes_dir: Path, **kw):
 
 def run(monkeypatch, capsys, *args):
     monkeypatch.setattr(sys, "argv", ["lsd-edge", *args])
-    monkeypatch.delenv("LSD_EDGE_DEBUG", raising=False)
+    # set, not deleted: monkeypatch then restores the variable's absence after the test, whatever the
+    # command did to it ("0" reads as unset: only "1" shows tracebacks)
+    monkeypatch.setenv("LSD_EDGE_DEBUG", "0")
     code = 0
     try:
         main()
@@ -165,7 +179,33 @@ def run(monkeypatch, capsys, *args):
 
 
 def one_red_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert lines and lines[0].startswith("error:"), err
-    assert "Traceback" not in err
+    """The CLI's error output, checked to be exactly one line starting `error:` (no traceback, no
+    second line, no wrapped tail), and returned."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), f"not one red line:\n{err}"
     return lines[0]
+
+
+def red_line_after_progress(err: str) -> str:
+    """The CLI's error output after a command's progress lines (bars, "loading ..." notes on stderr):
+    its last line, checked to be its only `error:` line and whole (a wrapped or second line would come
+    last), with no traceback."""
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith("error:"), f"no red line last:\n{err}"
+    assert sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in err, err
+    return lines[-1]
+
+
+def require_dev(name: str):
+    """Import a dev dependency (pyproject's [dev] extra): a test that needs it skips without it, and
+    fails instead under LSD_EDGE_REQUIRE_DEV=1 (CI), where a broken import must not pass as a skip."""
+    import importlib
+
+    import pytest
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        if os.environ.get("LSD_EDGE_REQUIRE_DEV") == "1":
+            pytest.fail(f"LSD_EDGE_REQUIRE_DEV=1 but {name} does not import: {e}")
+        pytest.skip(f"{name} does not import ({e}); pip install -e '.[dev]'")

@@ -66,7 +66,9 @@ class BenchRow:
     new_tokens: int
     runs: int
     load_s: float
-    cpu_share: float  # CPU time / (wall time x threads) during the timed runs: < 1 when the cores are shared
+    # CPU time / (wall time x threads) during the timed runs (a llama.cpp row: over llama-bench's whole
+    # runs): < 1 when the cores are shared
+    cpu_share: float
     threads: int
     pid: int
     torch_imported: bool

@@ -35,7 +35,7 @@ class CardFacts:
     teacher_accuracy: float | None
     student_accuracy: float | None
     params: int
-    teacher_params: int
+    teacher_params: int | None  # None: no teacher is known (a model folder lsd-edge did not distil)
     example: tuple[str, str] = ("image.png", "What is in the image?")  # (image path, question)
     export: dict[str, Any] | None = None
     license: str = "other"
@@ -107,6 +107,12 @@ def _training(f: CardFacts) -> list[str]:
     ]
     data = ", ".join(f"{k}: `{v}`" for k, v in f.data.items()) or "the recipe's"
     llm = f" and the LLM `{f.student_llm}`" if f.student_llm else ""
+    results = ["| model | exact-match accuracy | parameters |", "|---|---:|---:|"]
+    if f.teacher_params is not None:
+        results.append(f"| teacher | {_pct(f.teacher_accuracy)} | {f.teacher_params:,} |")
+    results.append(f"| this student | {_pct(f.student_accuracy)} | {f.params:,} |")
+    if f.teacher_params is None:  # nothing known of how it was made: only what was measured here
+        return ["## Results", "", *results]
     return [
         "## How it was made",
         "",
@@ -118,10 +124,7 @@ def _training(f: CardFacts) -> list[str]:
         "",
         "## Results",
         "",
-        "| model | exact-match accuracy | parameters |",
-        "|---|---:|---:|",
-        f"| teacher | {_pct(f.teacher_accuracy)} | {f.teacher_params:,} |",
-        f"| this student | {_pct(f.student_accuracy)} | {f.params:,} |",
+        *results,
     ]
 
 
@@ -151,13 +154,18 @@ def _export_section(e: dict[str, Any]) -> list[str]:
 
 def model_card(f: CardFacts) -> str:
     what = "ONNX export" if f.export is not None else "PyTorch weights (Hugging Face format)"
+    made = (
+        f"distilled from a larger one for edge devices: {f.params:,} parameters, "
+        f"{f.params / max(1, f.teacher_params):.2f}x the teacher's"
+        if f.teacher_params is not None
+        else f"with {f.params:,} parameters"
+    )
     body = [
         _front_matter(f),
         "",
         f"# {f.name}",
         "",
-        f"A small LLaVA-style vision-language model (vision encoder, projector, LLM) distilled from a larger "
-        f"one for edge devices: {f.params:,} parameters, {f.params / max(1, f.teacher_params):.2f}x the teacher's. "
+        f"A small LLaVA-style vision-language model (vision encoder, projector, LLM) {made}. "
         f"This folder holds its {what}.",
         "",
         *_training(f),

@@ -19,7 +19,9 @@ from lsd_edge.bench.runner import bench, efficiency_ratios, roofline
 from lsd_edge.bench.torch_rows import torch_decode_bytes
 from lsd_edge.cli.main import main
 from lsd_edge.errors import BenchError
+from lsd_edge.evaluate.score import accuracy
 from lsd_edge.models.archs import Arch
+from lsd_edge.runtime.onnx.runner import OnnxRunner
 
 from ..helpers import one_red_line, run
 
@@ -39,29 +41,50 @@ def _cli(*args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def _small(shapes_dir: Path) -> list[str]:
+def _small(shapes_dir: Path, data: Path | None = None) -> list[str]:
+    data = data or shapes_dir / "eval.json"
     return [
         "--prompts", "2", "--max-new-tokens", "4", "--repeats", "1", "--warmup", "1",
-        "--eval-samples", "3", "--data", str(shapes_dir / "eval.json"), "--images", str(shapes_dir / "images"),
+        "--eval-samples", "3", "--data", str(data), "--images", str(shapes_dir / "images"),
         "--threads", "1", "--copy-mb", "8",
     ]  # fmt: skip
 
 
+EVAL_NEW_TOKENS = 8  # the bench's accuracy answers, without a recipe
+
+
+def _teacher_graded(shapes_dir: Path, teacher_dir: Path, out: Path) -> Path:
+    """The eval data with the teacher's own answers as references to the first and third question and a
+    wrong one to the second: the teacher's accuracy on those three is 2/3, whatever its weights."""
+    from lsd_edge.runtime.torch_runner import TorchRunner
+
+    recs = json.loads((shapes_dir / "eval.json").read_text())
+    items = eval_questions(shapes_dir / "eval.json", shapes_dir / "images", 3)
+    teacher = TorchRunner(teacher_dir)
+    for i, (rec, it) in enumerate(zip(recs, items, strict=False)):
+        own = teacher.generate(it["image"], it["question"], EVAL_NEW_TOKENS).text
+        assert own.strip(), "the teacher answers something"
+        rec["conversations"][1]["value"] = "no such answer" if i == 1 else own
+    out.write_text(json.dumps(recs))
+    return out
+
+
 @pytest.fixture(scope="module")
 def tiny_bench(tmp_path_factory, teacher_dir, onnx_dir, shapes_dir):
-    """The command on the tiny teacher and the int8 ONNX student: (exit code, stdout, JSON, chart)."""
+    """The command on the tiny teacher and the int8 ONNX student: (exit code, stdout, JSON, chart, data)."""
     tmp = tmp_path_factory.mktemp("bench")
+    data = _teacher_graded(shapes_dir, teacher_dir, tmp / "eval.json")
     args = ["bench", "--teacher", str(teacher_dir), "--onnx", str(onnx_dir), "--variant", "int8"]
     code, out, err = _cli(
-        *args, *_small(shapes_dir), "--json", str(tmp / "b.json"), "--plot", str(tmp / "b.png")
+        *args, *_small(shapes_dir, data), "--json", str(tmp / "b.json"), "--plot", str(tmp / "b.png")
     )
     assert code == 0, err
-    return out, json.loads((tmp / "b.json").read_text()), tmp / "b.png"
+    return out, json.loads((tmp / "b.json").read_text()), tmp / "b.png", data
 
 
 @pytest.mark.slow  # two worker processes, each importing torch or onnxruntime
-def test_tiny_bench_json_schema_table_and_chart(tiny_bench):
-    out, data, png = tiny_bench
+def test_tiny_bench_json_schema_table_and_chart(tiny_bench, onnx_dir, shapes_dir):
+    out, data, png, eval_data = tiny_bench
     assert check_schema(data) == []
     teacher, onnx = data["results"]
     assert (teacher["name"], teacher["backend"], teacher["precision"]) == ("teacher", "torch", "fp32")
@@ -69,8 +92,15 @@ def test_tiny_bench_json_schema_table_and_chart(tiny_bench):
     for r in data["results"]:
         assert r["runs"] == 2 and r["new_tokens"] == 4 and r["accuracy_samples"] == 3
         assert r["decode_tokens_per_s"] > 0 and r["ttft_ms_p90"] >= r["ttft_ms_p50"] > 0
-        assert 0 <= r["accuracy"] <= 1 and r["params"] > 0 and r["size_mb"] > 0
+        assert r["params"] > 0 and r["size_mb"] > 0
         assert r["roofline_fraction"] > 0 and r["weight_mb_per_token"] > 0
+    # accuracy: a known value for the teacher, the scorer's on the runner's answers for the student
+    assert data["settings"]["eval_max_new_tokens"] == EVAL_NEW_TOKENS
+    assert teacher["accuracy"] == pytest.approx(2 / 3)
+    items = eval_questions(eval_data, shapes_dir / "images", 3)
+    student = OnnxRunner(onnx_dir, variant="int8")
+    answers = [student.generate(it["image"], it["question"], EVAL_NEW_TOKENS).text for it in items]
+    assert onnx["accuracy"] == accuracy(answers, [it["answer"] for it in items])
     assert data["machine"]["bandwidth_gb_s"] > 0 and data["settings"]["threads"] == 1
     (ratio,) = data["ratios"]
     assert ratio["vs"] == "teacher (torch fp32)" and ratio["name"] == "student (onnx int8)"
@@ -83,7 +113,7 @@ def test_tiny_bench_json_schema_table_and_chart(tiny_bench):
 
 @pytest.mark.slow  # two worker processes, each importing torch or onnxruntime
 def test_each_row_runs_in_its_own_process(tiny_bench):
-    _, data, _ = tiny_bench
+    _, data, _, _ = tiny_bench
     teacher, onnx = data["results"]
     assert len({teacher["pid"], onnx["pid"], os.getpid()}) == 3
     # The ONNX row never imported torch, so its memory is ONNX Runtime's alone.

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
 from lsd_edge import __version__
 from lsd_edge.cli.main import main
+from lsd_edge.recipe.load import parse_recipe
 from lsd_edge.recipe.toml import dumps_toml
 
-from ..helpers import REPO, one_red_line, run
+from ..helpers import REPO, one_red_line, red_line_after_progress, run, scored_here
 
 
 def test_help_and_version(monkeypatch, capsys):
@@ -36,9 +40,12 @@ def test_validate_broken_lists_every_problem(tmp_path, monkeypatch, capsys, reci
     p = tmp_path / "r.toml"
     p.write_text(dumps_toml(recipe_dict))
     code, _, err = run(monkeypatch, capsys, "validate", str(p))
-    assert code == 1
-    one_red_line(err)
-    assert "stages[0].lr" in err and "stages[2].bogus" in err
+    assert code == 1 and "Traceback" not in err
+    # the one error that may take more than a line: a red head line, then one line per problem
+    head, *problems = err.strip().splitlines()
+    assert head == f"error: {p}: 2 problem(s) in the recipe", err
+    assert len(problems) == 2 and all(line.startswith("  ") for line in problems), err
+    assert "stages[0].lr" in problems[0] and "stages[2].bogus" in problems[1]
 
 
 @pytest.mark.parametrize(
@@ -59,12 +66,53 @@ def test_bad_input_isone_red_line(monkeypatch, capsys, args, needle):
     assert needle in one_red_line(err)
 
 
-def test_debug_shows_traceback(monkeypatch, capsys):
+def test_debug_shows_traceback_and_leaves_the_environment_as_it_was(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["lsd-edge", "--debug", "validate", "nope.toml"])
+    monkeypatch.setenv("LSD_EDGE_DEBUG", "0")  # restored after the test, whatever main() does
     from lsd_edge.errors import RecipeError
 
-    with pytest.raises(RecipeError):
+    with pytest.raises(RecipeError, match="nope.toml: no such recipe file"):
         main()
+    # --debug reaches the command's own processes, not what runs after it in this one
+    assert os.environ["LSD_EDGE_DEBUG"] == "0"
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    from lsd_edge.cli import recipe_commands
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe_commands, "load_recipe", interrupted)
+    code, _, err = run(monkeypatch, capsys, "validate", str(REPO / "recipes" / "tiny.toml"))
+    assert code == 130
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted: what was finished is kept"), err
+    assert lines[0].endswith("`lsd-edge distill --resume` continues a run")
+
+
+def test_a_training_error_is_a_red_line_and_exit_1(tmp_path, monkeypatch, capsys, recipe_dict):
+    """A NaN loss (TrainingError) through `lsd-edge distill`: after the stages' progress lines, one red line."""
+    from lsd_edge.distill import losses
+
+    real = losses.relation_sum
+    monkeypatch.setattr(losses, "relation_sum", lambda s, t: real(s, t) * float("nan"))
+    p = tmp_path / "r.toml"
+    p.write_text(dumps_toml(recipe_dict))
+    code, _, err = run(monkeypatch, capsys, "distill", str(p))
+    assert code == 1
+    line = red_line_after_progress(err)
+    assert "dpt step 1: loss term 'relation' is nan; the last good checkpoint is kept" in line
+
+
+def test_a_runtime_model_error_is_one_red_line(tmp_path, monkeypatch, capsys, teacher_dir, onnx_dir):
+    """A damaged export (RuntimeModelError) given to `lsd-edge demo`: refused before anything loads."""
+    broken = tmp_path / "onnx"
+    shutil.copytree(onnx_dir, broken)
+    (broken / "onnx" / "vision_encoder_int8.onnx").write_bytes(b"not a protobuf")
+    args = ("demo", "--teacher", str(teacher_dir), "--student", str(broken), "--device", "cpu")
+    code, _, err = run(monkeypatch, capsys, *args)
+    assert code == 1 and "vision_encoder_int8.onnx" in one_red_line(err) and "cannot load" in err
 
 
 def test_data_shapes_info_eval(tmp_path, monkeypatch, capsys, teacher_dir):
@@ -128,8 +176,9 @@ def test_distill_and_ablate(tmp_path, monkeypatch, capsys, recipe_dict):
     assert code == 0, err
     data = json.loads(js.read_text())
     assert set(data["schemes"]) == {"pt-sft", "dpt-sft-dft"}
+    recipe = parse_recipe(recipe_dict)
     for row in data["schemes"].values():
-        assert 0.0 <= row["accuracy"] <= 1.0
+        assert row["accuracy"] == scored_here(recipe, Path(row["path"]))
     # equal steps per stage: the shared stages of both schemes ran the same number of steps
     steps = {s: {st["name"]: st["steps"] for st in row["stages"]} for s, row in data["schemes"].items()}
     assert (

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from PIL import Image
 
@@ -22,12 +23,13 @@ from lsd_edge.demo.page import DemoError, Limits, build_app, launch
 from lsd_edge.errors import ModelError
 from lsd_edge.evaluate.score import normalize_answer
 from lsd_edge.models.info import config_params as model_params
+from lsd_edge.runtime.memory import MiB
 from lsd_edge.runtime.onnx.runner import OnnxRunner
 from lsd_edge.runtime.textgen import Generation
 from lsd_edge.runtime.torch_runner import TorchRunner
 
 from ..browser import ask_in_browser, find_browser
-from ..helpers import one_red_line, run
+from ..helpers import lively_student, one_red_line, red_line_after_progress, run
 
 LIMITS = Limits(
     max_pixels=32 * 32, max_question_chars=80, max_new_tokens=8, default_new_tokens=6, queue_size=32
@@ -143,11 +145,14 @@ def test_fit_image_downscales_keeping_aspect():
 
 
 @pytest.fixture(scope="module")
-def runners(teacher_dir, onnx_student_dir, onnx_dir):
+def runners(tmp_path_factory, lively_dir, lively_onnx_dir):
+    """Lively models (conftest), whose answers differ from question to question: an answer that
+    equals the runner's own then shows the page asked that model that question about that image."""
+    teacher = lively_student(tmp_path_factory.mktemp("demo") / "teacher", seed=5)
     return {
-        "teacher": TorchRunner(teacher_dir),
-        "PyTorch": TorchRunner(onnx_student_dir),
-        "ONNX int8": OnnxRunner(onnx_dir, variant="int8"),
+        "teacher": TorchRunner(teacher),
+        "PyTorch": TorchRunner(lively_dir),
+        "ONNX int8": OnnxRunner(lively_onnx_dir, variant="int8"),
     }
 
 
@@ -177,6 +182,7 @@ def _ask(client, image: Path, question: str, backend: str = "PyTorch", n: int = 
 
 def test_api_returns_both_answers_as_the_runners_give_them(server, runners, shapes_dir):
     _, client = server
+    seen = set()
     for (image, q), backend in zip(_eval_pairs(shapes_dir, 2), ("PyTorch", "ONNX int8"), strict=True):
         t_text, t_figures, s_text, s_figures, agreement, result = _ask(client, image, q, backend)
         im = Image.open(image).convert("RGB")
@@ -189,6 +195,8 @@ def test_api_returns_both_answers_as_the_runners_give_them(server, runners, shap
         assert result["student_backend"] == backend and result["question"] == q
         assert result["teacher"]["answer"] == t_text and result["student"]["answer"] == s_text
         assert result["teacher"]["ttft_s"] > 0 and result["teacher"]["new_tokens"] >= 1
+        seen.add((t_text, s_text))
+    assert len(seen) == 2, "both questions got the same answers: the comparison above proves nothing"
 
 
 def test_streamed_chunks_arrive(server, shapes_dir):
@@ -224,13 +232,69 @@ def test_limits_refuse_or_shrink(server, shapes_dir, tmp_path):
         _ask(client, image, "why " * 30)
     with pytest.raises(AppError, match="Type a question"):
         _ask(client, image, "   ")
-    with pytest.raises(AppError):
-        _ask(client, image, q, n=LIMITS.max_new_tokens + 1)
+    n = LIMITS.max_new_tokens
+    with pytest.raises(AppError, match=f"Value {n + 1} is greater than maximum value {n}"):
+        _ask(client, image, q, n=n + 1)
+    with pytest.raises(
+        AppError, match=r"'TPU'.*not in the list of choices: \['PyTorch', 'ONNX int8', 'Broken'\]"
+    ):
+        _ask(client, image, q, "TPU")
     big = tmp_path / "big.png"
     Image.open(image).convert("RGB").resize((200, 100)).save(big)
     result = client.predict(handle_file(str(big)), q, "PyTorch", 2, api_name="/ask")[5]
     w, h = result["image"]["size"]
     assert w * h <= LIMITS.max_pixels and result["image"]["downscaled_from"] == [200, 100]
+
+
+def test_the_handler_refuses_what_the_inputs_should_not_let_through():
+    """The API's radio and slider refuse an unlisted backend and too many tokens (above); the handler
+    does not rely on them."""
+    import gradio as gr
+
+    from lsd_edge.demo.page import _check_request
+
+    with pytest.raises(gr.Error, match="Unknown student backend 'TPU'; choose one of PyTorch, ONNX int8"):
+        _check_request("q", "TPU", 4, ["PyTorch", "ONNX int8"], LIMITS)
+    with pytest.raises(gr.Error, match=f"max_new_tokens must be between 1 and {LIMITS.max_new_tokens}"):
+        _check_request("q", "PyTorch", LIMITS.max_new_tokens + 1, ["PyTorch"], LIMITS)
+
+
+def test_uploads_over_10_mb_are_refused(server):
+    import httpx
+
+    url, _ = server
+    limit = 10 * 2**20  # Limits.max_file_size "10mb", as Gradio counts it
+    with httpx.Client(timeout=60) as http:
+        ok = http.post(f"{url}gradio_api/upload", files={"files": ("ok.png", b"\0" * (limit - 4096))})
+        assert ok.status_code == 200, ok.text
+        big = http.post(f"{url}gradio_api/upload", files={"files": ("big.png", b"\0" * (limit + 1))})
+    assert big.status_code == 413 and f"maximum allowed size of {limit} bytes" in big.text
+
+
+def test_requests_beyond_the_queue_are_refused():
+    """One answered at a time, one waiting: of four sent at once, the ones beyond are told the queue is full."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    from gradio_client.utils import QueueError
+
+    limits = Limits(max_pixels=32 * 32, max_new_tokens=50, queue_size=1, concurrency=1)
+    slow = {"PyTorch": Scripted("s", ["w"] * 50, delay=0.02)}
+    app = build_app(Scripted("t", ["w"] * 50, delay=0.02), slow, (), limits)
+    url = launch(app, port=_free_port())[0]
+    client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
+    try:
+        jobs = [client.submit(None, "q", "PyTorch", 50, api_name="/ask") for _ in range(4)]
+        done, refused = 0, []
+        for job in jobs:
+            try:
+                done += bool(job.result(timeout=120)[0])
+            except (QueueError, AppError) as e:
+                refused.append(str(e))
+        assert done >= 1 and refused, (done, refused)
+        assert all("Queue is full" in why for why in refused), refused
+    finally:
+        client.close()
+        app.close()
 
 
 def test_twenty_simultaneous_requests_all_complete(server, shapes_dir):
@@ -258,6 +322,7 @@ def test_twenty_simultaneous_requests_all_complete(server, shapes_dir):
     for i, r in enumerate(results):
         by_question.setdefault((i % 4, i % 2), set()).add((r[0], r[2]))
     assert all(len(v) == 1 for v in by_question.values())
+    assert len({r[0] for r in results}) > 1, "every question answered alike: a leak would not show"
 
 
 def test_in_a_real_browser(server, runners, shapes_dir, tmp_path):
@@ -288,6 +353,21 @@ def test_taken_port_is_one_clear_error():
         with pytest.raises(DemoError, match="pass another --port"):
             launch(app, port=s.getsockname()[1])
     app.close()
+
+
+def test_cli_on_a_taken_port_is_a_red_line(monkeypatch, capsys, teacher_dir, student_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = str(s.getsockname()[1])
+        code, _, err = run(
+            monkeypatch, capsys, "demo", "--teacher", str(teacher_dir), "--student", str(student_dir),
+            "--device", "cpu", "--port", port,
+        )  # fmt: skip
+    assert code == 1
+    # after the "loading ..." notes, one red line
+    line = red_line_after_progress(err)
+    assert f"cannot serve on 127.0.0.1:{port}: the port is taken" in line and "pass another --port" in line
 
 
 # ------------------------------------------------------------------------------------ paths and models
@@ -349,8 +429,16 @@ def test_load_models_measures_each_model(teacher_dir, onnx_student_dir, onnx_dir
     teacher, students = load_models(ModelPaths(teacher_dir, onnx_student_dir, onnx_dir), "cpu", examples)
     assert list(students) == ["PyTorch", "ONNX int8"]
     t, s, o = teacher.info(), students["PyTorch"].info(), students["ONNX int8"].info()
-    assert t["memory"]["weights_mib"] > 0 and s["memory"]["weights_mib"] > 0
-    assert all(i["memory"]["peak_rss_mib"] >= 0 for i in (t, s, o))
+    # the weights' bytes: what the safetensors file holds past its length-prefixed JSON header
+    for info, folder in ((t, teacher_dir), (s, onnx_student_dir)):
+        raw = (folder / "model.safetensors").read_bytes()
+        tensors_mib = (len(raw) - 8 - int.from_bytes(raw[:8], "little")) / MiB
+        assert info["memory"]["weights_mib"] == pytest.approx(tensors_mib, rel=1e-3), info["memory"]
+    # memory added while one tiny model loads and answers: far below a ceiling this process's own
+    # resident set (torch, onnxruntime, gradio) is far above, so a figure of the whole process fails
+    ceiling = 256
+    assert psutil.Process().memory_info().rss / MiB > 2 * ceiling
+    assert all(0 <= i["memory"]["peak_rss_mib"] < ceiling for i in (t, s, o)), (t, s, o)
     assert o["backend"] == "onnx" and o["variant"] == "int8" and "weights_mib" not in o["memory"]
     assert o["params"] == s["params"] == model_params(onnx_student_dir)
 

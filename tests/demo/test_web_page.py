@@ -29,7 +29,7 @@ from lsd_edge.runtime.onnx.layout import GRAPHS
 from lsd_edge.runtime.onnx.runner import OnnxRunner
 
 from ..browser import ask_web_page, chromium, find_browser, open_web_page
-from ..helpers import LIVELY_VARIANT_BOUNDS, lively_student, one_red_line, onnx_settings, run
+from ..helpers import one_red_line, run
 
 N = 8  # new tokens per question in the browser test
 
@@ -264,14 +264,9 @@ def require(env: str, missing: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def lively_int8_export(tmp_path_factory, shapes_dir) -> Path:
-    """A lively tiny student (its answers differ per question) exported as fp32 + int8."""
-    from lsd_edge.export.onnx.pipeline import export
-
-    tmp = tmp_path_factory.mktemp("web_export")
-    student = lively_student(tmp / "student")
-    settings = onnx_settings(shapes_dir, quantize="int8", **LIVELY_VARIANT_BOUNDS)
-    return export(student, tmp / "onnx-int8", settings).output
+def lively_int8_export(lively_onnx_dir) -> Path:
+    """A lively tiny student (its answers differ per question) exported as fp32 + int8 (conftest's)."""
+    return lively_onnx_dir
 
 
 def eval_pairs(shapes_dir: Path, n: int) -> list[tuple[Path, str]]:

@@ -10,6 +10,8 @@ from lsd_edge.data.questions import EvalItem, load_eval_items
 from lsd_edge.errors import DataError
 from lsd_edge.evaluate.greedy import evaluate
 from lsd_edge.evaluate.score import normalize_answer, score
+from lsd_edge.models.load import load_llava
+from lsd_edge.runtime.torch_runner import greedy_answers
 
 
 def test_normalize_answer():
@@ -42,16 +44,25 @@ def test_eval_items_one_per_answer(tmp_path, shapes_dir, processor):
     assert items[1].answer == "two" and len(items[1].prompt_ids) > len(items[0].prompt_ids)
 
 
-def test_evaluate_model(teacher_dir, shapes_dir):
-    res = evaluate(teacher_dir, shapes_dir / "eval.json", shapes_dir / "images", max_new_tokens=3)
+def test_evaluate_model(lively_dir, shapes_dir, tmp_path):
+    """Eval data whose references are the model's own answers (asked one at a time, no padding) on
+    every other question: batched evaluation must score exactly half."""
+    model, processor = load_llava(str(lively_dir))
+    items = load_eval_items(shapes_dir / "eval.json", shapes_dir / "images", processor)
+    own = greedy_answers(model, processor, items, max_new_tokens=3, batch_size=1)
+    assert all(a.strip() for a in own) and len(set(own)) > 1, own  # answers that vary with the question
+    recs = json.loads((shapes_dir / "eval.json").read_text())
+    assert len(recs) == len(items) == 8  # one question per record
+    for i, r in enumerate(recs):
+        r["conversations"][1]["value"] = own[i] if i % 2 == 0 else "no such answer"
+    (tmp_path / "eval.json").write_text(json.dumps(recs))
+    res = evaluate(lively_dir, tmp_path / "eval.json", shapes_dir / "images", max_new_tokens=3)
     d = res.as_dict()
-    assert (
-        d["n"] == 8
-        and 0.0 <= d["accuracy"] <= 1.0
-        and set(d["by_type"]) <= {"color", "shape", "count", "position", "existence"}
-    )
+    assert d["n"] == 8 and d["correct"] == 4 and d["accuracy"] == 0.5
+    assert set(d["by_type"]) <= {"color", "shape", "count", "position", "existence"}
     assert sum(v["n"] for v in d["by_type"].values()) == 8
-    assert d["examples"] and "prediction" in d["examples"][0]
+    assert sum(v["correct"] for v in d["by_type"].values()) == 4
+    assert [e["correct"] for e in d["examples"]] == [True, False, True, False, True]
 
 
 def test_no_usable_question(tmp_path, processor):

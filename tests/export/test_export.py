@@ -29,6 +29,7 @@ from lsd_edge.export.onnx.pipeline import (
 from lsd_edge.export.onnx.quantize import quantize_gather_rows
 from lsd_edge.models.load import load_llava
 from lsd_edge.runtime.onnx.layout import GRAPHS, REPORT, graph_file
+from lsd_edge.runtime.onnx.runner import graph_threads
 from lsd_edge.workspace import default_export_dir as default_output
 
 from ..helpers import one_red_line, onnx_settings, run
@@ -60,7 +61,14 @@ def test_layout_and_report(onnx_dir):
     assert r["gate"]["passed"] and r["default_variant"] == "int8"
     assert set(r["sizes_mb"]) >= {"fp32", "int8", "pytorch_safetensors"}
     assert r["speed"]["torch"]["decode_tokens_per_s"] > 0 and r["speed"]["onnx_int8"]["new_tokens"] == 8
+    # the threads each graph's session was given, as the runner's rule gives them for these files
+    assert r["speed"]["threads"]["onnxruntime"] == {
+        v: {g: graph_threads(onnx_dir / graph_file(g, v)) for g in GRAPHS} for v in ("fp32", "int8")
+    }
     assert r["timing_s"]["export"] > 0
+    # a model folder lsd-edge did not distil: its card claims no teacher
+    card = (onnx_dir / "README.md").read_text()
+    assert "| teacher |" not in card and "the teacher's" not in card and "| this student |" in card
 
 
 def test_decoder_io_names_and_dynamic_axes(onnx_dir):

@@ -254,10 +254,18 @@ def test_llama_cpp_greedy_tokens_equal_pytorch(bpe_student, standins, tmp_path, 
     report = json.loads((out / "export_report.json").read_text())
     parity = report["parity"]
     assert report["gate"]["passed"] and parity["first_token_agreement"] == 1.0, parity["tokens"]
-    if quant == "f16":  # Q8_0 quantizes activations too: later tokens of a random model may drift
-        assert parity["greedy_agreement"] == 1.0, parity["tokens"]
     assert parity["tokenizer"]["agreement"] == 1.0
-    assert parity["max_rel_logit_diff"] < (2e-2 if quant == "f16" else 3e-1)
+    if quant == "f16":
+        assert parity["greedy_agreement"] == 1.0, parity["tokens"]
+        assert parity["max_rel_logit_diff"] < 2e-2
+    else:
+        # Q8_0 quantizes activations too, so a random model's later tokens drift. Measured here
+        # (llama-cpp-python 0.3.36 from its sdist, portable CPU build): max relative logit difference
+        # 0.103; the answers agree with PyTorch's on their first 4, 2, 6 and 8 of 8 tokens. Bounds with
+        # room for another CPU; broken scales or weights give ~1 and agreement at chance.
+        assert parity["max_rel_logit_diff"] < 0.2
+        agreed = sum(_agreed_prefix(t["torch"], t["llama_cpp"]) for t in parity["tokens"])
+        assert agreed >= 0.4 * sum(len(t["torch"]) for t in parity["tokens"]), parity["tokens"]
     # the answers depend on the image: llama.cpp reads the image embeddings, not only the text
     answers = {tuple(t["torch"]) for t in parity["tokens"]}
     assert len(answers) > 1, parity["tokens"]
@@ -289,6 +297,16 @@ def test_llama_cpp_answers_are_decoded_and_scored_as_pytorchs(teacher_dir, shape
     got = evaluate_answers(LlamaCppAnswers(Echo(), torch_runner, wh), items, 4)
     want = evaluate_answers(torch_runner, items, 4)
     assert got.as_dict() == want.as_dict() and seen and all(s == {wh} for s in seen)
+
+
+def _agreed_prefix(want: list[int], got: list[int]) -> int:
+    """How many first tokens of two greedy answers are the same."""
+    n = 0
+    for a, b in zip(want, got, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
 
 
 @pytest.mark.slow

@@ -42,10 +42,17 @@ def test_front_matter_and_figures():
     assert "- llava-hf/llava-interleave-qwen-7b-hf" in head and "/models/" not in head, "hub ids only"
     assert "| this student | 57.1% | 500 |" in card and "| teacher | 62.0% | 7,000 |" in card
     assert [lang for lang, _ in code_blocks(card)] == ["python", "python", "js"]
+    assert "500 parameters, 0.07x the teacher's" in card and "## How it was made" in card
     exported = model_card(_facts(export={"variants": ["fp32", "int8"], "default_variant": "int8"}))
     assert (
         "library_name: transformers.js" in exported and "- onnx" in exported and "## This export" in exported
     )
+
+
+def test_a_folder_without_a_known_teacher_has_no_teacher_row():
+    card = model_card(_facts(teacher="not recorded", teacher_params=None, teacher_accuracy=None, stages=[]))
+    assert "| this student | 57.1% | 500 |" in card and "with 500 parameters." in card
+    assert "| teacher |" not in card and "the teacher's" not in card and "How it was made" not in card
 
 
 @pytest.fixture(scope="module")

@@ -114,7 +114,7 @@ def test_missing_file(tmp_path):
 def test_not_utf8(tmp_path):
     p = tmp_path / "bin.toml"
     p.write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(RecipeError):
+    with pytest.raises(RecipeError, match="bin.toml: not a UTF-8 text file; a recipe is TOML"):
         load_recipe(p)
 
 

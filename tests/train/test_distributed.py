@@ -27,7 +27,7 @@ from lsd_edge.train.distributed import SINGLE, Dist
 from lsd_edge.train.pipeline import DistillOptions, distill
 from lsd_edge.train.state import SafeReader
 
-from ..helpers import REPO
+from ..helpers import REPO, require_dev
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -186,7 +186,7 @@ def test_deepspeed_zero2_and_zero3_train_alike_and_a_killed_zero3_run_resumes_an
     """The shipped DeepSpeed configs: 2 processes under ZeRO-2, killed mid-DFT and resumed, train what
     1 does; under ZeRO-3 (the student partitioned, the teacher's layers sharded) too, resumed on 2
     processes and on 1 (a plain run reads the ZeRO state: the layout is DDP's)."""
-    pytest.importorskip("deepspeed")
+    require_dev("deepspeed")
     # latent alignment in DFT: its projector pair runs on a blank image in the pad slot
     recipe_dict["stages"][2]["loss"] = {"latent": 1.0}
     recipe = _reference(tmp_path, recipe_dict)

@@ -21,7 +21,7 @@ from lsd_edge.train.launch import (
     make_accelerator,
 )
 
-from ..helpers import one_red_line, run
+from ..helpers import one_red_line, require_dev, run
 
 
 @pytest.fixture
@@ -108,7 +108,7 @@ def test_no_deepspeed_launch_has_no_plugin(monkeypatch):
 
 
 def test_the_shipped_zero_configs_are_read_as_written(zero_launch):
-    pytest.importorskip("deepspeed")
+    require_dev("deepspeed")
     assert deepspeed_plugin().zero_stage == 3
     zero_launch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
     assert deepspeed_plugin().deepspeed_config["zero_optimization"]["stage"] == 2
@@ -126,7 +126,7 @@ def test_the_shipped_zero_configs_are_read_as_written(zero_launch):
     ],
 )
 def test_unsupported_zero_settings_are_refused_in_one_line(zero_launch, key, value, says):
-    pytest.importorskip("deepspeed")
+    require_dev("deepspeed")
     zero_launch.setenv(key, value)
     with pytest.raises(LsdEdgeError) as e:
         deepspeed_plugin()
@@ -171,7 +171,7 @@ def test_a_deepspeed_launch_without_deepspeed_says_what_to_install(
 
 
 def test_cpu_processes_under_deepspeed_on_a_cuda_machine_are_refused(zero_launch, monkeypatch, tmp_path):
-    pytest.importorskip("deepspeed")
+    require_dev("deepspeed")
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     with pytest.raises(
         LsdEdgeError, match=r"run.device is 'cpu' under a DeepSpeed launch on a machine with CUDA"

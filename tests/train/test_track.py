@@ -4,6 +4,7 @@ Trackio and W&B offline."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from lsd_edge.recipe.load import parse_recipe
 from lsd_edge.recipe.schema import StageConfig
 from lsd_edge.train.pipeline import distill
 from lsd_edge.train.track import PEAK_TFLOPS, flat_config, mfu, step_flops
+
+from ..helpers import require_dev
 
 
 def test_flops_count_the_student_trained_and_the_online_teacher_run_forward(tiny_student, tiny_teacher):
@@ -58,8 +61,8 @@ def test_the_recipe_goes_to_the_trackers_as_scalars(recipe_dict):
 def test_trackio_and_wandb_record_a_run_offline(recipe_dict, tmp_path, monkeypatch):
     """run.report_to = ["trackio", "wandb"] (TensorBoard: tests/train/test_train.py): Trackio's local
     database holds every step's loss, and W&B writes its offline run under the trackers folder."""
-    pytest.importorskip("trackio")
-    pytest.importorskip("wandb")
+    require_dev("trackio")
+    require_dev("wandb")
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read when trackio is imported
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -81,3 +84,13 @@ def test_trackio_and_wandb_record_a_run_offline(recipe_dict, tmp_path, monkeypat
 
     runs = list((root / "trackers" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_a_dev_dependency_that_does_not_import_fails_under_require_dev(monkeypatch):
+    monkeypatch.setitem(sys.modules, "trackio", None)  # `import trackio` now raises ImportError
+    monkeypatch.setenv("LSD_EDGE_REQUIRE_DEV", "1")
+    with pytest.raises(pytest.fail.Exception, match="LSD_EDGE_REQUIRE_DEV=1 but trackio does not import"):
+        require_dev("trackio")
+    monkeypatch.delenv("LSD_EDGE_REQUIRE_DEV")
+    with pytest.raises(pytest.skip.Exception, match="trackio does not import"):
+        require_dev("trackio")

@@ -342,7 +342,7 @@ def export_card(model_dir: Path, out: Path, settings: ExportSettings, model, rep
             teacher_accuracy=None,
             student_accuracy=report["parity"].get("accuracy_torch"),
             params=params,
-            teacher_params=params,
+            teacher_params=None,  # no teacher row: nothing is known of one
         )
         found = first_questions(settings.data, settings.images, limit=1) if settings.data else []
         if found:

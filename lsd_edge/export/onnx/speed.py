@@ -39,11 +39,15 @@ def speed_report(
     torch_runner, folder: Path, variants: list[str], image, tokens: int, repeats: int
 ) -> dict[str, Any]:
     """Decode tokens/s of PyTorch and of each ONNX variant on one prompt, and the last variant's ratio."""
-    runners = {"torch": torch_runner}  # ONNX: fresh sessions, with ONNX Runtime's default threading
+    runners = {"torch": torch_runner}  # ONNX: fresh sessions, each graph on the threads its size is worth
     runners.update({f"onnx_{v}": OnnxRunner(folder, variant=v) for v in variants})
     speed: dict[str, Any] = decode_speed(runners, image, "describe the image .", tokens, repeats)
     base = speed["torch"]["decode_tokens_per_s"] or float("nan")
     speed["onnx_vs_torch_decode"] = round(speed[f"onnx_{variants[-1]}"]["decode_tokens_per_s"] / base, 2)
     speed["machine"] = machine_label(torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
-    speed["threads"] = {"torch": torch.get_num_threads(), "onnxruntime": "default (one per physical core)"}
+    # what each session was given (OnnxRunner's graph_threads, per variant and graph), not a default's name
+    speed["threads"] = {
+        "torch": torch.get_num_threads(),
+        "onnxruntime": {v: dict(runners[f"onnx_{v}"].graph_threads) for v in variants},
+    }
     return speed
