@@ -6,6 +6,8 @@ modules that keep torch or onnxruntime out of a process are the exceptions), and
 from __future__ import annotations
 
 import ast
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,73 @@ def test_the_demo_launcher_is_not_a_package():
     assert (REPO / "demo" / "app.py").is_file()
     assert not (REPO / "demo" / "__init__.py").exists()
     assert 'include = ["lsd_edge*"]' in (REPO / "pyproject.toml").read_text(encoding="utf-8")
+
+
+def owner_table() -> dict[str, str]:
+    """docs/ARCHITECTURE.md's "Who owns what" rows: first cell (a folder or a module) -> what it owns."""
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    table = text.split("## Who owns what", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0].startswith("`") and cells[0].endswith("`"):
+            rows[cells[0].strip("`")] = cells[1]
+    return rows
+
+
+def test_the_owner_table_names_every_module_and_only_modules_that_exist():
+    """Each package folder has a row naming each of its modules in backticks, and each top-level
+    module (but the entry point) a row of its own: a module added, moved or removed fails here
+    until the table says who owns it."""
+    rows = owner_table()
+    folders: dict[str, set[str]] = {}
+    for path in modules():
+        rel = name(path)
+        if path.name == "__init__.py" or rel == "__main__.py":
+            continue
+        if path.parent == PACKAGE:
+            assert rel in rows, f"docs/ARCHITECTURE.md: no owner row for {rel}"
+        else:
+            folders.setdefault(path.parent.relative_to(PACKAGE).as_posix() + "/", set()).add(path.stem)
+    assert set(folders) <= set(rows), f"folders without a row: {sorted(set(folders) - set(rows))}"
+    for folder, stems in folders.items():
+        named = {n for n in re.findall(r"`([a-z_]+)`", rows[folder])}
+        missing = stems - named
+        assert not missing, f"docs/ARCHITECTURE.md, row {folder}: modules not named: {sorted(missing)}"
+    gone = [k for k in rows if not (PACKAGE / k).exists()]
+    assert not gone, f"docs/ARCHITECTURE.md names what is not in the package: {gone}"
+
+
+def contract_layers() -> dict[str, set[str]]:
+    """Each import-linter layers contract's container -> the module names its layers list."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    out: dict[str, set[str]] = {}
+    for c in config["tool"]["importlinter"]["contracts"]:
+        if c["type"] != "layers":
+            continue
+        names = {n.strip() for layer in c["layers"] for n in layer.split("|")}
+        for container in c.get("containers", [""]):
+            out[container] = names
+    return out
+
+
+def test_every_module_is_under_an_import_contract():
+    """Every module of a folder whose imports a layers contract orders is in one of its layers, and
+    the top package's layers name every top-level folder and module: nothing escapes the layering."""
+    layers = contract_layers()
+    top = layers.pop("")
+    for path in modules():
+        rel = path.relative_to(PACKAGE)
+        if rel.as_posix() in ("__init__.py", "__main__.py"):
+            continue
+        assert f"lsd_edge.{rel.parts[0].removesuffix('.py')}" in top, (
+            f"{name(path)}: in no layer of the package"
+        )
+        parent = "lsd_edge." + ".".join(rel.parts[:-1])
+        if parent in layers:
+            mod = rel.stem if path.name != "__init__.py" else None
+            assert mod is None or mod in layers[parent], f"{name(path)}: in no layer of {parent}'s contract"
+    for package in {p.parent for p in modules() if p.name == "__init__.py" and p.parent != PACKAGE}:
+        dotted = "lsd_edge." + package.relative_to(PACKAGE).as_posix().replace("/", ".")
+        if len(list(package.glob("*.py"))) > 2:  # __init__ and two modules or more
+            assert dotted in layers, f"{dotted}: a folder of several modules with no layers contract"

@@ -7,9 +7,12 @@ the recipe that made it and its metrics (written last, so a folder with metrics.
 
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import accelerate.utils.other as accelerate_other
 import torch
 from huggingface_hub import snapshot_download
 from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -117,10 +120,29 @@ def resolve_device(choice: str, what: str = "run.device") -> torch.device:
     return torch.device(choice)
 
 
+@contextmanager
+def no_deepspeed_probe():
+    """transformers' `save_pretrained` unwraps the model through Accelerate, which imports DeepSpeed
+    (where it is installed) only to test whether the model is its engine; DeepSpeed's import then
+    announces its accelerator on every CPU run. lsd-edge saves plain models only (a ZeRO-trained
+    student is rebuilt whole first), so a process that has not imported DeepSpeed (no DeepSpeed
+    launch) saves without it; under a DeepSpeed launch nothing changes."""
+    if "deepspeed" in sys.modules:
+        yield
+        return
+    real = accelerate_other.is_deepspeed_available
+    accelerate_other.is_deepspeed_available = lambda: False
+    try:
+        yield
+    finally:
+        accelerate_other.is_deepspeed_available = real
+
+
 def save_model(model, processor, out_dir: str | Path) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    with no_deepspeed_probe():
+        model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
 
 

@@ -85,6 +85,23 @@ def _cpu_peak(fn) -> int:
     return peak
 
 
+def timed_peak(step, device: torch.device, held: tuple) -> tuple[float, int]:
+    """One `step()` timed, and the peak bytes of one step: on CUDA the allocator's peak; on CPU the
+    bytes `held` (models, optimizer) plus the allocator events of one more step under the profiler
+    (whose bookkeeping would distort the time)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - t0, torch.cuda.max_memory_allocated(device)
+    t0 = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - t0
+    return seconds, live_bytes(*held) + _cpu_peak(step)
+
+
 def measure_step(
     recipe: Recipe,
     stage: StageConfig,
@@ -140,20 +157,8 @@ def measure_step(
 
     for _ in range(max(1, steps - 1)):  # at least one: AdamW makes its states in the first step
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        t0 = time.perf_counter()
-        step()
-        seconds = time.perf_counter() - t0
-        start = live_bytes(student, teacher, raw_optimizer(prepared.optimizer), prepared.step.latent)
-        peak = start + _cpu_peak(step)
+    held = (student, teacher, raw_optimizer(prepared.optimizer), prepared.step.latent)
+    seconds, peak = timed_peak(step, device, held)
     tokens = counts.tokens
     tflops = step_flops(ModelShape.of(s_cfg), ModelShape.of(t_cfg), stage, tokens, T) / seconds / 1e12
     peak_tflops = peak_tflops or device_peak_tflops(device)

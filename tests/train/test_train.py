@@ -420,3 +420,34 @@ def test_cuda_where_there_is_none_is_refused():
         resolve_device("cuda")
     with pytest.raises(ModelError, match=r"--device gpu: choose auto, cpu or cuda"):
         resolve_device("gpu", "--device")
+
+
+def test_the_embedded_default_prints_no_warning(tmp_path):
+    """A new user's first run prints progress and the results, nothing else: `lsd-edge distill
+    recipes/tiny.toml` cut to a few steps per stage (a resume state written in each, where the
+    one-process checkpoint warning came from), in a fresh process (where DeepSpeed, imported by
+    Accelerate's unwrapping, used to announce its accelerator), with Python's default warning filters."""
+    sets = [
+        f"run.output_dir={tmp_path / 'run'}",
+        f"data.root={tmp_path / 'data'}",
+        "data.shapes.n_train=40",
+        "data.shapes.n_eval=4",
+        "run.checkpoint_every=1",
+    ]
+    for stages, n in (("teacher.stages", 2), ("stages", 3)):
+        sets += [f"{stages}[{i}].max_steps=2" for i in range(n)]
+        sets += [f"{stages}[{i}].batch_size=4" for i in range(n)]
+    args = [arg for s in sets for arg in ("--set", s)]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "LSD_EDGE_DEBUG")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lsd_edge", "distill", str(REPO / "recipes" / "tiny.toml"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    output = proc.stdout + proc.stderr
+    assert "student after dft" in output.lower() or "dft" in output, output
+    warned = [line for line in output.splitlines() if "warn" in line.lower()]
+    assert not warned, "\n".join(warned)
