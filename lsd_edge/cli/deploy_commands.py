@@ -73,7 +73,8 @@ def export_(
     """Export a student to ONNX (three graphs + a quantized variant), check parity with PyTorch, report sizes and speed.
 
     With --gguf, to GGUF instead: the LLM with its tokenizer and chat template, the mmproj file, a
-    Modelfile for Ollama, gated on llama.cpp's greedy tokens (needs `pip install -e .[gguf]`)."""
+    Modelfile for Ollama, gated on llama.cpp's own outputs against PyTorch's: logits, first and greedy
+    tokens, tokenizer, and accuracy with --data (needs `pip install -e .[gguf]`)."""
     if gguf:
         return gguf_export(
             model_dir, output, quant, data, images, samples, (int8, int4, fp16, fp32, target, opset, decoder)

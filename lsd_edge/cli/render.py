@@ -312,15 +312,19 @@ def gguf_report(report: dict[str, Any]) -> list[RenderableType]:
         t.add_column(col, justify="left" if col in ("file", "architecture") else "right")
     for name, f in report["files"].items():
         t.add_row(name, f["architecture"], str(f["tensors"]), f"{f['mb']:.3f}")
-    p = report["parity"]
+    p, quant = report["parity"], report["settings"]["quant"]
+    b = report["gate"]["bound"][quant]
     return [
-        f"model: {report['model_dir']} ({report['settings']['quant']})",
+        f"model: {report['model_dir']} ({quant})",
         t,
-        f"parity on {p['samples']} prompts ({p['source']}): llama.cpp greedy agreement "
-        f"{100 * p['greedy_agreement']:.0f}% (first token {100 * p['first_token_agreement']:.0f}%), "
-        f"logits max rel diff {p['max_rel_logit_diff']:.1e}, "
+        f"parity on {p['samples']} prompts ({p['source']}): llama.cpp logits max rel diff "
+        f"{p['max_rel_logit_diff']:.1e} (bound {b['max_rel_logit_diff']:g}), first token "
+        f"{100 * p['first_token_agreement']:.0f}% (floor {100 * b['min_first_token_agreement']:.0f}%), "
+        f"greedy tokens kept {100 * p['greedy_token_agreement']:.0f}% (floor "
+        f"{100 * b['min_greedy_agreement']:.0f}%), whole answers {100 * p['greedy_agreement']:.0f}%, "
         f"tokenizer agreement {100 * p['tokenizer']['agreement']:.0f}%; accuracy PyTorch "
-        f"{percent(p['accuracy_torch'])} vs llama.cpp {percent(p['accuracy_llama_cpp'])}",
+        f"{percent(p['accuracy_torch'])} vs llama.cpp {percent(p['accuracy_llama_cpp'])} "
+        f"(at most {100 * b['max_accuracy_drop']:.0f} points below)",
         f"[green]parity gate passed[/green]; report: {report['output']}/export_report.json; "
         f"Ollama: cd {report['output']} && ollama create NAME -f Modelfile",
     ]

@@ -14,6 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lsd_edge.errors import RecipeError
+from lsd_edge.recipe.gguf_gate import GgufGateConfig
 from lsd_edge.recipe.toml import dumps_toml
 
 StageKind = Literal["pt", "dpt", "sft", "dft"]
@@ -348,6 +349,7 @@ class ExportConfig(Strict):
     # auto: onnxruntime-genai's model builder where it supports the LLM (GroupQueryAttention, in-place
     # KV cache), else lsd-edge's traced decoder; builder: that or an error; traced: lsd-edge's own
     decoder: Literal["auto", "builder", "traced"] = "auto"
+    gguf: GgufGateConfig = GgufGateConfig()
 
 
 class EvalConfig(Strict):

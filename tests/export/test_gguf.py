@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import gguf
@@ -21,7 +22,7 @@ from lsd_edge.export.gguf.template import MARKER_FIRST, llama_cpp_template
 from lsd_edge.export.gguf.vision import write_mmproj
 from lsd_edge.models.load import load_llava
 
-from ..helpers import one_red_line, run
+from ..helpers import LIVELY_GGUF_BOUNDS, bpe_llava, one_red_line, run
 from ..realshape import IMAGE_SIZE
 
 MISSING = llama_cpp_missing()
@@ -36,32 +37,9 @@ def needs_llama_cpp():
 
 @pytest.fixture(scope="module")
 def bpe_student(standins, tmp_path_factory) -> Path:
-    """A LLaVA over the stand-ins' byte-level BPE tokenizer: SigLIP read at layer -2 with 'full'
-    selection, a tied Qwen2 64 wide (so Q8_0's 32-value blocks fit its rows), weights drawn at
-    2/sqrt(fan-in) so that greedy answers depend on the question and the image."""
-    from transformers import LlavaForConditionalGeneration, LlavaProcessor
-
-    from lsd_edge.models.archs import llava_config, qwen2_config, siglip_config
-    from lsd_edge.models.load import save_model
-
-    processor = LlavaProcessor.from_pretrained(standins["teacher"])
-    tok = processor.tokenizer
-    config = llava_config(
-        siglip_config(32, 64, 3, 2, IMAGE_SIZE),
-        qwen2_config(320, 64, 2, 4, 2, tied=True, intermediate=128),
-        tok.convert_tokens_to_ids("<image>"),
-    )
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and "vision_tower" not in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 2 / p.shape[1] ** 0.5)
-    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
-    out = tmp_path_factory.mktemp("bpe") / "bpe-student"
-    save_model(model, processor, out)
-    return out
+    """tests.helpers.bpe_llava: a tied Qwen2 64 wide over the stand-ins' byte-level BPE tokenizer,
+    weights at 2/sqrt(fan-in) so that greedy answers depend on the question and the image."""
+    return bpe_llava(standins["teacher"], tmp_path_factory.mktemp("bpe") / "bpe-student")
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +226,8 @@ def test_llama_cpp_greedy_tokens_equal_pytorch(bpe_student, standins, tmp_path, 
     needs_llama_cpp()
     data = standins["data"]
     settings = {"quant": quant, "samples": 4, "data": data / "eval/gqa_testdev_balanced.json", "images": data}
+    if quant == "q8_0":
+        settings.update(LIVELY_GGUF_BOUNDS)
     result = export_gguf(bpe_student, tmp_path / "gguf", settings)
     out = result.output
     assert {p.name for p in out.iterdir()} >= {"bpe-student.gguf", "mmproj-bpe-student.gguf", "Modelfile"}
@@ -269,7 +249,12 @@ def test_llama_cpp_greedy_tokens_equal_pytorch(bpe_student, standins, tmp_path, 
     # the answers depend on the image: llama.cpp reads the image embeddings, not only the text
     answers = {tuple(t["torch"]) for t in parity["tokens"]}
     assert len(answers) > 1, parity["tokens"]
-    assert 0.0 <= parity["accuracy_torch"] <= 1.0 and 0.0 <= parity["accuracy_llama_cpp"] <= 1.0
+    # scored on the eval questions, and gated: within the quant's bound of PyTorch's (f16: the same
+    # answers, so the same accuracy)
+    drop = report["gate"]["bound"][quant]["max_accuracy_drop"]
+    assert parity["accuracy_llama_cpp"] >= parity["accuracy_torch"] - drop
+    if quant == "f16":
+        assert parity["accuracy_llama_cpp"] == parity["accuracy_torch"]
 
 
 def test_llama_cpp_answers_are_decoded_and_scored_as_pytorchs(teacher_dir, shapes_dir):
@@ -339,15 +324,210 @@ def test_llama_cpp_text_only_greedy(bpe_student, clip_llama_student, tmp_path, w
         runner.close()
 
 
+def test_gate_rules_and_bounds():
+    """Each reason the GGUF gate gives, on figures just past the quant's bounds, and bounds from the
+    settings, the recipe's [export.gguf] and the measured ones."""
+    from dataclasses import replace
+
+    from lsd_edge.export.gguf.pipeline import QUANT_BOUNDS, GgufSettings, _gate
+
+    s = GgufSettings(quant="q8_0")
+    b = QUANT_BOUNDS["q8_0"]
+    ok = {
+        "max_rel_logit_diff": b.max_rel_logit_diff,
+        "first_token_agreement": b.min_first_token_agreement,
+        "greedy_token_agreement": b.min_greedy_agreement,
+        "accuracy_torch": 0.5,
+        "accuracy_llama_cpp": 0.5 - b.max_accuracy_drop,
+        "tokenizer": {"agreement": 1.0},
+    }
+    assert _gate(ok, s) == [] and s.bound == b
+    assert _gate({**ok, "max_rel_logit_diff": 0.6}, s) == [
+        "llama.cpp's q8_0 logits differ from PyTorch's by 6.00e-01 (relative) > 0.05, the q8_0 bound"
+    ]
+    assert _gate({**ok, "max_rel_logit_diff": float("nan")}, s)  # NaN logits pass no bound
+    assert _gate({**ok, "first_token_agreement": 0.5}, s) == [
+        "llama.cpp's q8_0 first greedy token equals PyTorch's on 50% of prompts, below 75%"
+    ]
+    assert _gate({**ok, "greedy_token_agreement": 0.25}, s) == [
+        "llama.cpp's q8_0 greedy answers keep PyTorch's tokens for 25% of their length, below 50%"
+    ]
+    assert _gate({**ok, "accuracy_llama_cpp": 0.25}, s) == [
+        "llama.cpp's q8_0 accuracy 25.0% is more than 2 points below PyTorch's 50.0%"
+    ]
+    assert _gate({**ok, "tokenizer": {"agreement": 2 / 3}}, s) == [
+        "llama.cpp tokenizes 33% of the chat prompts differently from the HF tokenizer"
+    ]
+    assert _gate({**ok, "accuracy_torch": None, "accuracy_llama_cpp": None}, s) == []
+    mine = GgufSettings(quant="f16", max_rel_logit_diff=0.1)
+    assert mine.bound == replace(QUANT_BOUNDS["f16"], max_rel_logit_diff=0.1)
+
+
+def test_recipe_sets_the_gguf_bounds(bpe_student, tmp_path, recipe_dict):
+    import shutil
+
+    from lsd_edge.export.gguf.pipeline import GgufSettings
+    from lsd_edge.recipe.load import parse_recipe
+
+    folder = tmp_path / "m"
+    shutil.copytree(bpe_student, folder)
+    recipe_dict["export"] = {"gguf": {"max_rel_logit_diff": 0.7, "min_greedy_agreement": 0.2}}
+    (folder / "recipe.toml").write_text(parse_recipe(recipe_dict).to_toml())
+    s = GgufSettings.from_model_dir(folder, quant="q8_0", min_greedy_agreement=0.1)
+    assert (s.bound.max_rel_logit_diff, s.bound.min_greedy_agreement) == (0.7, 0.1)
+
+
+@pytest.fixture(scope="module")
+def untrained_bpe(standins, tmp_path_factory) -> Path:
+    """recipes/tiny.toml's student size (64 wide, 4 layers) over the stand-ins' BPE tokenizer, untrained:
+    q8_0's measured bounds hold for it (scripts/gate_bounds.py --gguf, 'embedded-size')."""
+    return bpe_llava(
+        standins["teacher"], tmp_path_factory.mktemp("bpe") / "untrained", layers=4, lively=False
+    )
+
+
+def _q8_0_blocks(reader: gguf.GGUFReader, name: str) -> np.ndarray:
+    """A Q8_0 tensor's bytes in the file (writable with mode r+), one row per 32-value block: a float16
+    scale (2 bytes) then 32 int8 quants."""
+    t = next(t for t in reader.tensors if t.name == name)
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0, t.tensor_type
+    return t.data.reshape(-1, 34)
+
+
+def _scale(llm: Path, name: str, factor: float) -> None:
+    """A Q8_0 tensor's scales multiplied by `factor` in the written file."""
+    blocks = _q8_0_blocks(gguf.GGUFReader(str(llm), "r+"), name)
+    blocks[:, :2] = (blocks[:, :2].copy().view(np.float16) * factor).view(np.uint8)
+
+
+def _double_scales(llm: Path, mmproj: Path) -> None:
+    """The token matrix's Q8_0 scales doubled (tied: it is the output matrix too): logits twice what
+    they should be."""
+    _scale(llm, "token_embd.weight", 2.0)
+
+
+def _scramble_weight(llm: Path, mmproj: Path) -> None:
+    """The token matrix's quants reversed, scales kept: its values in the wrong places."""
+    blocks = _q8_0_blocks(gguf.GGUFReader(str(llm), "r+"), "token_embd.weight")
+    blocks[:, 2:] = blocks[:, 2:].reshape(-1)[::-1].reshape(blocks.shape[0], 32)
+
+
+def _field_values(path: Path, key: str, values: list) -> None:
+    """A numeric metadata field rewritten in the file (same type and length)."""
+    f = gguf.GGUFReader(str(path), "r+").fields[key]
+    for i, v in zip(f.data, values, strict=True):
+        f.parts[i][...] = v
+
+
+def _imagenet_norm(llm: Path, mmproj: Path) -> None:
+    """The mmproj written with CLIP's (ImageNet's) mean and std instead of SigLIP's 0.5: llama.cpp
+    normalizes the pixels as the tower never saw them."""
+    _field_values(mmproj, "clip.vision.image_mean", [0.48145466, 0.4578275, 0.40821073])
+    _field_values(mmproj, "clip.vision.image_std", [0.26862954, 0.26130258, 0.27577711])
+
+
+def _norm_eps(llm: Path, mmproj: Path) -> None:
+    """The RMSNorm epsilon written as 1e-2 (another config key's) instead of the model's 1e-6."""
+    _field_values(llm, "qwen2.attention.layer_norm_rms_epsilon", [1e-2])
+
+
+def _down_scales(llm: Path, mmproj: Path) -> None:
+    """One layer's MLP down projection 30% too large (its Q8_0 scales off, as from a wrong divisor)."""
+    _scale(llm, "blk.1.ffn_down.weight", 1.3)
+
+
+def _broken_export(monkeypatch, damage):
+    """export_gguf with `damage(llm, mmproj)` applied to the written files, before they are checked."""
+    from lsd_edge.export.gguf import pipeline
+
+    write_mmproj = pipeline.write_mmproj
+
+    def broken(model, processor, out, quant, name, what):
+        mmproj = write_mmproj(model, processor, out, quant, name, what)
+        damage(out.with_name(out.name.removeprefix("mmproj-")), mmproj)
+        return mmproj
+
+    monkeypatch.setattr(pipeline, "write_mmproj", broken)
+
+
+def _failed(out: Path) -> dict:
+    return json.loads((out.with_name(out.name + ".failed") / "export_report.json").read_text())
+
+
 @pytest.mark.slow
-def test_failed_gate_is_kept_aside(bpe_student, tmp_path):
+@pytest.mark.parametrize("damage", [_double_scales, _scramble_weight], ids=["scales", "weight"])
+def test_a_broken_q8_0_export_is_refused_without_eval_data(untrained_bpe, tmp_path, monkeypatch, damage):
+    from lsd_edge.export.gguf.pipeline import QUANT_BOUNDS
+
     needs_llama_cpp()
+    _broken_export(monkeypatch, damage)
     out = tmp_path / "gguf"
-    with pytest.raises(ExportError, match="GGUF parity gate failed") as e:
-        export_gguf(bpe_student, out, {"quant": "f16", "samples": 2, "min_greedy_agreement": 1.01})
+    with pytest.raises(ExportError, match="GGUF parity gate failed: llama.cpp's q8_0 logits differ") as e:
+        export_gguf(untrained_bpe, out, {"quant": "q8_0", "samples": 4})
     assert "\n" not in str(e.value) and not out.exists()
-    report = json.loads((tmp_path / "gguf.failed" / "export_report.json").read_text())
-    assert not report["gate"]["passed"] and report["gate"]["reasons"]
+    r = _failed(out)
+    p = r["parity"]
+    assert p["source"].startswith("synthetic") and p["accuracy_llama_cpp"] is None
+    assert r["gate"]["passed"] is False and r["gate"]["reasons"][0].startswith("llama.cpp's q8_0 logits")
+    assert p["max_rel_logit_diff"] > 5 * QUANT_BOUNDS["q8_0"].max_rel_logit_diff, p
+    # these untrained students' greedy answers survive the damage: the logits carry the gate
+    assert p["first_token_agreement"] >= QUANT_BOUNDS["q8_0"].min_first_token_agreement, p
+    assert r["gate"]["bound"] == {"q8_0": asdict(QUANT_BOUNDS["q8_0"])}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "damage, quant", [(_imagenet_norm, "f16"), (_norm_eps, "q8_0")], ids=["image-norm", "norm-eps"]
+)
+def test_a_wrong_hyperparameter_is_refused_on_first_tokens(bpe_student, tmp_path, monkeypatch, damage, quant):
+    """A hyperparameter written wrong moves the first greedy token (on the lively student: its answers
+    depend on the image and the question); in q8_0, under the lively bounds, before the logits' bound."""
+    needs_llama_cpp()
+    _broken_export(monkeypatch, damage)
+    out = tmp_path / "gguf"
+    with pytest.raises(ExportError, match=f"llama.cpp's {quant} first greedy token equals PyTorch's on"):
+        export_gguf(bpe_student, out, {"quant": quant, "samples": 4, **LIVELY_GGUF_BOUNDS})
+    r = _failed(out)
+    assert r["parity"]["first_token_agreement"] <= 0.5 and r["parity"]["tokenizer"]["agreement"] == 1.0
+    if quant == "q8_0":
+        assert not any("logits" in why for why in r["gate"]["reasons"]), r["gate"]["reasons"]
+
+
+@pytest.mark.slow
+def test_a_layer_off_by_30_percent_is_refused_on_greedy_tokens(bpe_student, tmp_path, monkeypatch):
+    """One layer's Q8_0 scales 30% too large: the logits stay inside the lively bound, the answers
+    drift from their second token on."""
+    needs_llama_cpp()
+    _broken_export(monkeypatch, _down_scales)
+    out = tmp_path / "gguf"
+    with pytest.raises(ExportError, match="llama.cpp's q8_0 greedy answers keep PyTorch's tokens for"):
+        export_gguf(bpe_student, out, {"quant": "q8_0", "samples": 8, **LIVELY_GGUF_BOUNDS})
+    r = _failed(out)
+    assert r["parity"]["greedy_token_agreement"] < 0.35, r["parity"]["tokens"]
+    assert not any("logits" in why for why in r["gate"]["reasons"]), r["gate"]["reasons"]
+
+
+@pytest.mark.slow
+def test_lost_merges_are_refused_on_the_tokenizer(bpe_student, tmp_path, monkeypatch):
+    """A writer that loses half the BPE merges: llama.cpp splits the chat prompts into other ids (the
+    gate's greedy check feeds PyTorch's ids, so only the tokenizer check can see it)."""
+    from lsd_edge.export.gguf import llm
+
+    needs_llama_cpp()
+    facts = llm.tokenizer_facts
+
+    def half_the_merges(tokenizer, what):
+        f = facts(tokenizer, what)
+        return {**f, "merges": f["merges"][: len(f["merges"]) // 2]}
+
+    monkeypatch.setattr(llm, "tokenizer_facts", half_the_merges)
+    out = tmp_path / "gguf"
+    with pytest.raises(ExportError, match=r"llama.cpp tokenizes \d+% of the chat prompts differently") as e:
+        export_gguf(bpe_student, out, {"quant": "f16", "samples": 2})
+    assert "\n" not in str(e.value)
+    r = _failed(out)
+    assert r["gate"]["reasons"] == [str(e.value).split("failed: ")[1].split("; the export")[0]]
+    assert r["parity"]["greedy_token_agreement"] == 1.0
 
 
 @pytest.mark.slow

@@ -194,9 +194,10 @@ class LlamaCppAnswers:
 
 
 def compare(torch_runner, runner: LlamaCppRunner, items, image_size, max_new_tokens: int) -> dict[str, Any]:
-    """Greedy agreement and logits of llama.cpp against PyTorch on `items` (EvalItems)."""
+    """Greedy agreement (whole answers, first tokens, and the share of each answer kept before it first
+    differs) and logits of llama.cpp against PyTorch on `items` (EvalItems)."""
     enc = torch_runner.encoder
-    agree, worst, top_agree, details = 0, 0.0, 0, []
+    agree, worst, top_agree, kept, details = 0, 0.0, 0, 0.0, []
     for it in items:
         images = tower_images(it.images, image_size)
         ref: list[np.ndarray] = []
@@ -221,11 +222,14 @@ def compare(torch_runner, runner: LlamaCppRunner, items, image_size, max_new_tok
             worst = max(worst, rel_diff(a[:rows], b[:rows]))
         top_agree += int(np.argmax(steps[0][:rows]) == np.argmax(torch_steps[0][:rows]))
         agree += got == want
+        kept += 1.0 if got == want else same / max(len(got), len(want))
         details.append({"id": it.id, "torch": want, "llama_cpp": got})
     return {
         "samples": len(items),
         "greedy_agreement": agree / max(1, len(items)),
         "first_token_agreement": top_agree / max(1, len(items)),
+        # per prompt, the share of the longer answer both give before they first differ; averaged
+        "greedy_token_agreement": kept / max(1, len(items)),
         "max_rel_logit_diff": worst,
         "tokens": details,
     }
