@@ -8,8 +8,9 @@ produce (`vocab_rows`), so padded embedding rows never enter a distribution.
 Shapes: N = positions already gathered (response or visual tokens), V = vocabulary rows,
 K = visual tokens per image, I = images, D = hidden size, k = cached teacher log-probs per position.
 
-The teacher side of a logit loss is either `DenseTargets` (its hidden states and lm_head: the whole
-distribution) or `TopKTargets` (a cache's top-k log-probs plus the remaining mass as one bucket).
+The teacher side of a logit loss is `DenseTargets` (its hidden states and lm_head: the whole
+distribution), `TopKTargets` (a cache's top-k log-probs plus the remaining mass as one bucket) or
+`LogProbTargets` (log-probs made elsewhere: a mixture pooled onto a smaller visual grid by `grid`).
 `chunked_logit_sums` computes the same sums from hidden states and lm_head weights a chunk of
 positions at a time, so B x T x V logits are never whole in memory for either model.
 """
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from lsd_edge.models.tokens import IGNORE_INDEX
 
 
-def _log_probs(logits: torch.Tensor, temperature: float, vocab_rows: int | None) -> torch.Tensor:
+def log_probs(logits: torch.Tensor, temperature: float, vocab_rows: int | None) -> torch.Tensor:
     """(N, V') -> (N, V) fp32 log-softmax of logits / T over the first `vocab_rows` rows."""
     if vocab_rows is not None:
         logits = logits[..., :vocab_rows]
@@ -43,7 +44,7 @@ def cross_entropy_sum(
     logits (N, V') at the positions that predict `targets` (N,); entries of `targets` equal to -100
     are ignored. Returns a scalar sum (fp32).
     """
-    logp = _log_probs(logits, 1.0, vocab_rows)
+    logp = log_probs(logits, 1.0, vocab_rows)
     valid = targets != IGNORE_INDEX
     if not valid.any():
         return logits.sum() * 0.0
@@ -64,7 +65,7 @@ def _log_mix(logp: torch.Tensor, logq: torch.Tensor, weight_p: float) -> torch.T
 
 def distill_divergence(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | LogProbTargets,
     *,
     kind: str = "forward",
     temperature: float = 1.0,
@@ -76,16 +77,21 @@ def distill_divergence(
 
     student_logits (N, Vs), teacher_logits (N, Vt): both cut to `vocab_rows` (the tokenizer's rows),
     divided by the temperature T, soft-maxed in fp32. Returns (N,) scaled by T^2 (Hinton), so the
-    gradients keep their size as T changes.
+    gradients keep their size as T changes. The teacher may instead be `LogProbTargets` (N, V), its
+    log-probs at T over the compared rows already (a mixture pooled by `lsd_edge.distill.grid`).
 
     - forward: KL(p_t || p_s), METHOD.md's L_res / L_vis (the default)
     - reverse: KL(p_s || p_t)
     - jsd:     beta * KL(p_t || m) + (1 - beta) * KL(p_s || m), m = beta * p_t + (1 - beta) * p_s
     - skew:    KL(p_t || lambda * p_t + (1 - lambda) * p_s)  (skew KL, lambda = 0.1 by default)
     """
-    rows = vocab_rows if vocab_rows is not None else min(student_logits.shape[-1], teacher_logits.shape[-1])
-    log_s = _log_probs(student_logits, temperature, rows)
-    log_t = _log_probs(teacher_logits, temperature, rows)
+    made = isinstance(teacher_logits, LogProbTargets)  # log-probs at T made elsewhere (pooled)
+    t = teacher_logits.logp if made else teacher_logits
+    rows = vocab_rows if vocab_rows is not None else min(student_logits.shape[-1], t.shape[-1])
+    if made and rows != t.shape[-1]:
+        raise ValueError(f"teacher log-probs have {t.shape[-1]} rows, the loss compares {rows}")
+    log_s = log_probs(student_logits, temperature, rows)
+    log_t = t if made else log_probs(t, temperature, rows)
     return _divergence(log_s, log_t, kind, jsd_beta, skew_lambda) * (temperature**2)
 
 
@@ -192,6 +198,20 @@ class TopKTargets:
         return TopKTargets(self.ids[sl], self.logp[sl], self.tail[sl])
 
 
+@dataclass(frozen=True)
+class LogProbTargets:
+    """The teacher's distribution at N positions as fp32 log-probs (N, V) at the loss's temperature over
+    the tokenizer's V rows: a target made elsewhere, such as a mixture pooled by `lsd_edge.distill.grid`."""
+
+    logp: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.logp.shape[0]
+
+    def rows(self, sl: slice) -> LogProbTargets:
+        return LogProbTargets(self.logp[sl])
+
+
 @dataclass
 class TeacherTargets:
     """What the losses need from the teacher for one micro-batch, online or from a cache. Rows follow
@@ -216,7 +236,11 @@ def top_k_targets(
     teacher_logits: torch.Tensor, k: int, temperature: float = 1.0, vocab_rows: int | None = None
 ) -> TopKTargets:
     """(N, V') teacher logits -> the top-k log-probs of softmax(logits / T) over `vocab_rows` rows + tail."""
-    logp = _log_probs(teacher_logits, temperature, vocab_rows)
+    return top_k_of_log_probs(log_probs(teacher_logits, temperature, vocab_rows), k)
+
+
+def top_k_of_log_probs(logp: torch.Tensor, k: int) -> TopKTargets:
+    """(N, V) teacher log-probs (at the loss's temperature, over the tokenizer's rows) -> top-k + tail."""
     k = min(k, logp.shape[-1])
     top, ids = logp.topk(k, dim=-1)
     if k == logp.shape[-1]:
@@ -244,7 +268,7 @@ def sparse_kd_sum(
     """
     if student_logits.shape[0] == 0:
         return student_logits.sum() * 0.0
-    log_s = _log_probs(student_logits, temperature, vocab_rows)
+    log_s = log_probs(student_logits, temperature, vocab_rows)
     picked = log_s.gather(-1, target.ids)
     log_t = target.logp.float()
     if target.ids.shape[-1] < log_s.shape[-1]:
@@ -253,11 +277,14 @@ def sparse_kd_sum(
     return (_divergence(picked, log_t, kind, jsd_beta, skew_lambda) * (temperature**2)).sum()
 
 
-def divergence_sum(student_logits: torch.Tensor, target: DenseTargets | TopKTargets, **kw) -> torch.Tensor:
-    """`kd_sum` against a dense teacher, `sparse_kd_sum` against cached top-k targets."""
+def divergence_sum(
+    student_logits: torch.Tensor, target: DenseTargets | TopKTargets | LogProbTargets, **kw
+) -> torch.Tensor:
+    """`kd_sum` against a dense teacher or teacher log-probs, `sparse_kd_sum` against cached top-k targets."""
     if isinstance(target, TopKTargets):
         return sparse_kd_sum(student_logits, target, **kw)
-    return kd_sum(student_logits, target.logits(kw.get("vocab_rows")), **kw)
+    teacher = target if isinstance(target, LogProbTargets) else target.logits(kw.get("vocab_rows"))
+    return kd_sum(student_logits, teacher, **kw)
 
 
 # --------------------------------------------------------------------------------------- chunked path
@@ -342,7 +369,7 @@ def chunked_logit_sums(
     student_weight: torch.Tensor,
     *,
     targets: torch.Tensor | None = None,
-    teacher: DenseTargets | TopKTargets | None = None,
+    teacher: DenseTargets | TopKTargets | LogProbTargets | None = None,
     chunk: int = 1024,
     vocab_rows: int | None = None,
     **kl,
