@@ -146,7 +146,7 @@ def _layer_index(key: str) -> int | None:
     return None
 
 
-def processor_at(processor, image_size: int, patch_size: int | None = None):
+def processor_at(processor, image_size: int):
     """A copy of a LLaVA processor whose images are `image_size` px squares (its tokenizer, chat
     template and normalisation unchanged), so it expands `<image>` to the tower's patches."""
     processor = copy.deepcopy(processor)
@@ -154,8 +154,6 @@ def processor_at(processor, image_size: int, patch_size: int | None = None):
     ip.size = {"height": image_size, "width": image_size}
     if getattr(ip, "crop_size", None):
         ip.crop_size = {"height": image_size, "width": image_size}
-    if patch_size is not None:
-        processor.patch_size = patch_size
     return processor
 
 
@@ -169,10 +167,9 @@ def with_image_processor(processor, image_processor, patch_size: int):
 
 def is_siglip_folder(ref: str) -> bool:
     """Whether a hub id or folder holds a SigLIP model (or its vision part) rather than a LLaVA."""
+    ref = check_ref(ref, "student.vision")
     try:
-        model_type = AutoConfig.from_pretrained(check_ref(ref, "student.vision")).model_type
-    except ModelError:
-        raise
+        model_type = AutoConfig.from_pretrained(ref).model_type
     except Exception as e:  # an unreadable config is a bad input, reported in one line
         raise ModelError(f"cannot read the config of student.vision '{ref}': {first_line(e)}") from None
     return model_type in ("siglip", "siglip_vision_model")

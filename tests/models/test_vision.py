@@ -17,7 +17,7 @@ from lsd_edge.errors import RecipeError
 from lsd_edge.models.build import build_tiny_model, build_tiny_processor, compose_llava, student_processor
 from lsd_edge.models.load import load_llava, save_model
 from lsd_edge.models.tokens import image_tokens
-from lsd_edge.models.vision import Tower, cut_config, cut_tower, feature_layer_after_cut
+from lsd_edge.models.vision import Tower, cut_config, cut_tower, feature_layer_after_cut, grid_side
 from lsd_edge.recipe.schema import StudentConfig, TinyConfig, VisionSize
 
 from ..helpers import tiny_llm_folder
@@ -238,3 +238,18 @@ def test_a_llava_folder_s_tower_cut_for_the_student(tmp_path, teacher, teacher_p
     assert "encoder.layers.2.mlp.fc1.weight" not in state and len(state) < len(t_state)
     assert torch.equal(state["encoder.layers.1.mlp.fc1.weight"], t_state["encoder.layers.1.mlp.fc1.weight"])
     _round_trip(student, processor, tmp_path / "student")
+
+
+def test_a_siglip_config_is_read_as_load_siglip_reads_it(tmp_path):
+    """`Tower.of_config` (what validate's estimate reads) agrees with `load_siglip` (what a run builds)."""
+    from transformers import AutoConfig
+
+    from lsd_edge.models.vision import load_siglip
+
+    _siglip_folder(tmp_path)
+    read = Tower.of_config(AutoConfig.from_pretrained(tmp_path))
+    built, _ = load_siglip(str(tmp_path))
+    assert (read.feature_layer, read.select_strategy, read.state) == (-1, "full", None)
+    assert read.config.to_dict() == built.config.to_dict() and not read.config.vision_use_head
+    cut = cut_tower(built, 16, 1)
+    assert cut.state["embeddings.position_embedding.weight"].shape == (4, 16) and grid_side(cut.config) == 2
