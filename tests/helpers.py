@@ -23,6 +23,27 @@ TINY_VISION = {
 }
 
 
+def tiny_llm_folder(folder: Path, tokenizer, tie_word_embeddings: bool = False):
+    """A one-layer Qwen2 LLM over `tokenizer`, saved with it to `folder` as a `student.llm`; returned."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(0)
+    llm = Qwen2ForCausalLM(cfg)
+    llm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return llm
+
+
 def tiny_recipe_dict(data_root: str, output_dir: str) -> dict:
     """A recipe small enough to run end to end in seconds."""
     return {

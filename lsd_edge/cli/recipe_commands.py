@@ -10,14 +10,14 @@ import typer
 from lsd_edge.cli import render
 from lsd_edge.cli.app import SetOpt, app, data_app, out, reporter, write_json_out
 from lsd_edge.data.shapes import generate
-from lsd_edge.errors import LsdEdgeError
+from lsd_edge.errors import LsdEdgeError, RecipeError
 from lsd_edge.models.info import model_info
 from lsd_edge.models.load import resolve_device
 from lsd_edge.progress import ticker
 from lsd_edge.recipe.load import load_recipe
 from lsd_edge.train.backends.select import setup
 from lsd_edge.train.measure import measure_step, pick_stage
-from lsd_edge.train.memory import estimate_recipe
+from lsd_edge.train.memory import estimate_recipe, recipe_shapes
 from lsd_edge.workspace import Workspace
 
 PANEL = "Recipes, data and models"
@@ -31,7 +31,8 @@ def validate(
         bool,
         typer.Option(
             "--memory/--no-memory",
-            help="Estimate each stage's peak memory per process (reads the models' config.json only).",
+            help="Show the teacher's and student's visual tokens and parameters per group, and estimate each "
+            "stage's peak memory per process (reads the models' config.json only).",
         ),
     ] = True,
 ) -> None:
@@ -43,10 +44,14 @@ def validate(
     )
     if memory:
         try:
-            rows = estimate_recipe(r)
+            shapes = recipe_shapes(r)
+            rows = estimate_recipe(r, shapes=shapes)
+        except RecipeError:  # a student vision choice that does not fit the teacher's tower as read
+            raise
         except LsdEdgeError as e:  # the recipe is valid; only its models' configs are out of reach
-            out.print(f"[yellow]memory estimate unavailable: {e}[/yellow]")
+            out.print(f"[yellow]models and memory estimate unavailable: {e}[/yellow]")
         else:
+            out.print(render.models_table(*shapes))
             out.print(render.memory_table(rows))
 
 
@@ -126,6 +131,7 @@ def data_shapes(
 
 @app.command(rich_help_panel=PANEL)
 def info(model_dir: Annotated[Path, typer.Argument(help="A model folder (HF format).")]) -> None:
-    """Parameters per group, size on disk, dtype and vocabulary of a model folder."""
+    """Parameters per group, visual tokens and vision tower, size on disk, dtype and vocabulary of a
+    model folder."""
     for line in render.model_info_lines(model_dir, model_info(model_dir)):
         out.print(line)

@@ -116,7 +116,25 @@ def model_info_lines(path, i) -> list[RenderableType]:
         t,
         f"size on disk {i.size_mb:.2f} MB, dtype {i.dtype}, LLM {i.llm}, vision {i.vision}, "
         f"vocab rows {i.vocab_size} (tokenizer {i.tokenizer_size}), {i.image_tokens} visual tokens per image",
+        f"vision tower: {i.sight.describe()}",
     ]
+
+
+def models_table(teacher, student) -> Table:
+    """Teacher and student `ModelShape`s side by side: how each sees, parameters per group."""
+    t = Table(title="models (from their configs)", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("model", "visual tokens", "vision tower", "vision", "projector", "LLM", "total", "x teacher"):
+        t.add_column(col, justify="left" if col in ("model", "vision tower") else "right")
+    for name, m in (("teacher", teacher), ("student", student)):
+        p = m.params
+        t.add_row(
+            name,
+            str(m.image_tokens),
+            m.sight.describe(),
+            *(f"{p[g]:,}" for g in ("vision", "projector", "llm", "total")),
+            f"{p['total'] / max(1, teacher.params['total']):.2f}",
+        )
+    return t
 
 
 # -------------------------------------------------------------------------------------- training

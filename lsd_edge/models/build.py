@@ -34,7 +34,17 @@ from lsd_edge.models.tokens import (
     SPECIAL_TOKENS,
     check_llm_tokenizer,
     image_token_id,
+    image_tokens,
     num_image_tokens,
+)
+from lsd_edge.models.vision import (
+    Tower,
+    cut_config,
+    cut_tower,
+    is_siglip_folder,
+    load_siglip,
+    processor_at,
+    with_image_processor,
 )
 from lsd_edge.recipe.schema import ModelConfig, TinyConfig, VisionSize
 
@@ -103,10 +113,17 @@ def padded_vocab(n: int, multiple: int) -> int:
 
 
 def tiny_llava_config(
-    tiny: TinyConfig, vocab_size: int, image_token: int, n_img: int, vision_from_config=None
+    tiny: TinyConfig,
+    vocab_size: int,
+    image_token: int,
+    n_img: int,
+    vision_from_config=None,
+    image_size: int | None = None,
+    vision_layers: int | None = None,
 ):
     """The LlavaConfig of a tiny model; with `vision_from_config` (a LlavaConfig) the vision part is
-    that model's, as LLaVA-KD's student shares the teacher's encoder."""
+    that model's, as LLaVA-KD's student shares the teacher's encoder, at `image_size` px and with its
+    first `vision_layers` layers when given (`lsd_edge.models.vision`)."""
 
     if tiny.vision == "teacher":
         if vision_from_config is None:
@@ -114,10 +131,14 @@ def tiny_llava_config(
         vision_config = vision_from_config.vision_config
         layer = vision_from_config.vision_feature_layer
         strategy = vision_from_config.vision_feature_select_strategy
+        if image_size is not None or vision_layers is not None:
+            vision_config, layer = cut_config(
+                vision_config, layer, image_size, vision_layers, "the teacher's tower"
+            )
     else:
         vision_config = tiny_vision_config(tiny.vision)
         layer, strategy = -1, "full"
-    return LlavaConfig(
+    config = LlavaConfig(
         vision_config=vision_config,
         text_config=tiny_text_config(
             tiny, padded_vocab(vocab_size, tiny.pad_vocab_to_multiple_of), max_positions=max(512, 4 * n_img)
@@ -129,31 +150,52 @@ def tiny_llava_config(
         projector_hidden_act="gelu",
         tie_word_embeddings=tiny.tie_word_embeddings,
     )
+    if image_size is not None:
+        config.image_seq_length = image_tokens(config)
+    return config
 
 
-def composed_llava_config(spec: ModelConfig, vision_config, text_config, image_token: int, n_img: int):
-    """The LlavaConfig of a student composed from a LLaVA model's vision part and an LLM's config."""
+def student_tower(spec: ModelConfig, tower: Tower, where: str) -> Tower:
+    """`tower` under the student's vision choices (`student.image_size`, `student.vision_layers`)."""
+    image_size, layers = getattr(spec, "image_size", None), getattr(spec, "vision_layers", None)
+    if image_size is None and layers is None:
+        return tower
+    return cut_tower(tower, image_size, layers, where)
 
-    return LlavaConfig(
-        vision_config=vision_config.vision_config,
+
+def composed_llava_config(spec: ModelConfig, tower: Tower, text_config, image_token: int):
+    """The LlavaConfig of a student composed from a vision tower (its config and how it is read)
+    and an LLM's config; the recipe's `vision_feature_layer` / `_select_strategy` win over the tower's."""
+
+    config = LlavaConfig(
+        vision_config=tower.config,
         text_config=text_config,
         image_token_index=image_token,
-        image_seq_length=n_img,
         vision_feature_layer=spec.vision_feature_layer
         if spec.vision_feature_layer is not None
-        else vision_config.vision_feature_layer,
-        vision_feature_select_strategy=spec.vision_feature_select_strategy
-        or vision_config.vision_feature_select_strategy,
+        else tower.feature_layer,
+        vision_feature_select_strategy=spec.vision_feature_select_strategy or tower.select_strategy,
         projector_hidden_act="gelu",
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
     )
+    config.image_seq_length = image_tokens(config)
+    return config
 
 
-def build_tiny_model(tiny: TinyConfig, processor, vision_from: nn.Module | None = None, seed: int = 0):
+def build_tiny_model(
+    tiny: TinyConfig,
+    processor,
+    vision_from: nn.Module | None = None,
+    seed: int = 0,
+    image_size: int | None = None,
+    vision_layers: int | None = None,
+):
     """A tiny LlavaForConditionalGeneration with real transformers classes (SigLIP + Qwen2).
 
     With `vision_from`, the vision tower is that model's (config and weights), as LLaVA-KD's student
-    shares the teacher's encoder.
+    shares the teacher's encoder; at `image_size` px (position embeddings resampled) and with its
+    first `vision_layers` layers when given. `processor` must make images of the tower's size
+    (`student_processor`).
     """
 
     config = tiny_llava_config(
@@ -162,12 +204,17 @@ def build_tiny_model(tiny: TinyConfig, processor, vision_from: nn.Module | None 
         image_token_id(processor),
         num_image_tokens(processor),
         None if vision_from is None else vision_from.config,
+        image_size,
+        vision_layers,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
     if tiny.vision == "teacher":
-        model.model.vision_tower.load_state_dict(vision_from.model.vision_tower.state_dict())
+        tower = Tower.of(vision_from)
+        if image_size is not None or vision_layers is not None:
+            tower = cut_tower(tower, image_size, vision_layers, "the teacher's tower")
+        model.model.vision_tower.load_state_dict(tower.state)
     set_generation_config(model, processor)
     return model
 
@@ -182,9 +229,21 @@ def compose_llava(spec: ModelConfig, teacher=None, teacher_processor=None, *, de
     if spec.vision in (None, "teacher"):
         if teacher is None:
             raise ModelError("student.vision = 'teacher' needs the teacher loaded first")
-        vis_model, processor = teacher, teacher_processor
+        tower, processor, where = Tower.of(teacher), teacher_processor, "the teacher's tower"
+    elif is_siglip_folder(spec.vision):
+        if teacher_processor is None:
+            raise ModelError(
+                "student.vision: a SigLIP tower speaks through the teacher's tokenizer; load it first"
+            )
+        tower, image_processor = load_siglip(spec.vision)
+        processor = with_image_processor(teacher_processor, image_processor, tower.config.patch_size)
+        where = f"student.vision '{spec.vision}'"
     else:
         vis_model, processor = load_llava(spec.vision, what="student.vision", device="cpu")
+        tower, where = Tower.of(vis_model), f"student.vision '{spec.vision}'"
+        del vis_model
+    tower = student_tower(spec, tower, where)
+    processor = student_processor(processor, spec)
     llm_ref = check_ref(spec.llm, "student.llm")
     try:
         llm = AutoModelForCausalLM.from_pretrained(
@@ -199,11 +258,11 @@ def compose_llava(spec: ModelConfig, teacher=None, teacher_processor=None, *, de
     text_config = llm.config
     img_id = image_token_id(processor)
     vocab = max(text_config.vocab_size, img_id + 1)
-    config = composed_llava_config(spec, vis_model.config, text_config, img_id, num_image_tokens(processor))
+    config = composed_llava_config(spec, tower, text_config, img_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
-    model.model.vision_tower.load_state_dict(vis_model.model.vision_tower.state_dict())
+    model.model.vision_tower.load_state_dict(tower.state)
     base = llm.get_decoder() if hasattr(llm, "get_decoder") else llm.model
     model.model.language_model.load_state_dict(base.state_dict())
     if vocab > text_config.vocab_size:
@@ -222,3 +281,10 @@ def compose_llava(spec: ModelConfig, teacher=None, teacher_processor=None, *, de
     # The vision config came from the teacher, with its dtype (bf16 for a bf16 teacher): the composed
     # student starts in fp32 throughout.
     return model.float().to(device), processor
+
+
+def student_processor(processor, spec: ModelConfig):
+    """The processor of a student whose tower sees `student.image_size` px images: a copy of
+    `processor` at that size (the same one when the recipe keeps the tower's size)."""
+    image_size = getattr(spec, "image_size", None)
+    return processor if image_size is None else processor_at(processor, image_size)

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +23,29 @@ def dir_size_mb(path: str | Path, pattern: str = "*.safetensors") -> float:
     return sum(f.stat().st_size for f in Path(path).rglob(pattern)) / 2**20
 
 
+@dataclass(frozen=True)
+class Sight:
+    """How a LLaVA model sees: its tower's image side and patch, its layers, the hidden state LLaVA
+    reads features from, and the visual tokens per image (what the edge-vision choices change)."""
+
+    image_size: int
+    patch_size: int
+    layers: int
+    feature_layer: int
+    tokens: int
+
+    @staticmethod
+    def of(config) -> Sight:
+        v = config.vision_config
+        return Sight(
+            v.image_size, v.patch_size, v.num_hidden_layers, config.vision_feature_layer, image_tokens(config)
+        )
+
+    def describe(self) -> str:
+        g = self.image_size // self.patch_size
+        return f"{self.image_size} px, patch {self.patch_size} ({g}x{g}), {self.layers} layers read at {self.feature_layer}"
+
+
 @dataclass
 class ModelInfo:
     path: str
@@ -34,9 +57,10 @@ class ModelInfo:
     image_tokens: int
     llm: str
     vision: str
+    sight: Sight
 
     def as_dict(self) -> dict:
-        return self.__dict__.copy()
+        return {**self.__dict__, "sight": asdict(self.sight)}
 
 
 def model_info(path: str | Path) -> ModelInfo:
@@ -58,6 +82,7 @@ def model_info(path: str | Path) -> ModelInfo:
         image_tokens=num_image_tokens(processor),
         llm=cfg.text_config.model_type,
         vision=cfg.vision_config.model_type,
+        sight=Sight.of(cfg),
     )
 
 
@@ -72,6 +97,7 @@ class ModelShape:
     layers: int
     vocab: int
     image_tokens: int
+    sight: Sight
 
     @staticmethod
     def of(config) -> ModelShape:
@@ -87,6 +113,7 @@ class ModelShape:
             layers=t.num_hidden_layers,
             vocab=t.vocab_size,
             image_tokens=image_tokens(config),
+            sight=Sight.of(config),
         )
 
 

@@ -39,7 +39,13 @@ def cross_check(recipe: Recipe) -> list[str]:
     if recipe.teacher.tiny is not None and recipe.teacher.tiny.vision == "teacher":
         problems.append("teacher.tiny.vision: the teacher needs its own vision sizes, not 'teacher'")
     if recipe.student.vision not in (None, "teacher") and recipe.student.llm is None:
-        problems.append("student.vision: only used with student.llm (composing a model from parts)")
+        if recipe.student.tiny is not None and recipe.student.tiny.vision != "teacher":
+            problems.append(
+                "student.vision: a folder and [student.tiny.vision] sizes both give the student a tower; keep one"
+            )
+        else:
+            problems.append("student.vision: only used with student.llm (composing a model from parts)")
+    problems += _vision_choice_problems(recipe)
     for i, st in enumerate(recipe.stages):
         for j, pair in enumerate(st.loss.latent_pairs):
             if (pair[0] == "projector") != (pair[1] == "projector"):
@@ -47,6 +53,67 @@ def cross_check(recipe: Recipe) -> list[str]:
                     f"stages[{i}].loss.latent_pairs[{j}]: pair 'projector' with 'projector', layers with layers"
                 )
     return problems
+
+
+def vision_choice_problems(
+    image_size: int | None,
+    vision_layers: int | None,
+    tower: tuple[int, int, int, int],
+    where: str = "the teacher's tower",
+) -> list[str]:
+    """What is wrong with `student.image_size` / `student.vision_layers` on a tower of
+    (image size, patch size, layers, LLaVA feature layer)."""
+    tower_size, patch, layers, feature_layer = tower
+    problems = []
+    if image_size is not None and image_size % patch:
+        problems.append(
+            f"student.image_size {image_size} is not a multiple of {where}'s patch size {patch}; "
+            f"use e.g. {max(1, image_size // patch) * patch}"
+        )
+    elif image_size is not None and image_size > tower_size:
+        problems.append(
+            f"student.image_size {image_size} is above {where}'s {tower_size} px; "
+            "the student sees with fewer tokens, not more"
+        )
+    if vision_layers is not None and vision_layers > layers:
+        problems.append(
+            f"student.vision_layers {vision_layers} is out of range: {where} has 1 to {layers} layers"
+        )
+    elif vision_layers is not None and feature_layer < 0 and -feature_layer > vision_layers + 1:
+        problems.append(
+            f"student.vision_layers {vision_layers} leaves no hidden state {feature_layer} to read features "
+            f"from; keep at least {-feature_layer - 1} layers"
+        )
+    return problems
+
+
+def _vision_choice_problems(recipe: Recipe) -> list[str]:
+    """`student.image_size` / `vision_layers` where the recipe can tell: not on a saved student or
+    one with tower sizes of its own, and on a [teacher.tiny] teacher's tower (a loaded tower is
+    checked when its config is read, `lsd_edge.models.vision`)."""
+    s, t = recipe.student, recipe.teacher.tiny
+    chosen = [k for k in ("image_size", "vision_layers") if getattr(s, k) is not None]
+    if not chosen:
+        return []
+    if s.path is not None:
+        return [
+            f"student.{chosen[0]}: a student.path model is used as saved; cut the tower of a composed "
+            "(student.llm) or [student.tiny] student instead"
+        ]
+    if s.tiny is not None and s.tiny.vision != "teacher":
+        size = "image_size" if chosen[0] == "image_size" else "num_layers"
+        return [
+            f"student.{chosen[0]}: [student.tiny.vision] sizes build a tower of their own; set its {size} "
+            "there, or vision = 'teacher' to cut the teacher's"
+        ]
+    teachers_tower = s.tiny is not None or s.vision in (None, "teacher")
+    if t is None or t.vision == "teacher" or not teachers_tower:
+        return []
+    v = t.vision
+    # a tiny teacher reads its tower's last layer (lsd_edge.models.build.tiny_llava_config)
+    return vision_choice_problems(
+        s.image_size, s.vision_layers, (v.image_size, v.patch_size, v.num_layers, -1)
+    )
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

@@ -332,7 +332,10 @@ class TeacherConfig(ModelConfig):
 
 
 class StudentConfig(ModelConfig):
-    pass
+    # Edge vision (METHOD.md, lsd_edge.models.vision): the tower at this image side in px, and cut
+    # to its first N layers; None keeps it as it is.
+    image_size: PositiveInt | None = None
+    vision_layers: PositiveInt | None = None
 
 
 class ExportConfig(Strict):

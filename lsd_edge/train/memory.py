@@ -24,10 +24,11 @@ from transformers import AutoConfig
 from lsd_edge.data.prepare import corpus_words
 from lsd_edge.data.shapes import vocabulary
 from lsd_edge.errors import LsdEdgeError, ModelError
-from lsd_edge.models.build import composed_llava_config, tiny_llava_config
+from lsd_edge.models.build import composed_llava_config, student_tower, tiny_llava_config
 from lsd_edge.models.info import ModelShape
 from lsd_edge.models.load import check_ref, first_line, torch_dtype
 from lsd_edge.models.tokens import CHAT_ROLES, IMAGE_TOKEN, SPECIAL_TOKENS, image_tokens
+from lsd_edge.models.vision import Tower
 from lsd_edge.recipe.schema import DISTILL_TERMS, Recipe, StageConfig
 
 GIB = 2**30
@@ -231,11 +232,17 @@ def recipe_configs(recipe: Recipe):
         teacher = _auto_config(t.path, "teacher.path", t.trust_remote_code)
     if s.tiny is not None:
         vocab = _tiny_vocab(recipe)
-        student = tiny_llava_config(s.tiny, vocab, teacher.image_token_index, image_tokens(teacher), teacher)
+        v = s.tiny.vision
+        n_img = image_tokens(teacher) if v == "teacher" else (v.image_size // v.patch_size) ** 2
+        student = tiny_llava_config(
+            s.tiny, vocab, teacher.image_token_index, n_img, teacher, s.image_size, s.vision_layers
+        )
     elif s.llm is not None:
         vision = teacher if s.vision in (None, "teacher") else _auto_config(s.vision, "student.vision", False)
+        where = "the teacher's tower" if vision is teacher else f"student.vision '{s.vision}'"
+        tower = student_tower(s, Tower.of_config(vision), where)
         text = _auto_config(s.llm, "student.llm", s.trust_remote_code)
-        student = composed_llava_config(s, vision, text, teacher.image_token_index, image_tokens(vision))
+        student = composed_llava_config(s, tower, text, teacher.image_token_index)
         if text.vocab_size <= teacher.image_token_index:  # compose_llava grows the embeddings to hold it
             student.text_config.vocab_size = teacher.image_token_index + 1
     else:
@@ -248,12 +255,21 @@ def estimate_device(recipe: Recipe) -> str:
     return "cpu" if recipe.run.device == "cpu" else "cuda"
 
 
-def estimate_recipe(
-    recipe: Recipe, *, seq_len: int | None = None, device: str | None = None
-) -> list[StepMemory]:
-    """One `StepMemory` per stage of the recipe, per process."""
+def recipe_shapes(recipe: Recipe) -> tuple[ModelShape, ModelShape]:
+    """(teacher, student) `ModelShape`s of a recipe: parameters per group, visual tokens, sizes."""
     t_cfg, s_cfg = recipe_configs(recipe)
-    teacher, student = ModelShape.of(t_cfg), ModelShape.of(s_cfg)
+    return ModelShape.of(t_cfg), ModelShape.of(s_cfg)
+
+
+def estimate_recipe(
+    recipe: Recipe,
+    *,
+    seq_len: int | None = None,
+    device: str | None = None,
+    shapes: tuple[ModelShape, ModelShape] | None = None,
+) -> list[StepMemory]:
+    """One `StepMemory` per stage of the recipe, per process (of `shapes`, when read already)."""
+    teacher, student = shapes or recipe_shapes(recipe)
     device = device or estimate_device(recipe)
     return [
         estimate_step(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from lsd_edge.data.prepare import corpus_words
-from lsd_edge.models.build import build_tiny_model, build_tiny_processor, compose_llava
+from lsd_edge.models.build import build_tiny_model, build_tiny_processor, compose_llava, student_processor
 from lsd_edge.models.groups import compile_layers
 from lsd_edge.models.load import load_llava
 from lsd_edge.models.tokens import check_tokenizers
@@ -19,10 +19,17 @@ def build_student(recipe: Recipe, teacher, teacher_processor, device: torch.devi
     seed = recipe.run.seed + 1
     if spec.tiny is not None:
         if spec.tiny.vision == "teacher":
-            processor = teacher_processor
+            processor = student_processor(teacher_processor, spec)
         else:
             processor = build_tiny_processor(spec.tiny.vision, corpus_words(recipe))
-        model = build_tiny_model(spec.tiny, processor, vision_from=teacher, seed=seed)
+        model = build_tiny_model(
+            spec.tiny,
+            processor,
+            vision_from=teacher,
+            seed=seed,
+            image_size=spec.image_size,
+            vision_layers=spec.vision_layers,
+        )
     elif spec.llm is not None:
         model, processor = compose_llava(spec, teacher, teacher_processor, device="cpu", seed=seed)
     else:

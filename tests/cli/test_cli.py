@@ -34,6 +34,64 @@ def test_validate_shipped(monkeypatch, capsys):
     assert code == 0 and "valid" in out and "seed = 3" in out
 
 
+def test_validate_shows_how_teacher_and_student_see(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "200")
+    tiny = str(REPO / "recipes" / "tiny.toml")
+    code, out, _ = run(monkeypatch, capsys, "validate", tiny)
+    # the shipped default: the student shares the teacher's tower, 4 x 4 patches
+    assert code == 0 and "visual tokens" in out and "projector" in out
+    assert out.count("32 px, patch 8 (4x4), 2 layers read at -1") == 2, out
+    sets = ["--set", "student.image_size=16", "--set", "student.vision_layers=1"]
+    code, out, _ = run(monkeypatch, capsys, "validate", tiny, *sets)
+    student = next(line for line in out.splitlines() if line.lstrip().startswith("student "))
+    assert code == 0 and "16 px, patch 8 (2x2), 1 layers read at -1" in student
+    assert student.split()[1] == "4", student  # visual tokens per image
+    code, _, err = run(monkeypatch, capsys, "validate", tiny, "--set", "student.image_size=20")
+    assert (
+        code == 1 and "student.image_size 20 is not a multiple of the teacher's tower's patch size 8" in err
+    )
+
+
+def test_validate_checks_a_choice_on_a_real_teacher_s_tower(monkeypatch, capsys, tmp_path):
+    """A teacher read from its config.json (llava-interleave-qwen-7b's sizes): the student's tower
+    cut to 224 px and 12 layers sees 256 tokens; a size off its 14 px patch is one red line."""
+    from ..realshape import write_real_configs
+
+    real = write_real_configs(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")
+    recipe = str(REPO / "recipes" / "qwen0.5b.toml")
+    sets = ["--set", f"teacher.path={real['llava-interleave-qwen-7b-hf']}"]
+    sets += ["--set", f"student.llm={real['Qwen1.5-0.5B-Chat']}"]
+    edge = ["--set", "student.image_size=224", "--set", "student.vision_layers=12"]
+    code, out, _ = run(monkeypatch, capsys, "validate", recipe, *sets, *edge)
+    rows = {
+        line.split()[0]: line
+        for line in out.splitlines()
+        if line.lstrip().startswith(("teacher ", "student "))
+    }
+    assert code == 0 and rows["teacher"].split()[1] == "729" and rows["student"].split()[1] == "256", out
+    assert "224 px, patch 14 (16x16), 12 layers read at -1" in rows["student"]
+    code, _, err = run(monkeypatch, capsys, "validate", recipe, *sets, "--set", "student.image_size=200")
+    assert (
+        code == 1 and "student.image_size 200 is not a multiple of the teacher's tower's patch size 14" in err
+    )
+
+
+def test_info_shows_the_vision_tower(monkeypatch, capsys, tmp_path, tiny_teacher, processor):
+    from lsd_edge.models.build import build_tiny_model, student_processor
+    from lsd_edge.models.load import save_model
+    from lsd_edge.recipe.schema import StudentConfig, TinyConfig
+
+    tiny = TinyConfig(
+        hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32, vision="teacher"
+    )
+    proc = student_processor(processor, StudentConfig(tiny=tiny, image_size=8))
+    save_model(build_tiny_model(tiny, proc, vision_from=tiny_teacher, image_size=8), proc, tmp_path)
+    code, out, _ = run(monkeypatch, capsys, "info", str(tmp_path))
+    assert code == 0 and "1 visual tokens per image" in out
+    assert "vision tower: 8 px, patch 8 (1x1), 1 layers read at -1" in out
+
+
 def test_validate_broken_lists_every_problem(tmp_path, monkeypatch, capsys, recipe_dict):
     recipe_dict["stages"][0]["lr"] = -1
     recipe_dict["stages"][2]["bogus"] = 1

@@ -17,6 +17,8 @@ from lsd_edge.models.load import load_llava, save_model
 from lsd_edge.models.tokens import check_tokenizers
 from lsd_edge.recipe.schema import ModelConfig, TinyConfig, VisionSize
 
+from ..helpers import tiny_llm_folder
+
 
 def _inputs(processor, model):
     n = model.config.image_seq_length
@@ -130,21 +132,7 @@ def test_model_info(teacher_dir):
 
 def test_compose_from_parts(tmp_path, tiny_teacher, processor):
     """A student from the teacher's vision tower + an LLM folder (AutoModelForCausalLM + tokenizer)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    cfg = Qwen2Config(
-        vocab_size=len(processor.tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    llm = Qwen2ForCausalLM(cfg)
-    llm.save_pretrained(tmp_path / "llm")
-    processor.tokenizer.save_pretrained(tmp_path / "llm")
+    llm = tiny_llm_folder(tmp_path / "llm", processor.tokenizer)
     spec = ModelConfig(llm=str(tmp_path / "llm"), vision="teacher")
     student, proc = compose_llava(spec, tiny_teacher, processor)
     assert torch.equal(

@@ -75,6 +75,41 @@ BROKEN = [
     ("lr_scale zero", lambda d: d["stages"][0].update(lr_scale={"vision": 0}), "stages[0].lr_scale.vision"),
     ("negative jitter", lambda d: d["data"]["shapes"].update(jitter=-1), "data.shapes.jitter"),
     (
+        "image size off the patch",
+        lambda d: d["student"].update(image_size=12),
+        "student.image_size 12 is not a",
+    ),
+    (
+        "image size above the teacher",
+        lambda d: d["student"].update(image_size=24),
+        "student.image_size 24 is above",
+    ),
+    ("vision layers zero", lambda d: d["student"].update(vision_layers=0), "student.vision_layers"),
+    (
+        "vision layers past the teacher",
+        lambda d: d["student"].update(vision_layers=2),
+        "student.vision_layers 2 is out",
+    ),
+    (
+        "image size on a saved student",
+        lambda d: d.update(student={"path": "some/model", "image_size": 8}),
+        "student.image_size: a student.path model is used as saved",
+    ),
+    (
+        "vision layers with tower sizes",
+        lambda d: d["student"].update(
+            vision_layers=1, tiny={**d["student"]["tiny"], "vision": {"image_size": 16}}
+        ),
+        "student.vision_layers: [student.tiny.vision] sizes build a tower of their own; set its num_layers",
+    ),
+    (
+        "a tower folder and tower sizes",
+        lambda d: d["student"].update(
+            vision="some/siglip", tiny={**d["student"]["tiny"], "vision": {"image_size": 16}}
+        ),
+        "student.vision: a folder and [student.tiny.vision] sizes",
+    ),
+    (
         "temperature zero",
         lambda d: d["stages"][2].update(loss={"temperature": 0}),
         "stages[2].loss.temperature",
@@ -87,6 +122,15 @@ def test_broken_recipes_name_the_key(recipe_dict, name, mutate, key):
     mutate(recipe_dict)
     problems = _problems(recipe_dict)
     assert any(p.startswith(key) for p in problems), problems
+
+
+def test_edge_vision_choices_parse(recipe_dict):
+    recipe_dict["student"].update(image_size=8, vision_layers=1)
+    r = parse_recipe(recipe_dict)
+    assert (r.student.image_size, r.student.vision_layers) == (8, 1)
+    # the shipped default keeps the teacher's tower as it is
+    tiny = load_recipe(REPO / "recipes" / "tiny.toml").student
+    assert tiny.image_size is None and tiny.vision_layers is None and tiny.tiny.vision == "teacher"
 
 
 def test_every_problem_reported_at_once(recipe_dict):
