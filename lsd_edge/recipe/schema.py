@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lsd_edge.errors import RecipeError
-from lsd_edge.recipe.gguf_gate import GgufGateConfig
+from lsd_edge.recipe.deploy import BenchConfig, EvalConfig, ExportConfig
 from lsd_edge.recipe.toml import dumps_toml
 
 StageKind = Literal["pt", "dpt", "sft", "dft"]
@@ -336,38 +336,6 @@ class StudentConfig(ModelConfig):
     # to its first N layers; None keeps it as it is.
     image_size: PositiveInt | None = None
     vision_layers: PositiveInt | None = None
-
-
-class ExportConfig(Strict):
-    quantize: Literal["none", "int8", "int4", "fp16"] = "int8"
-    target: Literal["cpu", "cuda"] = "cpu"
-    opset: Annotated[int, Field(ge=17, le=23)] = 18
-    parity_samples: PositiveInt = 16
-    max_rel_logit_diff: PositiveFloat = 1e-3
-    max_accuracy_drop: NonNegFloat = 0.02
-    # the quantized variant's own bounds against PyTorch (None: the ones measured for the variant,
-    # lsd_edge.export.onnx.pipeline.VARIANT_BOUNDS)
-    max_variant_rel_logit_diff: PositiveFloat | None = None
-    min_variant_greedy_agreement: Annotated[float, Field(ge=0, le=1)] | None = None
-    # auto: onnxruntime-genai's model builder where it supports the LLM (GroupQueryAttention, in-place
-    # KV cache), else lsd-edge's traced decoder; builder: that or an error; traced: lsd-edge's own
-    decoder: Literal["auto", "builder", "traced"] = "auto"
-    gguf: GgufGateConfig = GgufGateConfig()
-
-
-class EvalConfig(Strict):
-    max_samples: PositiveInt | None = None
-    max_new_tokens: PositiveInt = 8
-    batch_size: PositiveInt = 64
-
-
-class BenchConfig(Strict):
-    """`lsd-edge bench` defaults: prompts per repeat, new tokens per generation (EOS ignored)."""
-
-    prompts: PositiveInt = 8
-    max_new_tokens: PositiveInt = 128
-    repeats: PositiveInt = 3
-    warmup: NonNegInt = 1
 
 
 class Recipe(Strict):
