@@ -2,9 +2,8 @@
 
 A `Teacher` gives the teacher side of a micro-batch (`targets`) and its hidden size. `OnlineTeacher`
 runs the frozen model under `torch.no_grad()`; `lsd_edge.distill.teacher_cache.TeacherCache` reads
-the same targets from disk with no model in memory. A teacher sharded over processes (FSDP2) needs
-every process in each forward: the stage loop runs every slot on every process (a pad micro-batch
-where a process has nothing to learn), so the teacher's forwards meet.
+the same targets from disk with no model in memory. How the teacher is placed over processes, and
+whether a pad slot runs it, is the training backend's business (`lsd_edge.train.backends`).
 """
 
 from __future__ import annotations
