@@ -22,7 +22,8 @@ LONG_FUNCTIONS = {"run_stage"}  # the stage loop reads best in one piece
 LOCAL_PROJECT_IMPORTS = {
     "infer.py": "load_runner imports the runner a folder needs: ONNX use stays torch-free",
     "bench/worker.py": "a bench row imports only its backend, so its memory is that backend's alone",
-    "cli/deploy_commands.py": "`lsd-edge demo` imports gradio (through the page) only when it runs",
+    "cli/deploy_commands.py": "`lsd-edge demo` imports gradio (through the page), `lsd-edge export` the ONNX "
+    "libraries, only when they run: `lsd-edge distill` starts without them",
 }
 # external packages a module may import inside a function: heavy, and needed by one path only
 LOCAL_EXTERNAL_IMPORTS = {"matplotlib", "onnxruntime", "pynvml", "llama_cpp", "deepspeed"}

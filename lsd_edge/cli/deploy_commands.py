@@ -12,15 +12,12 @@ from rich.console import Console
 from lsd_edge.bench.loss import bench_loss as run_bench_loss
 from lsd_edge.bench.plan import BenchSettings
 from lsd_edge.bench.report import plot, to_markdown, write_result
-from lsd_edge.bench.runner import bench
 from lsd_edge.cli import render
 from lsd_edge.cli.app import app, out, reporter, write_json_out
 from lsd_edge.demo.examples import shapes_examples
 from lsd_edge.demo.models import load_models, resolve_paths
 from lsd_edge.demo.web_page import make_server, serve, web_settings
 from lsd_edge.errors import LsdEdgeError
-from lsd_edge.export.gguf.pipeline import export_gguf
-from lsd_edge.export.onnx.pipeline import export
 
 PANEL = "Export, bench and demo"
 
@@ -96,6 +93,8 @@ def export_(
         "opset": opset,
         "decoder": decoder,
     }
+    from lsd_edge.export.onnx.pipeline import export  # ONNX's libraries load for an export only
+
     result = export(model_dir, output, overrides, reporter())
     for line in render.export_report(result.report):
         out.print(line)
@@ -108,6 +107,8 @@ def gguf_export(model_dir, output, quant, data, images, samples, onnx_options) -
             "--gguf takes --quant q8_0|f16; --int8, --int4, --fp16, --fp32, --target, --opset, --decoder are ONNX's"
         )
     settings = {"quant": quant, "data": data, "images": images, "samples": samples}
+    from lsd_edge.export.gguf.pipeline import export_gguf
+
     result = export_gguf(model_dir, output, settings, reporter())
     for line in render.gguf_report(result.report):
         out.print(line)
@@ -212,6 +213,8 @@ def bench_(
         llama_bench=llama_bench,
         gguf=gguf or None,
     )
+    from lsd_edge.bench.runner import bench  # it exports random-weight models: ONNX's libraries
+
     result = bench(
         teacher, student, onnx, arch, settings, reporter(), command="lsd-edge " + " ".join(sys.argv[1:])
     )
