@@ -50,10 +50,13 @@ def check_same_grid(teacher_config, student_config) -> None:
     kt, ks = image_tokens(teacher_config), image_tokens(student_config)
     if (tv.image_size, kt) != (sv.image_size, ks):
         raise RecipeError(
-            f"student: it sees a {sv.image_size} px image as {ks} visual tokens, the teacher a "
-            f"{tv.image_size} px image as {kt}; training across unequal visual grids is not in the stage "
-            "loop yet: keep the teacher's image size and patch grid (student.vision_layers, or a smaller "
-            "tower at the teacher's grid, train today); `lsd-edge validate` shows both"
+            "student",
+            [
+                f"it sees a {sv.image_size} px image as {ks} visual tokens, the teacher a "
+                f"{tv.image_size} px image as {kt}; training across unequal visual grids is not in the stage "
+                "loop yet: keep the teacher's image size and patch grid (student.vision_layers, or a smaller "
+                "tower at the teacher's grid, train today); `lsd-edge validate` shows both"
+            ],
         )
 
 

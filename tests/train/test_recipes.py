@@ -52,7 +52,7 @@ def real_overrides(standins: dict[str, Path], name: str, out: Path) -> list[str]
 
 @pytest.mark.parametrize("name", sorted(REAL))
 def test_real_recipe_runs_on_standins(name, standins, tmp_path, monkeypatch):
-    from lsd_edge.train import loop
+    from lsd_edge.train import loop, step
     from lsd_edge.train.backends import base
 
     seen = {"checkpointing": [], "teacher_dtype": set()}
@@ -67,7 +67,8 @@ def test_real_recipe_runs_on_standins(name, standins, tmp_path, monkeypatch):
             seen["teacher_dtype"].add(teacher.model.dtype)
         return real_terms(student, teacher, *a, **kw)
 
-    monkeypatch.setattr(loop, "set_activation_checkpointing", spy_ckpt)
+    monkeypatch.setattr(loop, "set_activation_checkpointing", spy_ckpt)  # off after a stage
+    monkeypatch.setattr(step, "set_activation_checkpointing", spy_ckpt)  # on as a stage prepares
     monkeypatch.setattr(base, "loss_terms", spy_terms)
     recipe = load_recipe(REPO / "recipes" / f"{name}.toml", real_overrides(standins, name, tmp_path / "run"))
     assert recipe.data.max_length == 2048 and recipe.teacher.dtype == "bfloat16"
