@@ -16,8 +16,9 @@ from lsd_edge.models.load import resolve_device
 from lsd_edge.progress import ticker
 from lsd_edge.recipe.load import load_recipe
 from lsd_edge.train.backends.select import setup
-from lsd_edge.train.measure import measure_step, pick_stage
+from lsd_edge.train.measure import measure_step
 from lsd_edge.train.memory import estimate_recipe, recipe_shapes
+from lsd_edge.train.setup import pick_stage
 from lsd_edge.workspace import Workspace
 
 PANEL = "Recipes, data and models"

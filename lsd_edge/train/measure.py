@@ -19,7 +19,6 @@ from torch.profiler import ProfilerActivity, profile
 from lsd_edge.data.dataset import Batch
 from lsd_edge.distill.objective import Counts
 from lsd_edge.distill.teacher import OnlineTeacher
-from lsd_edge.errors import LsdEdgeError
 from lsd_edge.models.groups import compile_layers
 from lsd_edge.models.info import ModelShape, live_bytes, random_model
 from lsd_edge.models.load import torch_dtype
@@ -171,14 +170,3 @@ def measure_step(
         tflops=tflops,
         mfu=tflops / peak_tflops if peak_tflops else None,
     )
-
-
-def pick_stage(recipe: Recipe, name: str | None) -> StageConfig:
-    """The stage `--stage` names, or by default the last distilling one (else the last)."""
-    names = [s.name for s in recipe.stages]
-    if name is None:
-        distilling = [s for s in recipe.stages if s.distills]
-        return (distilling or recipe.stages)[-1]
-    if name not in names:
-        raise LsdEdgeError(f"--stage {name}: the recipe has no such stage; its stages are {', '.join(names)}")
-    return recipe.stages[names.index(name)]

@@ -28,8 +28,7 @@ from lsd_edge.models.load import resolve_device
 from lsd_edge.progress import QuietReporter, Reporter
 from lsd_edge.recipe.schema import DISTILLING_KINDS, Recipe, StageConfig
 from lsd_edge.train.context import RunContext
-from lsd_edge.train.measure import pick_stage
-from lsd_edge.train.setup import autocast
+from lsd_edge.train.setup import autocast, pick_stage
 from lsd_edge.train.teacher import TeacherSlot
 from lsd_edge.workspace import Workspace
 

@@ -1,4 +1,5 @@
-"""What a stage sets up before its loop: precision, parameter groups, optimizer and learning-rate schedule."""
+"""What a stage sets up before its loop: which stage a command names, precision, parameter groups,
+optimizer and learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lsd_edge.errors import LsdEdgeError
 from lsd_edge.models.groups import group_modules
-from lsd_edge.recipe.schema import StageConfig
+from lsd_edge.recipe.schema import Recipe, StageConfig
 
 
 def uses_bf16(device: torch.device, precision: str) -> bool:
@@ -73,3 +75,14 @@ def make_optimizer(model, latent: nn.Module | None, stage: StageConfig, steps: i
     optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage, steps))
     return optimizer, scheduler
+
+
+def pick_stage(recipe: Recipe, name: str | None) -> StageConfig:
+    """The stage `--stage` names, or by default the last distilling one (else the last)."""
+    names = [s.name for s in recipe.stages]
+    if name is None:
+        distilling = [s for s in recipe.stages if s.distills]
+        return (distilling or recipe.stages)[-1]
+    if name not in names:
+        raise LsdEdgeError(f"--stage {name}: the recipe has no such stage; its stages are {', '.join(names)}")
+    return recipe.stages[names.index(name)]

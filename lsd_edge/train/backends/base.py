@@ -96,7 +96,6 @@ def raw_optimizer(optimizer):
 class Backend:
     """One process. Subclasses: `Ddp`, `Fsdp2` (`lsd_edge.train.backends.ddp`, `.fsdp`), `Zero`."""
 
-    name = "one process"
     pad_runs_teacher = False  # a pad slot's forward runs the online teacher too (when it is collective)
 
     def __init__(self, dist: Dist = SINGLE, accelerator: Any = None):

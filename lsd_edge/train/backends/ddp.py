@@ -43,8 +43,6 @@ class Ddp(Backend):
     """DDP over the run's processes. The terms are divided by counts summed over every process, so
     the gradient one process would compute is the sum: DDP averages, hence backward of W x the loss."""
 
-    name = "DDP"
-
     def make_step(self, student: nn.Module, latent) -> StudentStep:
         return MeetingStep(student, latent)
 

@@ -18,7 +18,6 @@ from lsd_edge.train.launch import check_wrap_classes
 
 
 class Fsdp2(Ddp):
-    name = "FSDP2"
     pad_runs_teacher = True  # the sharded teacher's forward is collective
 
     def prepare(self, student, latent, optimizer, scheduler, stage, bf16=False) -> Prepared:

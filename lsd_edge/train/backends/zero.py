@@ -105,7 +105,6 @@ class Zero(Backend):
     def __init__(self, dist, accelerator, stage: int):
         super().__init__(dist, accelerator)
         self.stage = stage
-        self.name = f"DeepSpeed ZeRO-{stage}"
 
     def make_step(self, student: nn.Module, latent) -> StudentStep:
         return ZeroStep(student, latent)
