@@ -227,3 +227,27 @@ def test_processes_on_one_machine_share_its_threads(monkeypatch):
         threads_per_process(0, 1) == 8 and threads_per_process(0, 2) == 4 and threads_per_process(0, 16) == 1
     )
     assert threads_per_process(6, 2) == 3 and threads_per_process(2, 1) == 2
+
+
+def test_deepspeed_internals_that_moved_stop_a_stage_in_one_line():
+    """The ZeRO backend reads DeepSpeed's engine and ZeRO optimizer (the fp32 partitions, the
+    parameter groups, the torch optimizer inside) for its resume states; a release without them is
+    refused by name, with the versions tested, before a state is written wrong."""
+    from types import SimpleNamespace
+
+    from lsd_edge.errors import TrainingError
+
+    require_dev("deepspeed")
+    zero2 = SimpleNamespace(optimizer=object(), single_partition_of_fp32_groups=[], bit16_groups=[[1]])
+    zero3 = SimpleNamespace(
+        optimizer=object(), fp32_partitioned_groups_flat=[], fp16_groups=[], sub_group_to_group_id={}
+    )
+    for ok in (zero2, zero3):
+        zero.check_internals(SimpleNamespace(optimizer=ok))  # as ZeRO-2 and ZeRO-3 have them
+    moved = SimpleNamespace(optimizer=object(), bit16_groups=[[1]])  # the fp32 partitions renamed
+    with pytest.raises(
+        TrainingError, match=r"no longer has the fp32 partitions .*install deepspeed>=0\.16,<0\.20"
+    ):
+        zero.check_internals(SimpleNamespace(optimizer=moved))
+    with pytest.raises(TrainingError, match=r"no longer has the engine's optimizer \(ZeRO\)"):
+        zero.check_internals(SimpleNamespace())
