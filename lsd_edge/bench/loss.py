@@ -4,7 +4,9 @@ Student and teacher hidden states at N positions with their lm_head weights (by 
 student and a 2048-wide teacher over a 151936-row vocabulary, Qwen2-0.5B-like) give the response KL
 and its gradients to the student's hidden states and lm_head: once from whole (N, V) logits, once
 `chunk` positions at a time. Peak memory is what one forward + backward adds on top of its inputs:
-on CUDA torch's peak allocation; elsewhere the process's resident set (`lsd_edge.runtime.memory.PeakRSS`).
+on CUDA torch's peak allocation; elsewhere the peak of the tensor storages the block's operations
+created and still hold (`LiveTensors`). The process's resident set is not used: an allocator that kept
+what the first path freed serves the second path from it, which then reads as adding nothing.
 """
 
 from __future__ import annotations
@@ -12,28 +14,58 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from lsd_edge.distill import losses
 from lsd_edge.errors import LsdEdgeError
 from lsd_edge.progress import QuietReporter, Reporter
-from lsd_edge.runtime.memory import PeakRSS
 
 KINDS = ("forward", "reverse", "jsd", "skew")
 
 
+class LiveTensors(TorchDispatchMode):
+    """Bytes of the tensor storages created by the operations run inside the block and alive at once:
+    `live` now, `peak` the most. Every operation's output storage is counted once, until it is freed
+    (autograd's saved tensors and gradients included, since they come from operations too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                if id(storage) not in self._seen:
+                    nbytes = storage.nbytes()
+                    self._seen.add(id(storage))
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, id(storage), nbytes)
+        return out
+
+
 class PeakMemory:
     """`with PeakMemory(device) as m: ...`, then `m.mb`: the peak added inside the block, in MiB (torch's
-    allocator on CUDA, the process's resident set elsewhere)."""
+    allocator on CUDA, `LiveTensors` elsewhere)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.mb = 0.0
-        self._rss = PeakRSS()
+        self._live = LiveTensors()
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
@@ -42,7 +74,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
-            self._rss.__enter__()
+            self._live.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -50,8 +82,8 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.mb = max(0, torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
         else:
-            self._rss.__exit__(*exc)
-            self.mb = self._rss.mb
+            self._live.__exit__(*exc)
+            self.mb = self._live.peak / 2**20
 
 
 @dataclass
