@@ -3,6 +3,11 @@
 `LlavaDataset[i]` is one encoded sample (token ids, labels, pixel values) or raises `BadSample`;
 `BatchLoader` turns a list of indices into a `Batch`, skipping or refusing bad samples. The order
 of indices is the trainer's (`lsd_edge.data.sampling`), so a batch is a pure function of it.
+
+A student that sees with another visual grid than its teacher (METHOD.md, "edge vision") trains on
+batches that carry the teacher's view of the same samples (`Batch.teacher`): the same text, each
+image's run of the student's visual tokens replaced by the teacher's, and the images made by the
+teacher's image processor (`TeacherView`).
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from lsd_edge.data.chat import ChatEncoder, text_digest
 from lsd_edge.data.records import BadSample, BadSampleLog, load_image, parse_record, read_records
@@ -33,6 +37,26 @@ class Encoded:
     pixel_values: torch.Tensor | None  # (n_images, 3, H, W)
     index: int = -1  # position in its data set (what a teacher cache is keyed by)
     truncated: bool = False  # cut at data.max_length (labels on what remains)
+    teacher: Encoded | None = None  # the teacher's view, where it sees with another grid
+
+
+@dataclass(frozen=True)
+class TeacherView:
+    """How the teacher sees what the student sees with another grid: its image processor and the
+    visual tokens it gives one image (`n_image_tokens`)."""
+
+    image_processor: Any
+    n_image_tokens: int
+
+
+def regrid(ids: torch.Tensor, labels: torch.Tensor, image_id: int, per_image: int, new_per_image: int):
+    """ids and labels (T,) with each image's run of `per_image` visual tokens made `new_per_image`
+    long (the text, labels included, unchanged): a sample as a model with another grid reads it."""
+    is_img = ids == image_id
+    first = is_img & (torch.cumsum(is_img.long(), 0) % per_image == 1 % per_image)
+    keep = ~is_img | first
+    repeats = torch.where(first, new_per_image, 1)[keep]
+    return ids[keep].repeat_interleave(repeats), labels[keep].repeat_interleave(repeats)
 
 
 def truncate(
@@ -97,8 +121,10 @@ class LlavaDataset(torch.utils.data.Dataset):
         max_samples: int | None = None,
         max_turns: int | None = None,
         cache: bool | None = None,
+        teacher_view: TeacherView | None = None,
     ):
         self.path = Path(path)
+        self.teacher_view = teacher_view
         self.records = read_records(self.path)
         if max_samples is not None:
             self.records = self.records[:max_samples]
@@ -115,9 +141,9 @@ class LlavaDataset(torch.utils.data.Dataset):
         if self.cache:
             self._file = file_key(self.path)
             self._text_key = self.encoder.key
-            self._pixel_key = text_digest(
-                json.dumps(self.image_processor.to_dict(), sort_keys=True, default=str)
-            )
+            self._pixel_key = _processor_key(self.image_processor)
+            if teacher_view is not None:
+                self._teacher_pixel_key = _processor_key(teacher_view.image_processor)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -125,20 +151,22 @@ class LlavaDataset(torch.utils.data.Dataset):
     def sample_id(self, index: int) -> str:
         return str(self.records[index].get("id", f"#{index}"))
 
-    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-
-    def _image(self, name: str) -> torch.Tensor:
-        """(3, H, W) pixel values of one image file, from the process's cache when this data set is
-        small enough to cache; refused when the vision tower would give it another number of visual
-        tokens than `<image>` expands to (an image processor that keeps each image's own size)."""
-        path = self.image_dir / name
+    def _pixels(self, path: Path, image_processor, pixel_key: str | None) -> torch.Tensor:
+        """(3, H, W) pixel values of one image file by `image_processor`, from the process's cache
+        when this data set is small enough to cache."""
         where = file_key(path) if self.cache else None
-        key = None if where is None else (where, self._pixel_key)
+        key = None if where is None else (where, pixel_key)
         px = SHARED_PIXELS.get(key)
         if px is None:
-            px = self.pixel_values([load_image(path)])[0]
+            px = image_processor(images=[load_image(path)], return_tensors="pt")["pixel_values"][0]
             SHARED_PIXELS.put(key, px, px.numel() * px.element_size())
+        return px
+
+    def _image(self, name: str) -> torch.Tensor:
+        """(3, H, W) pixel values of one image file; refused when the vision tower would give it
+        another number of visual tokens than `<image>` expands to (an image processor that keeps each
+        image's own size)."""
+        px = self._pixels(self.image_dir / name, self.image_processor, self.cache and self._pixel_key)
         n = image_tokens_at(self.encoder.processor, px.shape[-2], px.shape[-1])
         if n != self.encoder.n_image_tokens:
             raise BadSample(
@@ -174,7 +202,26 @@ class LlavaDataset(torch.utils.data.Dataset):
                     "raise data.max_length or shorten the sample"
                 )
         pixels = torch.stack([self._image(f) for f in files]) if files else None
-        return Encoded(self.sample_id(index), ids, labels, pixels, index, cut)
+        sample = Encoded(self.sample_id(index), ids, labels, pixels, index, cut)
+        if self.teacher_view is not None:
+            sample.teacher = self._teacher_side(sample, files)
+        return sample
+
+    def _teacher_side(self, sample: Encoded, files: list[str]) -> Encoded:
+        """The teacher's view of an encoded sample: the same tokens with its visual-token runs, its pixels."""
+        view = self.teacher_view
+        ids, labels = regrid(
+            sample.input_ids,
+            sample.labels,
+            self.encoder.image_id,
+            self.encoder.n_image_tokens,
+            view.n_image_tokens,
+        )
+        key = self.cache and self._teacher_pixel_key
+        pixels = [self._pixels(self.image_dir / f, view.image_processor, key) for f in files]
+        return Encoded(
+            sample.id, ids, labels, torch.stack(pixels) if pixels else None, sample.index, sample.truncated
+        )
 
     def _encode_text(self, index: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         messages, files = parse_record(self.records[index], self.max_turns)
@@ -191,6 +238,10 @@ class LlavaDataset(torch.utils.data.Dataset):
         return ids_t, torch.tensor(labels), files
 
 
+def _processor_key(image_processor) -> str:
+    return text_digest(json.dumps(image_processor.to_dict(), sort_keys=True, default=str))
+
+
 @dataclass
 class Batch:
     ids: list[str]
@@ -200,9 +251,10 @@ class Batch:
     pixel_values: torch.Tensor | None  # (n_images, 3, H, W), images in sample order
     visual_mask: torch.Tensor  # (B, T) bool, True at visual-token positions
     indices: list[int] = field(default_factory=list)  # each sample's position in its data set
+    teacher: Batch | None = None  # the teacher's view, where it sees with another grid (else None)
 
     def apply(self, fn) -> Batch:
-        """The same batch with `fn` applied to each tensor."""
+        """The same batch with `fn` applied to each tensor (the teacher's view's too)."""
         return Batch(
             self.ids,
             fn(self.input_ids),
@@ -211,7 +263,13 @@ class Batch:
             None if self.pixel_values is None else fn(self.pixel_values),
             fn(self.visual_mask),
             self.indices,
+            None if self.teacher is None else self.teacher.apply(fn),
         )
+
+    @property
+    def teacher_view(self) -> Batch:
+        """The batch as the teacher reads it: its own view, or this batch where it sees as the student."""
+        return self if self.teacher is None else self.teacher
 
     def to(self, device, non_blocking: bool = False) -> Batch:
         return self.apply(lambda t: t.to(device, non_blocking=non_blocking))
@@ -247,6 +305,7 @@ def collate(samples: list[Encoded], pad_id: int, image_id: int) -> Batch:
         pixel_values,
         input_ids == image_id,
         [s.index for s in samples],
+        None if samples[0].teacher is None else collate([s.teacher for s in samples], pad_id, image_id),
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from lsd_edge.data.dataset import LlavaDataset
+from lsd_edge.data.dataset import LlavaDataset, TeacherView
 from lsd_edge.data.records import read_records
 from lsd_edge.data.shapes import FORMAT, generate
 from lsd_edge.errors import DataError, LsdEdgeError
@@ -102,9 +102,14 @@ def check_data_files(recipe: Recipe, stages: list[StageConfig]) -> None:
 
 
 def open_dataset(
-    recipe: Recipe, stage: StageConfig, processor, data: tuple[Path, Path | None] | None = None
+    recipe: Recipe,
+    stage: StageConfig,
+    processor,
+    data: tuple[Path, Path | None] | None = None,
+    teacher_view: TeacherView | None = None,
 ) -> LlavaDataset:
-    """The stage's data set; `data` (JSON, image folder) replaces the recipe's file (regenerated data)."""
+    """The stage's data set; `data` (JSON, image folder) replaces the recipe's file (regenerated data);
+    `teacher_view` adds the teacher's view of each sample (a teacher that sees with another grid)."""
     path, images = data or recipe.data.resolve(recipe.data.dataset(stage.data))
     return LlavaDataset(
         path,
@@ -113,4 +118,5 @@ def open_dataset(
         max_length=recipe.data.max_length,
         max_samples=stage.max_samples,
         max_turns=stage.max_turns,
+        teacher_view=teacher_view,
     )

@@ -63,11 +63,18 @@ class ShardWriter:
         self._reset()
 
 
-def _top_k(dense: losses.DenseTargets, k: int, temperature: float, rows: int, chunk: int):
-    """Top-k targets of dense teacher targets, `chunk` positions of logits at a time -> numpy arrays."""
+def _top_k(
+    dense: losses.DenseTargets | losses.LogProbTargets, k: int, temperature: float, rows: int, chunk: int
+):
+    """Top-k targets of dense teacher targets (or of log-probs made already: a pooled visual mixture),
+    `chunk` positions of logits at a time -> numpy arrays."""
     ids, logp, tail = [], [], []
     for start in range(0, len(dense), chunk):
-        t = losses.top_k_targets(dense.rows(slice(start, start + chunk)).logits(rows), k, temperature, rows)
+        part = dense.rows(slice(start, start + chunk))
+        if isinstance(part, losses.LogProbTargets):
+            t = losses.top_k_of_log_probs(part.logp, k)
+        else:
+            t = losses.top_k_targets(part.logits(rows), k, temperature, rows)
         ids.append(t.ids.to(torch.int32).cpu())
         logp.append(t.logp.float().cpu())
         tail.append(t.tail.float().cpu())
@@ -112,6 +119,8 @@ def _batch_rows(
         per_sample["relation"] = _split(rel, counts["images"])
     if "projector" in parts and t.image_features is not None:
         per_sample["projector"] = _split(t.image_features.float().cpu().numpy(), counts["images"])
+    if "vision" in parts and t.vision_features is not None:
+        per_sample["vision"] = _split(t.vision_features.float().cpu().numpy(), counts["images"])
     return per_sample, counts
 
 
@@ -120,7 +129,7 @@ def _manifest(
     stage: str,
     parts,
     k: int,
-    teacher_hidden: int,
+    teacher_hidden: tuple[int, int],
     n_tok: int,
     n: int,
     log: BadSampleLog,
@@ -136,7 +145,8 @@ def _manifest(
         "stage": stage,
         "parts": parts,
         "top_k": k,
-        "teacher_hidden": teacher_hidden,
+        "teacher_hidden": teacher_hidden[0],
+        "teacher_vision_hidden": teacher_hidden[1],
         "image_tokens": n_tok,
         "samples": n,
         "bad_samples": log.as_dict(),
@@ -163,6 +173,7 @@ def build_cache(
     temperature: float,
     vocab_rows: int,
     teacher_hidden: int,
+    teacher_vision_hidden: int = 0,
     device: torch.device | str = "cpu",
     batch_size: int = 32,
     policy: str = "skip",
@@ -171,7 +182,9 @@ def build_cache(
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """Run the teacher (`online`: a batch -> its dense targets) over every sample of `dataset` and
-    write the cache folder `out` atomically; returns the manifest."""
+    write the cache folder `out` atomically; returns the manifest. `dataset` is the stage's own (the
+    student's encoding; with the teacher's view where it sees with another grid), and `online` gives
+    targets on the student's grid, so the rows are the ones the stage gathers."""
     reporter = reporter or QuietReporter()
     n, n_tok, k = len(dataset), dataset.encoder.n_image_tokens, min(top_k, vocab_rows)
     log = BadSampleLog()
@@ -201,7 +214,17 @@ def build_cache(
         writer.flush()
         np.save(tmp / "index.npy", index)
         manifest = _manifest(
-            tmp, stage, parts, k, teacher_hidden, n_tok, n, log, totals, writer.shard, started
+            tmp,
+            stage,
+            parts,
+            k,
+            (teacher_hidden, teacher_vision_hidden),
+            n_tok,
+            n,
+            log,
+            totals,
+            writer.shard,
+            started,
         )
         write_json(tmp / "manifest.json", manifest)
         identity.write(tmp)

@@ -17,6 +17,17 @@ class Forward:
     hidden: torch.Tensor  # (B, T, D) last hidden state (after the final norm)
     hidden_states: tuple[torch.Tensor, ...] | None  # per layer, 0 = embeddings, -1 = final
     image_features: torch.Tensor | None  # (I, K, D) projector output
+    vision_features: torch.Tensor | None = (
+        None  # (I, K, Dv) the tower's feature layer, as the projector reads it
+    )
+
+
+def tower_features(config, image_outputs) -> torch.Tensor:
+    """The vision tower's hidden state LLaVA's projector reads (its feature layer or layers, patch
+    positions only): (I, K, Dv)."""
+    hs, layer = image_outputs.hidden_states, config.vision_feature_layer
+    feats = hs[layer] if isinstance(layer, int) else torch.cat([hs[i] for i in layer], dim=-1)
+    return feats[:, 1:] if config.vision_feature_select_strategy == "default" else feats
 
 
 def forward(model, batch: Batch, hidden_states: bool = False) -> Forward:
@@ -28,14 +39,16 @@ def forward(model, batch: Batch, hidden_states: bool = False) -> Forward:
         use_cache=False,  # training: a KV cache would only hold memory
         return_dict=True,
     )
-    feats = None
+    feats = tower = None
     if out.image_outputs is not None:
         feats = torch.stack(list(out.image_outputs.pooler_output))
-    return Forward(out.last_hidden_state, out.hidden_states if hidden_states else None, feats)
+        tower = tower_features(model.config, out.image_outputs)
+    return Forward(out.last_hidden_state, out.hidden_states if hidden_states else None, feats, tower)
 
 
-def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The projector's output (I, K, D) for I images, as the model's own forward computes it."""
+def image_features(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projector's output (I, K, D) for I images, as the model's own forward computes it, and
+    the tower's features it read (I, K, Dv)."""
     cfg = model.config
     out = model.model.get_image_features(
         pixel_values=pixel_values.to(model.dtype),
@@ -43,7 +56,7 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
         vision_feature_select_strategy=cfg.vision_feature_select_strategy,
         return_dict=True,
     )
-    return torch.stack(list(out.pooler_output))
+    return torch.stack(list(out.pooler_output)), tower_features(cfg, out)
 
 
 class StudentPass:

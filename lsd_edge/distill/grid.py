@@ -18,6 +18,8 @@ log-sum-exp or a matmul may move the last bits).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lsd_edge.distill.losses import (
@@ -62,6 +64,28 @@ def overlap_matrix(
             f"grids must have positive sizes, got teacher {teacher_grid}, student {student_grid}"
         )
     return torch.kron(_overlap_1d(ht, hs), _overlap_1d(wt, ws)).to(dtype)
+
+
+@dataclass(frozen=True)
+class GridMap:
+    """The teacher's visual positions mapped onto the student's for one stage: P (Ks, Kt) and the
+    temperature and vocabulary rows the pooled visual mixture is taken at (the stage loss's)."""
+
+    p: torch.Tensor
+    temperature: float = 1.0
+    vocab_rows: int | None = None
+
+    @staticmethod
+    def between(
+        teacher_grid: tuple[int, int],
+        student_grid: tuple[int, int],
+        temperature: float,
+        vocab_rows: int | None,
+    ) -> GridMap | None:
+        """The map of two grids, or None where they are equal (the teacher's targets are then used as they are)."""
+        if teacher_grid == student_grid:
+            return None
+        return GridMap(overlap_matrix(teacher_grid, student_grid), temperature, vocab_rows)
 
 
 def _is_identity(p: torch.Tensor) -> bool:

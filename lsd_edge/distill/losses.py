@@ -219,11 +219,12 @@ class TeacherTargets:
     """
 
     response: DenseTargets | TopKTargets | None = None  # the response positions
-    visual: DenseTargets | TopKTargets | None = None  # the visual-token positions
+    visual: DenseTargets | TopKTargets | LogProbTargets | None = None  # the visual-token positions
     visual_tokens: torch.Tensor | None = None  # (I, K, Dt) LLM outputs at visual positions (online)
     relation: torch.Tensor | None = None  # (I, K, K) relation matrices R_t (cached)
     image_features: torch.Tensor | None = None  # (I, K, Dt) projector output
     hidden_states: tuple[torch.Tensor, ...] | None = None  # per layer (online, latent layer pairs)
+    vision_features: torch.Tensor | None = None  # (I, K, Dvt) the vision tower's feature layer
 
 
 def _tail_log_mass(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

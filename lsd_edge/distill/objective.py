@@ -1,8 +1,10 @@
 """A stage's objective on one micro-batch: every loss term of METHOD.md, normalised and weighted.
 
-L = ce*L_reg + lambda * (alpha*L_res + beta*L_vis + gamma*L_rel + delta*L_lat). Each term is a sum
+L = ce*L_reg + lambda * (alpha*L_res + beta*L_vis + gamma*L_rel + delta*L_lat + eps*L_tower). Each term is a sum
 from `lsd_edge.distill.losses` divided by its count over the whole accumulated batch (`Counts`, summed
 over processes too), so any split of a step into micro-batches and processes trains the same step.
+A teacher that sees with another grid hands its targets over already pooled onto the student's
+(`lsd_edge.distill.teacher`), so the terms read the same here whatever the two grids.
 """
 
 from __future__ import annotations
@@ -44,14 +46,20 @@ class Counts:
 
 
 class LatentProjector(nn.Module):
-    """Trainable linear maps from student hidden size to teacher hidden size, one per latent pair.
+    """Trainable linear maps from student hidden size to teacher hidden size, one per latent pair, and
+    (`tower`: (student, teacher) widths) one from the student tower's feature width to the teacher's,
+    for the vision-tower term.
 
     Part of training only: never saved with the student (METHOD.md)."""
 
-    def __init__(self, pairs, student_dim: int, teacher_dim: int):
+    def __init__(self, pairs, student_dim: int, teacher_dim: int, tower: tuple[int, int] | None = None):
         super().__init__()
         self.pairs = [tuple(p) for p in pairs]
         self.maps = nn.ModuleList(nn.Linear(student_dim, teacher_dim) for _ in self.pairs)
+        self.tower = None if tower is None else nn.Linear(*tower)
+
+    def all_maps(self) -> list[nn.Linear]:
+        return list(self.maps) + ([] if self.tower is None else [self.tower])
 
 
 def logit_sums(student, hidden, lc, vocab_rows, *, targets=None, teacher=None):
@@ -87,8 +95,8 @@ def loss_terms(
 ) -> dict[str, torch.Tensor]:
     """Every loss term of one micro-batch, each normalised by its count in the accumulated batch.
 
-    L = ce*L_reg + lambda * (alpha*L_res + beta*L_vis + gamma*L_rel + delta*L_lat); the weights are
-    applied by the caller. Terms with weight 0 are not computed. `teacher` is the online teacher or a
+    L = ce*L_reg + lambda * (alpha*L_res + beta*L_vis + gamma*L_rel + delta*L_lat + eps*L_tower); the
+    weights are applied by the caller. Terms with weight 0 are not computed. `teacher` is the online teacher or a
     teacher cache (`lsd_edge.distill.teacher.Teacher`). `student_pass` runs the student's forward
     and says what a latent map adds where this micro-batch has nothing for it
     (`lsd_edge.distill.forward.StudentPass`: the plain pass adds nothing).
@@ -113,7 +121,7 @@ def loss_terms(
     terms: dict[str, torch.Tensor] = {"ce": ce / max(1, counts.response)}
     if t is None:
         if latent is not None:  # no teacher targets: the maps have nothing to align
-            terms["ce"] = with_unused(terms["ce"], [student_pass.unused_map(m, s) for m in latent.maps])
+            terms["ce"] = with_unused(terms["ce"], [student_pass.unused_map(m, s) for m in latent.all_maps()])
         return terms
     if kd is not None:
         terms["response_kl"] = kd / max(1, counts.response)
@@ -135,7 +143,25 @@ def loss_terms(
         terms["relation"] = rel / max(1, counts.images)
     if w["latent"] > 0 and latent is not None:
         terms["latent"] = latent_term(s, t, batch, counts, latent, lc.latent_kind, student_pass)
+    if w["vision"] > 0 and latent is not None and latent.tower is not None:
+        terms["vision"] = tower_term(s, t, counts, latent.tower, lc.latent_kind, student_pass)
     return terms
+
+
+def tower_term(
+    s: Forward,
+    t: losses.TeacherTargets,
+    counts: Counts,
+    tower: nn.Linear,
+    kind: str,
+    student_pass: StudentPass,
+) -> torch.Tensor:
+    """L_tower: sum over the student's visual positions of d(W(v_s), v_t) / visual positions, v the
+    towers' feature layers (the teacher's pooled onto the student's grid), d as `loss.latent_kind`."""
+    if s.vision_features is None:  # no image in this micro-batch
+        return with_unused(s.hidden.new_zeros(()), [student_pass.unused_map(tower, s)])
+    sx, tx = s.vision_features.flatten(0, 1), t.vision_features.flatten(0, 1)
+    return losses.latent_sum(tower(sx.float()), tx.float(), kind) / max(1, counts.visual)
 
 
 def with_unused(total: torch.Tensor, extras: list[torch.Tensor | None]) -> torch.Tensor:

@@ -33,7 +33,7 @@ from lsd_edge.models.tokens import IGNORE_INDEX
 from lsd_edge.recipe.schema import StageConfig
 
 FORMAT = 1
-PARTS = ("response", "visual", "relation", "projector")
+PARTS = ("response", "visual", "relation", "projector", "vision")
 # index.npy columns; SHARD is -1 for a sample the data set could not use (a bad sample).
 SHARD, RESP_AT, N_RESP, VIS_AT, N_VIS, IMG_AT, N_IMG, LENGTH, CHECKSUM = range(9)
 # What an identity key means, for the message that refuses a stale cache (others are named as they are).
@@ -44,6 +44,7 @@ IDENTITY_LABELS = {
     "max_length": "data.max_length",
     "temperature": "loss.temperature",
     "vocab_rows": "the tokenizer's size",
+    "student_grid": "the student's visual grid",
 }
 
 
@@ -64,6 +65,8 @@ def needed_parts(stage: StageConfig) -> list[str]:
         parts.append("relation")
     if lc.weight("latent") > 0 and any(p[0] == "projector" for p in lc.latent_pairs):
         parts.append("projector")
+    if lc.weight("vision") > 0:
+        parts.append("vision")
     return parts
 
 
@@ -115,6 +118,10 @@ class TeacherCache:
     @property
     def hidden_size(self) -> int:
         return self.teacher_hidden
+
+    @property
+    def vision_hidden_size(self) -> int:
+        return int(self.manifest.get("teacher_vision_hidden", 0))
 
     def problems(self, identity: Manifest, parts: list[str]) -> list[str]:
         """Why this cache cannot serve a stage with this identity and these needs (empty if it can)."""
@@ -195,4 +202,5 @@ class TeacherCache:
             visual=topk("vis", VIS_AT, N_VIS) if "visual" in parts else None,
             relation=images("relation", (n_tok, n_tok)) if "relation" in parts else None,
             image_features=images("projector", (n_tok, width)) if "projector" in parts else None,
+            vision_features=images("vision", (n_tok, self.vision_hidden_size)) if "vision" in parts else None,
         )

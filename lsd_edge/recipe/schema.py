@@ -29,8 +29,15 @@ DEFAULT_TRAINABLE: dict[str, list[str]] = {
     "sft": ["projector", "llm"],
     "dft": ["projector", "llm"],
 }
-# METHOD.md: L = L_reg + alpha*L_res + beta*L_vis + gamma*L_rel, alpha, beta, gamma = 1.0, 1.0, 0.5.
-DEFAULT_DISTILL_WEIGHTS = {"response_kl": 1.0, "visual_kl": 1.0, "relation": 0.5, "latent": 0.0}
+# METHOD.md: L = L_reg + alpha*L_res + beta*L_vis + gamma*L_rel, alpha, beta, gamma = 1.0, 1.0, 0.5;
+# latent alignment and the vision-tower feature term ("edge vision") are off unless asked for.
+DEFAULT_DISTILL_WEIGHTS = {
+    "response_kl": 1.0,
+    "visual_kl": 1.0,
+    "relation": 0.5,
+    "latent": 0.0,
+    "vision": 0.0,
+}
 DISTILL_TERMS = tuple(DEFAULT_DISTILL_WEIGHTS)
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -118,6 +125,9 @@ class LossConfig(Strict):
     visual_kl: NonNegFloat | None = None
     relation: NonNegFloat | None = None
     latent: NonNegFloat | None = None
+    # The vision-tower feature term (METHOD.md, "edge vision"): the student tower's feature layer,
+    # projected to the teacher tower's width, against the teacher's (pooled onto the student's grid).
+    vision: NonNegFloat | None = None
     kl: KLKind = "forward"
     temperature: PositiveFloat = 1.0
     jsd_beta: Annotated[float, Field(gt=0, lt=1)] = 0.5
@@ -229,6 +239,11 @@ class StageConfig(Strict):
             raise ValueError("loss: every weight is 0, so the stage would learn nothing")
         if not self.teacher_cache.strip():
             raise ValueError("teacher_cache: give 'off', 'auto' or the folder of a teacher cache")
+        if self.loss.weight("vision") > 0 and "vision" not in self.trainable:
+            raise ValueError(
+                "loss.vision: the vision-tower term trains the student's tower, which this stage keeps "
+                "frozen; add 'vision' to trainable or set loss.vision = 0"
+            )
         if self.cached:
             if self.kind not in DISTILLING_KINDS:
                 raise ValueError(

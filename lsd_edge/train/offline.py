@@ -4,7 +4,8 @@ cache-teacher` and `lsd-edge regenerate` commands that make them ahead of a run.
 
 A stage trains on its recipe data set, or on the teacher's answers to it (`regenerate = true`), and
 distils from the teacher model, or from a cache (`teacher_cache`), in which case the teacher leaves
-memory for the stage.
+memory for the stage. Where the student sees with another visual grid than the teacher, a distilling
+stage's data carries the teacher's view and its teacher pools onto the student's grid (`sight`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from lsd_edge.data.dataset import Batch
 from lsd_edge.data.prepare import open_dataset, prepare_data
 from lsd_edge.distill import losses
 from lsd_edge.distill.cache_build import build_cache
+from lsd_edge.distill.grid import GridMap
 from lsd_edge.distill.regenerate import regenerate
 from lsd_edge.distill.teacher import OnlineTeacher, Teacher, online_targets
 from lsd_edge.distill.teacher_cache import TeacherCache, cache_manifest, needed_parts
@@ -29,6 +31,7 @@ from lsd_edge.progress import QuietReporter, Reporter
 from lsd_edge.recipe.schema import DISTILLING_KINDS, Recipe, StageConfig
 from lsd_edge.train.context import RunContext
 from lsd_edge.train.setup import autocast, pick_stage
+from lsd_edge.train.sight import grid_map, teacher_view, visual_grid
 from lsd_edge.train.teacher import TeacherSlot
 from lsd_edge.workspace import Workspace
 
@@ -54,10 +57,26 @@ def check_cache_paths(stages: list[StageConfig]) -> None:
 class StageInputs:
     """What each stage trains on and distils from, made on first use."""
 
-    def __init__(self, ctx: RunContext, teacher: TeacherSlot):
+    def __init__(self, ctx: RunContext, teacher: TeacherSlot, student_processor=None):
         self.ctx = ctx
         self.teacher = teacher
+        self._student_processor = student_processor
         self._data: dict[str, tuple[Path, Path | None]] = {}
+
+    @property
+    def student_processor(self):
+        """The student's processor (the run's; built from the recipe for the offline commands)."""
+        if self._student_processor is None:
+            from lsd_edge.train.student import student_processor_of  # the offline commands only
+
+            self._student_processor = student_processor_of(
+                self.ctx.recipe, lambda: self.teacher.get(), self.teacher_processor()
+            )
+        return self._student_processor
+
+    def grid(self, stage: StageConfig) -> GridMap | None:
+        """How the teacher's visual positions map onto the student's for this stage (None: equal grids)."""
+        return grid_map(self.teacher_processor(), self.student_processor, stage.loss.temperature)
 
     # -- the data a stage trains on
 
@@ -74,7 +93,10 @@ class StageInputs:
         return self._data[stage.name]
 
     def dataset(self, stage: StageConfig, processor):
-        return open_dataset(self.ctx.recipe, stage, processor, self.data(stage))
+        """The stage's data as `processor` encodes it; a distilling stage's with the teacher's view
+        where the teacher sees the images otherwise."""
+        view = teacher_view(self.teacher_processor(), processor) if stage.distills else None
+        return open_dataset(self.ctx.recipe, stage, processor, self.data(stage), view)
 
     def regenerated_manifest(self, stage: StageConfig) -> Manifest:
         src, images = self.source_data(stage)
@@ -137,10 +159,16 @@ class StageInputs:
         return Path(stage.teacher_cache)
 
     def cache_manifest(self, stage: StageConfig) -> Manifest:
-        """Everything that decides a cache's content apart from k: teacher, data, positions, T."""
+        """Everything that decides a cache's content apart from k: teacher, data, positions, T, and
+        the student's grid where it is not the teacher's (its rows are pooled onto it)."""
         data, images = self.data(stage)
+        grid = self.grid(stage)
+        sight = {}
+        if grid is not None:
+            sight["student_grid"] = "x".join(map(str, visual_grid(self.student_processor, "the student")))
         return cache_manifest(
             {
+                **sight,
                 "teacher": self.teacher.files_hash(),
                 "data": files_hash(data),
                 "images": str(images),
@@ -178,13 +206,15 @@ class StageInputs:
         self.refuse_multi_process(f"the teacher cache of stage '{stage.name}'", "cache-teacher", stage.name)
         model, device, precision = self.teacher.get(), self.ctx.device, self.ctx.recipe.run.precision
 
+        grid = self.grid(stage)
+
         def online(batch: Batch) -> losses.TeacherTargets:
             with autocast(device, precision):
-                return online_targets(model, batch, need_hidden=False)
+                return online_targets(model, batch, need_hidden=False, grid=grid)
 
         build_cache(
             folder,
-            self.dataset(stage, self.teacher.processor),
+            self.dataset(stage, self.student_processor if grid is not None else self.teacher.processor),
             online,
             stage=stage.name,
             identity=identity,
@@ -193,6 +223,7 @@ class StageInputs:
             temperature=stage.loss.temperature,
             vocab_rows=vocab_rows,
             teacher_hidden=model.config.text_config.hidden_size,
+            teacher_vision_hidden=OnlineTeacher(model).vision_hidden_size,
             device=device,
             batch_size=stage.batch_size,
             policy=self.ctx.recipe.data.bad_samples,
@@ -205,7 +236,7 @@ class StageInputs:
         if not stage.distills:
             return None
         if not stage.cached:
-            return OnlineTeacher(self.teacher.get())
+            return OnlineTeacher(self.teacher.get(), self.grid(stage))
         cache, _ = self.cache(stage)
         self.teacher.release()
         self.ctx.reporter.message(

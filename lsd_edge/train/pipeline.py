@@ -134,7 +134,7 @@ def distill(
     teacher = TeacherSlot(ctx, options.teacher_dir)
     teacher.load()
     model, processor = build_student(recipe, teacher.model, teacher.processor, ctx.device)
-    inputs = StageInputs(ctx, teacher)
+    inputs = StageInputs(ctx, teacher, processor)
     model, stage_reports = run_stages(ctx, inputs, stages, model, processor, options.evaluate_stages)
     report: dict[str, Any] = {}
     if ctx.dist.main:  # the other processes return an empty report

@@ -16,7 +16,7 @@ import torch
 
 from lsd_edge.data.dataset import Batch
 from lsd_edge.distill.objective import TERMS, Counts, LatentProjector
-from lsd_edge.distill.teacher import OnlineTeacher, Teacher
+from lsd_edge.distill.teacher import OnlineTeacher, Teacher, vision_width
 from lsd_edge.models.groups import set_activation_checkpointing, set_trainable
 from lsd_edge.recipe.schema import StageConfig
 from lsd_edge.train.backends.base import Backend, Prepared
@@ -44,9 +44,14 @@ def prepare_student(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         latent = None
-        if teacher is not None and stage.loss.weight("latent") > 0:
+        lc = stage.loss
+        if teacher is not None and (lc.weight("latent") > 0 or lc.weight("vision") > 0):
+            tower = (
+                (vision_width(model.config), teacher.vision_hidden_size) if lc.weight("vision") > 0 else None
+            )
+            pairs = lc.latent_pairs if lc.weight("latent") > 0 else []
             latent = LatentProjector(
-                stage.loss.latent_pairs, model.config.text_config.hidden_size, teacher.hidden_size
+                pairs, model.config.text_config.hidden_size, teacher.hidden_size, tower
             ).to(device)
     optimizer, scheduler = make_optimizer(model, latent, stage, steps)
     return backend.prepare(model, latent, optimizer, scheduler, stage, uses_bf16(device, precision))

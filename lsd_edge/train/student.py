@@ -6,11 +6,10 @@ from __future__ import annotations
 import torch
 
 from lsd_edge.data.prepare import corpus_words
-from lsd_edge.errors import RecipeError
 from lsd_edge.models.build import build_tiny_model, build_tiny_processor, compose_llava, student_processor
 from lsd_edge.models.groups import compile_layers
 from lsd_edge.models.load import load_llava
-from lsd_edge.models.tokens import check_tokenizers, image_tokens
+from lsd_edge.models.tokens import check_tokenizers
 from lsd_edge.recipe.schema import Recipe
 
 
@@ -38,26 +37,19 @@ def build_student(recipe: Recipe, teacher, teacher_processor, device: torch.devi
             spec.path, what="student.path", device="cpu", trust_remote_code=spec.trust_remote_code
         )
     check_tokenizers(teacher_processor.tokenizer, processor.tokenizer)
-    check_same_grid(teacher.config, model.config)
     return trainable_student(model, recipe, device), processor
 
 
-def check_same_grid(teacher_config, student_config) -> None:
-    """Stages feed teacher and student one batch (one image size, one run of image tokens), so the
-    student must see each image as the teacher does until distillation across unequal grids
-    (METHOD.md, "edge vision"; its losses are `lsd_edge.distill.grid`'s) is in the stage loop."""
-    tv, sv = teacher_config.vision_config, student_config.vision_config
-    kt, ks = image_tokens(teacher_config), image_tokens(student_config)
-    if (tv.image_size, kt) != (sv.image_size, ks):
-        raise RecipeError(
-            "student",
-            [
-                f"it sees a {sv.image_size} px image as {ks} visual tokens, the teacher a "
-                f"{tv.image_size} px image as {kt}; training across unequal visual grids is not in the stage "
-                "loop yet: keep the teacher's image size and patch grid (student.vision_layers, or a smaller "
-                "tower at the teacher's grid, train today); `lsd-edge validate` shows both"
-            ],
-        )
+def student_processor_of(recipe: Recipe, load_teacher, teacher_processor):
+    """The processor the recipe's student speaks through, without building the student where the
+    recipe says it (the teacher's tower, at the student's image size, or a tiny tower of its own)."""
+    spec = recipe.student
+    vision = spec.tiny.vision if spec.tiny is not None else spec.vision
+    if spec.tiny is not None and vision != "teacher":
+        return build_tiny_processor(vision, corpus_words(recipe))
+    if (spec.tiny is not None or spec.llm is not None) and vision in (None, "teacher"):
+        return student_processor(teacher_processor, spec)
+    return build_student(recipe, load_teacher(), teacher_processor, torch.device("cpu"))[1]
 
 
 def trainable_student(model, recipe: Recipe, device: torch.device):

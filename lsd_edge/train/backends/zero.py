@@ -45,6 +45,7 @@ TESTED = "deepspeed>=0.16,<0.20"
 @dataclass
 class ZeroForward(Forward):
     blank_features: torch.Tensor | None = None  # (1, K, D): a blank image's, where the batch has none
+    blank_tower: torch.Tensor | None = None  # (1, K, Dv): the tower features of that blank image
 
 
 def blank_image(model, device: torch.device) -> torch.Tensor:
@@ -60,14 +61,14 @@ class ZeroPass(StudentPass):
 
     def run(self, model, batch: Batch, hidden_states: bool) -> Forward:
         pixels = batch.pixel_values
-        feats = image_features(
+        feats, tower = image_features(
             model, pixels if pixels is not None else blank_image(model, batch.input_ids.device)
         )
         embeds = model.model.get_input_embeddings()(batch.input_ids)
-        blank = None
+        blank = blank_tower = None
         if pixels is None:
             embeds = embeds + feats.sum().to(embeds.dtype) * 0.0  # reached, adds nothing
-            blank, feats = feats, None
+            blank, feats, blank_tower, tower = feats, None, tower, None
         else:
             mask = batch.visual_mask.unsqueeze(-1).expand_as(embeds)
             embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
@@ -79,12 +80,12 @@ class ZeroPass(StudentPass):
             return_dict=True,
         )
         states = out.hidden_states if hidden_states else None
-        return ZeroForward(out.last_hidden_state, states, feats, blank)
+        return ZeroForward(out.last_hidden_state, states, feats, tower, blank, blank_tower)
 
     def unused_map(self, proj: nn.Linear, f: Forward) -> torch.Tensor:
-        blank = getattr(f, "blank_features", None)
-        if blank is not None:  # the same path as with images: projector output -> map
-            return proj(blank.flatten(0, 1).float()).sum() * 0.0
+        for blank in (getattr(f, "blank_features", None), getattr(f, "blank_tower", None)):
+            if blank is not None and blank.shape[-1] == proj.in_features:  # the path a real image takes
+                return proj(blank.flatten(0, 1).float()).sum() * 0.0
         x = torch.zeros(1, proj.in_features, device=proj.weight.device, dtype=proj.weight.dtype)
         return proj(x).float().sum() * 0.0
 

@@ -1,0 +1,89 @@
+"""A student that sees with another visual grid than its teacher (METHOD.md, "edge vision"): the
+stages feed the teacher its own view and distil across the two grids, online and from a cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lsd_edge.errors import RecipeError
+from lsd_edge.models.build import student_processor
+from lsd_edge.recipe.load import parse_recipe
+from lsd_edge.train.pipeline import distill
+from lsd_edge.train.sight import grid_map, same_grid, teacher_view, visual_grid
+
+from ..helpers import scored_here
+
+
+def _edge(recipe_dict, **loss):
+    # the teacher sees 24 px images as 3 x 3 patches of 8 px, the student 16 px ones as 2 x 2: each
+    # student cell overlaps four teacher cells in part (not an integer ratio)
+    recipe_dict["teacher"]["tiny"]["vision"]["image_size"] = 24
+    recipe_dict["student"]["image_size"] = 16
+    for st in recipe_dict["stages"]:
+        if st["kind"] in ("dpt", "dft"):
+            st["loss"] = {"latent": 1.0, **loss}
+    return recipe_dict
+
+
+def test_a_student_on_a_smaller_grid_distils_every_term(recipe_dict):
+    """Student 2 x 2 visual tokens, teacher 3 x 3: every distillation term is computed and finite in
+    DPT and DFT (the teacher's targets pooled onto the student's grid), and the student evaluates."""
+    r = parse_recipe(_edge(recipe_dict))
+    report = distill(r)
+    log = [json.loads(x) for x in (Path(r.run.output_dir) / "log.jsonl").read_text().splitlines()]
+    for stage in ("dpt", "dft"):
+        rows = [x for x in log if x["stage"] == stage]
+        assert rows, stage
+        for term in ("ce", "response_kl", "visual_kl", "relation", "latent"):
+            assert all(torch.isfinite(torch.tensor(x[term])) for x in rows), (stage, term)
+            assert any(x[term] != 0 for x in rows), (stage, term)
+    assert report["student"]["accuracy"] == scored_here(r, Path(r.run.output_dir) / "student")
+    cfg = json.loads((Path(r.run.output_dir) / "student" / "config.json").read_text())
+    assert cfg["vision_config"]["image_size"] == 16
+
+
+def test_a_cached_stage_on_a_smaller_grid_matches_the_online_one(recipe_dict, tmp_path):
+    """The cache stores the pooled targets (top-k covering the whole vocabulary: exact): DFT from the
+    cache logs the losses DFT logs with the teacher online."""
+    logs = {}
+    for cached in (False, True):
+        d = json.loads(json.dumps(recipe_dict))
+        d["run"]["output_dir"] = str(tmp_path / f"run-{cached}")
+        d = _edge(d)
+        d["stages"][2]["loss"]["latent_pairs"] = [["projector", "projector"]]
+        if cached:
+            d["stages"][2]["teacher_cache"] = "auto"
+            d["stages"][2]["teacher_cache_top_k"] = 100000
+        r = parse_recipe(d)
+        distill(r)
+        rows = (Path(r.run.output_dir) / "log.jsonl").read_text().splitlines()
+        logs[cached] = [json.loads(x) for x in rows if json.loads(x)["stage"] == "dft"]
+        if cached:
+            manifest = json.loads((Path(r.run.output_dir) / "teacher-cache" / "dft" / "identity.json").read_text())
+            assert "student_grid" in json.dumps(manifest)
+    for online, cached in zip(logs[False], logs[True], strict=True):
+        for term in ("ce", "response_kl", "visual_kl", "relation", "latent"):
+            assert cached[term] == pytest.approx(online[term], rel=2e-4, abs=1e-6), term
+
+
+def test_grid_and_view_of_two_processors(processor):
+    small = student_processor(processor, type("S", (), {"image_size": 8})())
+    assert same_grid(processor, processor) and teacher_view(processor, processor) is None
+    assert visual_grid(processor, "the teacher") == (2, 2) and visual_grid(small, "the student") == (1, 1)
+    view = teacher_view(processor, small)
+    assert view is not None and view.n_image_tokens == 4
+    g = grid_map(processor, small, temperature=2.0)
+    assert g.p.shape == (1, 4) and torch.allclose(g.p, torch.full((1, 4), 0.25)) and g.temperature == 2.0
+    assert grid_map(processor, processor, 1.0) is None
+
+
+def test_a_tower_whose_tokens_are_not_a_grid_is_refused(processor):
+    """A CLIP tower read with its CLS token gives one token more than its patches: no grid to pool onto."""
+    cls = student_processor(processor, type("S", (), {"image_size": 8})())
+    cls.num_additional_image_tokens = 1
+    with pytest.raises(RecipeError, match="the student gives 2 visual tokens for a 1x1 patch grid"):
+        grid_map(processor, cls, 1.0)
