@@ -79,7 +79,12 @@ def eval_(
 def ablate(
     recipe: Annotated[Path, typer.Argument(help="A TOML recipe.")],
     schemes: Annotated[
-        str, typer.Option("--schemes", help="Comma-separated stage chains, e.g. pt-sft,dpt-sft-dft.")
+        str,
+        typer.Option(
+            "--schemes",
+            help="Comma-separated stage chains, e.g. pt-sft,dpt-sft-dft; ':no-TERM' turns a distillation "
+            "term off in every stage, e.g. dpt-sft-dft:no-visual_kl:no-relation.",
+        ),
     ],
     output: Annotated[
         Path | None, typer.Option("--output", help="Folder for the runs (default <output_dir>/ablate).")

@@ -39,8 +39,26 @@ def stage_template(recipe: Recipe, kind: str) -> StageConfig:
     )
 
 
+def terms_off(scheme: str, switches: list[str]) -> list[str]:
+    """The distillation terms a scheme's `:no-TERM` switches turn off."""
+    off = []
+    for sw in switches:
+        term = sw.removeprefix("no-")
+        if not sw.startswith("no-") or term not in DISTILL_TERMS:
+            raise LsdEdgeError(
+                f"scheme '{scheme}': '{sw}' is not a switch; turn a term off with :no-TERM, TERM one of "
+                f"{', '.join(DISTILL_TERMS)} (e.g. dpt-sft-dft:no-visual_kl)"
+            )
+        off.append(term)
+    return off
+
+
 def scheme_stages(recipe: Recipe, scheme: str) -> list[StageConfig]:
-    kinds = scheme.lower().split("-")
+    """A scheme's stages: kinds joined by '-', then `:no-TERM` switches that set a distillation term's
+    weight to 0 in every stage (e.g. `dpt-sft-dft:no-visual_kl:no-relation`)."""
+    chain, *switches = scheme.lower().split(":")
+    off = terms_off(scheme, switches)
+    kinds = chain.split("-")
     bad = [k for k in kinds if k not in TWIN]
     if not kinds or bad:
         raise LsdEdgeError(
@@ -50,7 +68,9 @@ def scheme_stages(recipe: Recipe, scheme: str) -> list[StageConfig]:
     for kind in kinds:
         used[kind] = used.get(kind, 0) + 1
         name = kind if used[kind] == 1 else f"{kind}{used[kind]}"
-        stages.append(stage_template(recipe, kind).model_copy(update={"name": name}))
+        st = stage_template(recipe, kind)
+        loss = st.loss.model_copy(update=dict.fromkeys(off, 0.0))
+        stages.append(st.model_copy(update={"name": name, "loss": loss}))
     return stages
 
 

@@ -32,6 +32,7 @@ from lsd_edge.recipe.schema import DISTILLING_KINDS, Recipe, StageConfig
 from lsd_edge.train.context import RunContext
 from lsd_edge.train.setup import autocast, pick_stage
 from lsd_edge.train.sight import grid_map, teacher_view, visual_grid
+from lsd_edge.train.student import student_processor_of
 from lsd_edge.train.teacher import TeacherSlot
 from lsd_edge.workspace import Workspace
 
@@ -67,8 +68,6 @@ class StageInputs:
     def student_processor(self):
         """The student's processor (the run's; built from the recipe for the offline commands)."""
         if self._student_processor is None:
-            from lsd_edge.train.student import student_processor_of  # the offline commands only
-
             self._student_processor = student_processor_of(
                 self.ctx.recipe, lambda: self.teacher.get(), self.teacher_processor()
             )

@@ -19,7 +19,18 @@ from lsd_edge.recipe.schema import Recipe, StageConfig
 # of torch.cuda.get_device_name; a GPU not listed gets no MFU figure rather than a guessed one
 # (`lsd-edge memory --measure` takes --peak-tflops for it).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
-LOGGED = ("loss", "ce", "response_kl", "visual_kl", "relation", "latent", "lambda", "lr", "tokens_per_s")
+LOGGED = (
+    "loss",
+    "ce",
+    "response_kl",
+    "visual_kl",
+    "relation",
+    "latent",
+    "vision",
+    "lambda",
+    "lr",
+    "tokens_per_s",
+)
 
 
 def step_flops(

@@ -26,3 +26,18 @@ def test_bad_schemes(recipe_dict):
     recipe_dict["stages"] = [recipe_dict["stages"][1]]
     with pytest.raises(LsdEdgeError, match="no pt or dpt stage"):
         scheme_stages(parse_recipe(recipe_dict), "pt-sft")
+
+
+def test_a_switch_turns_a_term_off_in_every_stage(recipe_dict):
+    r = parse_recipe(recipe_dict)
+    on = scheme_stages(r, "dpt-sft-dft")
+    off = scheme_stages(r, "dpt-sft-dft:no-visual_kl:no-relation")
+    for a, b in zip(on, off, strict=True):
+        assert b.loss.weight("visual_kl") == 0 and b.loss.weight("relation") == 0
+        assert b.loss.weight("response_kl") == a.loss.weight("response_kl") and b.kind == a.kind
+    assert on[0].loss.weight("visual_kl") > 0 and off[0].distills
+    everything = ":".join(f"no-{t}" for t in ("response_kl", "visual_kl", "relation", "latent", "vision"))
+    assert not scheme_stages(r, f"dpt-dft:{everything}")[1].distills
+    for bad in ("dpt-sft:visual_kl", "dpt-sft:no-vis", "dpt-sft:"):
+        with pytest.raises(LsdEdgeError, match=r"is not a switch; turn a term off with :no-TERM"):
+            scheme_stages(r, bad)

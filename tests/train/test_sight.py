@@ -32,13 +32,18 @@ def _edge(recipe_dict, **loss):
 def test_a_student_on_a_smaller_grid_distils_every_term(recipe_dict):
     """Student 2 x 2 visual tokens, teacher 3 x 3: every distillation term is computed and finite in
     DPT and DFT (the teacher's targets pooled onto the student's grid), and the student evaluates."""
-    r = parse_recipe(_edge(recipe_dict))
+    d = _edge(recipe_dict)
+    d["stages"][0]["trainable"] = ["vision", "projector", "llm"]
+    d["stages"][0]["loss"]["vision"] = 1.0
+    r = parse_recipe(d)
     report = distill(r)
     log = [json.loads(x) for x in (Path(r.run.output_dir) / "log.jsonl").read_text().splitlines()]
     for stage in ("dpt", "dft"):
         rows = [x for x in log if x["stage"] == stage]
         assert rows, stage
-        for term in ("ce", "response_kl", "visual_kl", "relation", "latent"):
+        for term in ("ce", "response_kl", "visual_kl", "relation", "latent") + (
+            ("vision",) if stage == "dpt" else ()
+        ):
             assert all(torch.isfinite(torch.tensor(x[term])) for x in rows), (stage, term)
             assert any(x[term] != 0 for x in rows), (stage, term)
     assert report["student"]["accuracy"] == scored_here(r, Path(r.run.output_dir) / "student")
@@ -55,6 +60,8 @@ def test_a_cached_stage_on_a_smaller_grid_matches_the_online_one(recipe_dict, tm
         d["run"]["output_dir"] = str(tmp_path / f"run-{cached}")
         d = _edge(d)
         d["stages"][2]["loss"]["latent_pairs"] = [["projector", "projector"]]
+        d["stages"][2]["trainable"] = ["vision", "projector", "llm"]
+        d["stages"][2]["loss"]["vision"] = 0.5
         if cached:
             d["stages"][2]["teacher_cache"] = "auto"
             d["stages"][2]["teacher_cache_top_k"] = 100000
@@ -63,10 +70,12 @@ def test_a_cached_stage_on_a_smaller_grid_matches_the_online_one(recipe_dict, tm
         rows = (Path(r.run.output_dir) / "log.jsonl").read_text().splitlines()
         logs[cached] = [json.loads(x) for x in rows if json.loads(x)["stage"] == "dft"]
         if cached:
-            manifest = json.loads((Path(r.run.output_dir) / "teacher-cache" / "dft" / "identity.json").read_text())
+            manifest = json.loads(
+                (Path(r.run.output_dir) / "teacher-cache" / "dft" / "identity.json").read_text()
+            )
             assert "student_grid" in json.dumps(manifest)
     for online, cached in zip(logs[False], logs[True], strict=True):
-        for term in ("ce", "response_kl", "visual_kl", "relation", "latent"):
+        for term in ("ce", "response_kl", "visual_kl", "relation", "latent", "vision"):
             assert cached[term] == pytest.approx(online[term], rel=2e-4, abs=1e-6), term
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from lsd_edge.data.dataset import BatchLoader, LlavaDataset
@@ -28,7 +29,7 @@ from lsd_edge.train.pipeline import DistillOptions, distill
 from lsd_edge.train.setup import lr_lambda, param_groups, total_steps
 from lsd_edge.train.teacher import teacher_manifest
 
-from ..helpers import REPO, red_line_after_progress, run, scored_here
+from ..helpers import REPO, scored_here
 
 
 def _batches(processor, shapes_dir, n=8, per=8):
@@ -43,18 +44,22 @@ def _stage(**kw) -> StageConfig:
     return StageConfig.model_validate(base)
 
 
-@pytest.mark.parametrize("term", ["ce", "response_kl", "visual_kl", "relation", "latent"])
+@pytest.mark.parametrize("term", ["ce", "response_kl", "visual_kl", "relation", "latent", "vision"])
 def test_one_step_lowers_each_loss(term, processor, shapes_dir, tiny_teacher, tiny_student):
     student = copy.deepcopy(tiny_student).train()
-    weights = {t: 0.0 for t in ("response_kl", "visual_kl", "relation", "latent")}
+    weights = {t: 0.0 for t in ("response_kl", "visual_kl", "relation", "latent", "vision")}
     if term != "ce":
         weights[term] = 1.0
-    stage = _stage(loss={"ce": 1.0 if term == "ce" else 0.0, **weights, "latent_kind": "mse"})
+    trainable = ["vision", "projector", "llm"]
+    stage = _stage(
+        loss={"ce": 1.0 if term == "ce" else 0.0, **weights, "latent_kind": "mse"}, trainable=trainable
+    )
     (batch,) = _batches(processor, shapes_dir)
     counts = Counts.of([batch], 4)
     latent = None
-    if term == "latent":
-        latent = LatentProjector(stage.loss.latent_pairs, 16, 32)
+    if term in ("latent", "vision"):
+        pairs = stage.loss.latent_pairs if term == "latent" else []
+        latent = LatentProjector(pairs, 16, 32, (32, 32) if term == "vision" else None)
     params = [p for p in student.parameters()] + (list(latent.parameters()) if latent else [])
     opt = torch.optim.SGD(params, lr=0.05)
     vocab = len(processor.tokenizer)
@@ -64,6 +69,27 @@ def test_one_step_lowers_each_loss(term, processor, shapes_dir, tiny_teacher, ti
     with torch.no_grad():
         after = loss_terms(student, OnlineTeacher(tiny_teacher), batch, stage, counts, vocab, latent)[term]
     assert after.item() < before.item()
+
+
+def test_the_tower_term_against_a_plain_reference(processor, shapes_dir, tiny_teacher, tiny_student):
+    """L_tower = sum over visual positions of (1 - cos(W v_s, v_t)) / visual positions, v the towers'
+    feature layers (the hidden state the projector reads)."""
+    stage = _stage(loss={"vision": 1.0, "latent_kind": "cosine"}, trainable=["vision", "projector"])
+    (batch,) = _batches(processor, shapes_dir)
+    counts = Counts.of([batch], 4)
+    latent = LatentProjector([], 16, 32, (32, 32))
+    got = loss_terms(
+        tiny_student, OnlineTeacher(tiny_teacher), batch, stage, counts, len(processor.tokenizer), latent
+    )
+    with torch.no_grad():
+        vs = tiny_student.model.vision_tower(batch.pixel_values, output_hidden_states=True).hidden_states[-1]
+        vt = tiny_teacher.model.vision_tower(batch.pixel_values, output_hidden_states=True).hidden_states[-1]
+        ref = (
+            1 - F.cosine_similarity(latent.tower(vs.flatten(0, 1)), vt.flatten(0, 1), dim=-1)
+        ).sum() / counts.visual
+    torch.testing.assert_close(got["vision"].detach(), ref)
+    with pytest.raises(ValueError, match="loss.vision: the vision-tower term trains the student's tower"):
+        _stage(loss={"vision": 1.0})
 
 
 def test_no_teacher_terms_without_distillation(processor, shapes_dir, tiny_student):
