@@ -39,6 +39,9 @@ DEFAULT_DISTILL_WEIGHTS = {
     "vision": 0.0,
 }
 DISTILL_TERMS = tuple(DEFAULT_DISTILL_WEIGHTS)
+# Terms added after runs were made: left unset (weight 0) unless a recipe gives them, so the identity
+# of a teacher or stage made before them still holds.
+UNSET_UNLESS_GIVEN = ("vision",)
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
@@ -218,7 +221,8 @@ class StageConfig(Strict):
         if isinstance(loss, dict):
             loss = dict(loss)
             for term, default in DEFAULT_DISTILL_WEIGHTS.items():
-                loss.setdefault(term, default if kind in DISTILLING_KINDS else 0.0)
+                if term not in UNSET_UNLESS_GIVEN:
+                    loss.setdefault(term, default if kind in DISTILLING_KINDS else 0.0)
             data["loss"] = loss
         return data
 
