@@ -32,6 +32,14 @@ RESULT_FIELDS: dict[str, tuple[type, ...]] = {
     "accuracy": (float, type(None)),
     "roofline_fraction": (float, type(None)),
 }
+# Added within schema version 1, so checked only where present: the time to first token in parts
+# (medians in ms; None where a row has no such part: vision without an image, a llama.cpp row's
+# vision and first token) and the visual tokens one image becomes.
+SPLIT_FIELDS = ("vision_ms_p50", "prefill_ms_p50", "first_token_ms_p50")
+OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {
+    **{k: (float, type(None)) for k in SPLIT_FIELDS},
+    "visual_tokens": (int, type(None)),
+}
 MACHINE_FIELDS = ("label", "cores", "memory_gib", "gpu", "bandwidth_gb_s")
 
 
@@ -73,6 +81,14 @@ class BenchRow:
     pid: int
     torch_imported: bool
     samples: list[dict] = field(default_factory=list)
+    # TTFT p50 in parts, each its own median (`lsd_edge.bench.worker.split_p50`): vision encoder and
+    # projector, prefill (embedding and decoder over the prompt), first token (the rest: preparing
+    # the prompt and image, picking the token)
+    vision_ms_p50: float | None = None
+    prefill_ms_p50: float | None = None
+    first_token_ms_p50: float | None = None
+    visual_tokens: int | None = None  # per image, from the model's config (None: not known)
+    params_by_group: dict[str, int] | None = None  # vision, projector, llm, total
 
 
 @dataclass
@@ -114,9 +130,10 @@ def check_schema(data: dict[str, Any]) -> list[str]:
     if not isinstance(results, list) or not results:
         return problems + ["results: not a non-empty list"]
     for i, row in enumerate(results):
-        for k, types in RESULT_FIELDS.items():
+        for k, types in (RESULT_FIELDS | OPTIONAL_FIELDS).items():
             if k not in row:
-                problems.append(f"results[{i}].{k}: missing")
+                if k in RESULT_FIELDS:
+                    problems.append(f"results[{i}].{k}: missing")
             elif not isinstance(row[k], types) or isinstance(row[k], bool):
                 problems.append(f"results[{i}].{k}: {type(row[k]).__name__}, not {types[0].__name__}")
     return problems
@@ -127,8 +144,47 @@ def write_result(result: BenchResult, path: Path) -> Path:
     return Path(path)
 
 
+# The parts of the time to first token, in the order they are stacked, with their chart colours.
+PARTS = (
+    ("vision", "vision_ms_p50", "#8172b2"),
+    ("prefill", "prefill_ms_p50", "#dd8452"),
+    ("first token", "first_token_ms_p50", "#937860"),
+)
+
+
+def ttft_parts(row: BenchRow) -> list[tuple[str, float]]:
+    """(part, ms) of a row's TTFT that it measured, in PARTS order; a row without a split: [("TTFT", p50)]."""
+    parts = [(name, v) for name, key, _ in PARTS if (v := getattr(row, key)) is not None]
+    return parts or [("TTFT", row.ttft_ms_p50)]
+
+
+def fmt_split(row: BenchRow) -> str:
+    """ "vision / prefill / first token" in ms, "-" for a part the row does not have."""
+    if row.prefill_ms_p50 is None:
+        return "n/a"
+    return " / ".join("-" if (v := getattr(row, key)) is None else f"{v:,.1f}" for _, key, _ in PARTS)
+
+
+def _ttft_panel(ax, rows: list[BenchRow], y) -> None:
+    """TTFT p50 per row as stacked parts (vision, prefill, first token)."""
+    colours = {name: c for name, _, c in PARTS}
+    seen = set()
+    for i, r in enumerate(rows):
+        left = 0.0
+        for name, v in ttft_parts(r):
+            label = None if name in seen else name
+            seen.add(name)
+            ax.barh(y[i], v, left=left, color=colours.get(name, "#999999"), label=label)
+            left += v
+        ax.text(left, y[i], f" {r.ttft_ms_p50:,.0f} ms", va="center", fontsize=8)
+    ax.set_xlabel("TTFT p50 ms: vision / prefill / first token (lower is better)")
+    ax.set_xlim(0, max(r.ttft_ms_p50 for r in rows) * 1.35)
+    ax.legend(fontsize=7, loc="lower right")
+
+
 def plot(result: BenchResult, path: Path) -> Path:
-    """Decode tokens/s and peak memory bars per row, accuracy and roofline fraction written on them."""
+    """Decode tokens/s, the time to first token in parts and peak memory per row, accuracy and
+    roofline fraction written on the decode bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,7 +196,7 @@ def plot(result: BenchResult, path: Path) -> Path:
     colors = [
         "#c44e52" if r.role == "teacher" else "#4c72b0" if r.backend == "torch" else "#55a868" for r in rows
     ]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 1.0 + 0.7 * len(rows)), sharey=True)
+    fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(17, 1.4 + 0.7 * len(rows)), sharey=True)
     speed = [r.decode_tokens_per_s for r in rows]
     ax1.barh(y, speed, color=colors)
     for i, r in enumerate(rows):
@@ -151,6 +207,7 @@ def plot(result: BenchResult, path: Path) -> Path:
     ax1.invert_yaxis()
     ax1.set_xlabel("decode tokens/s (higher is better)")
     ax1.set_xlim(0, max(speed) * 1.6)
+    _ttft_panel(ax3, rows, y)
     mem = [r.peak_mem_mb for r in rows]
     ax2.barh(y, mem, color=colors)
     for i, m in enumerate(mem):
@@ -175,14 +232,17 @@ def fmt_percent(f: float | None) -> str:
 def to_markdown(result: BenchResult) -> str:
     """The table and the ratio lines as Markdown, for docs and reports."""
     head = (
-        "| model | backend | decode tok/s | prefill tok/s | TTFT p50 / p90 ms | e2e tok/s | peak MB "
+        "| model | backend | decode tok/s | prefill tok/s | TTFT p50 / p90 ms "
+        "| TTFT split ms (vision / prefill / first token) | visual tokens | e2e tok/s | peak MB "
         "| size MB | params | accuracy | roofline |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 13]
     for r in result.results:
+        tokens = "n/a" if r.visual_tokens is None else str(r.visual_tokens)
         lines.append(
             f"| {r.name} | {r.backend} {r.precision} | {r.decode_tokens_per_s:,.1f} | "
             f"{r.prefill_tokens_per_s:,.0f} | {r.ttft_ms_p50:,.1f} / {r.ttft_ms_p90:,.1f} | "
+            f"{fmt_split(r)} | {tokens} | "
             f"{r.e2e_tokens_per_s:,.1f} | {r.peak_mem_mb:,.0f} | {r.size_mb:,.2f} | {r.params:,} | "
             f"{fmt_percent(r.accuracy)} | {fmt_percent(r.roofline_fraction)} |"
         )

@@ -95,13 +95,14 @@ def roofline(decode_tps: float, weight_bytes: float, bandwidth: float) -> tuple[
     return top, decode_tps / top
 
 
-def params_of(target: Target) -> int:
-    """Parameters from the folder's config.json (or the architecture's), counted on the meta device."""
+def shape_of(target: Target) -> ModelShape:
+    """Parameters per group and visual tokens per image from the folder's config.json (or the
+    architecture's), counted on the meta device."""
     if target.arch is not None:
         config = target.arch.config()
     else:
         config = LlavaConfig.from_pretrained(str(target.path))
-    return ModelShape.of(config).params["total"]
+    return ModelShape.of(config)
 
 
 def efficiency_ratios(rows: list[BenchRow]) -> list[dict[str, Any]]:
@@ -143,9 +144,10 @@ def _torch_dtype(target: Target, settings: BenchSettings) -> str:
 
 
 def make_row(
-    target: Target, w: dict[str, Any], precision: str, device: str, params: int, bandwidth: float
+    target: Target, w: dict[str, Any], precision: str, device: str, shape: ModelShape, bandwidth: float
 ) -> BenchRow:
-    """A worker's measurements with the row's identity, parameters, headline memory and roofline."""
+    """A worker's measurements with the row's identity, parameters, visual tokens, headline memory
+    and roofline."""
     weight_bytes = w["weight_mb_per_token"] * 2**20
     top, frac = roofline(w["decode_tokens_per_s"], weight_bytes, bandwidth) if weight_bytes else (None, None)
     if device == "cuda":
@@ -162,7 +164,9 @@ def make_row(
         device=device,
         path=None if target.path is None else str(target.path),
         peak_mem_mb=float(peak),
-        params=int(params),
+        params=int(shape.params["total"]),
+        params_by_group=dict(shape.params),
+        visual_tokens=int(shape.image_tokens),
         roofline_fraction=frac,
         roofline_tokens_per_s=top,
     )
@@ -239,7 +243,7 @@ def bench(
             reporter.task(spec.name, spec.warmup + spec.repeats * len(spec.prompts) + len(spec.eval_items))
             w = run_worker(spec, tmp / f"row{i}.json", reporter)
             reporter.done()
-            rows.append(make_row(t, w, precision, settings.device, params_of(t), bandwidth))
+            rows.append(make_row(t, w, precision, settings.device, shape_of(t), bandwidth))
         if llama is not None:  # at the depth the other rows decoded at
             reporter.message(f"llama-bench on {len(llama.ggufs)} GGUF file(s)")
             depth = max((r.prompt_tokens for r in rows), default=512)

@@ -66,10 +66,27 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1000 * seconds
+
+
+def split_p50(gens: list) -> dict[str, float | None]:
+    """The median of each part of the time to first token (`Generation.vision_s`, `prefill_s`,
+    `first_token_s`) in ms; a part no generation timed (vision without an image) is None. Each is
+    its own median: their sum is close to, not exactly, the TTFT's median."""
+    out = {}
+    for key, part in (("vision", "vision_s"), ("prefill", "prefill_s"), ("first_token", "first_token_s")):
+        values = [v for g in gens if (v := getattr(g, part)) is not None]
+        out[f"{key}_ms_p50"] = percentile([1000 * v for v in values], 50) if values else None
+    return out
+
+
 def summarize(gens: list) -> dict[str, Any]:
-    """Medians (decode, prefill, end-to-end tokens/s) and TTFT p50/p90 of timed `Generation`s."""
+    """Medians (decode, prefill, end-to-end tokens/s), TTFT p50/p90 and the median of each part of
+    the TTFT (`split_p50`) of timed `Generation`s."""
     ttft = [1000 * g.ttft_s for g in gens]
     return {
+        **split_p50(gens),
         "runs": len(gens),
         "prompt_tokens": int(np.median([g.prompt_tokens for g in gens])),
         "new_tokens": int(np.median([g.new_tokens for g in gens])),
@@ -81,6 +98,11 @@ def summarize(gens: list) -> dict[str, Any]:
         "samples": [
             {
                 "ttft_ms": round(1000 * g.ttft_s, 3),
+                # the same generation's TTFT in parts: vision + prefill + first token = ttft_ms
+                **{
+                    f"{k}_ms": None if (v := ms(getattr(g, f"{k}_s"))) is None else round(v, 3)
+                    for k in ("vision", "prefill", "first_token")
+                },
                 "decode_tokens_per_s": round(g.decode_tokens_per_s, 2),
                 "prompt_tokens": g.prompt_tokens,
                 "new_tokens": g.new_tokens,

@@ -130,8 +130,9 @@ def bench_(
         list[str] | None,
         typer.Option(
             "--arch",
-            help="Also measure a real architecture with random weights (repeatable): qwen0.5b, qwen1.8b "
-            "(students, with their ONNX int8 export), qwen4b, llava7b (bf16 teachers).",
+            help="A real architecture, random weights (repeatable): students qwen0.5b, qwen1.8b (SigLIP-so400m "
+            "at 384 px: 729 visual tokens), qwen0.5b-edge-b16 (SigLIP-B/16 at 224 px: 196), qwen0.5b-edge-224, "
+            "qwen0.5b-edge-168 (so400m at 224 / 168 px: 256 / 144), with ONNX rows; teachers qwen4b, llava7b.",
         ),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
@@ -215,9 +216,8 @@ def bench_(
     )
     from lsd_edge.bench.runner import bench  # it exports random-weight models: ONNX's libraries
 
-    result = bench(
-        teacher, student, onnx, arch, settings, reporter(), command="lsd-edge " + " ".join(sys.argv[1:])
-    )
+    command = "lsd-edge " + " ".join(sys.argv[1:])
+    result = bench(teacher, student, onnx, arch, settings, reporter(), command=command)
     # Piped output has no terminal width, and rich would wrap the table into 80 columns.
     (out if out.is_terminal else Console(width=160)).print(render.bench_table(result))
     for line in render.bench_lines(result):

@@ -14,7 +14,7 @@ from rich.console import RenderableType
 from rich.table import Table
 from rich.tree import Tree
 
-from lsd_edge.bench.report import BenchResult, fmt_percent
+from lsd_edge.bench.report import BenchResult, fmt_percent, fmt_split
 
 
 def tree(label: str, data: Any, node: Tree | None = None) -> Tree:
@@ -279,8 +279,17 @@ def bench_table(result: BenchResult) -> Table:
         f"{s['prompts']} prompts x {s['repeats']} repeats, {s['max_new_tokens']} new tokens, "
         f"{s['threads']} thread(s) per process",
     )
-    heads = ("model", "decode\ntok/s", "prefill\ntok/s", "TTFT ms\np50 / p90", "e2e\ntok/s", "peak\nMB")
-    for col in (*heads, "size\nMB", "params", "accuracy", "roof-\nline"):
+    heads = ("model", "decode\ntok/s", "prefill\ntok/s", "TTFT ms\np50 / p90", "TTFT split ms\nvis/pre/1st")
+    for col in (
+        *heads,
+        "visual\ntokens",
+        "e2e\ntok/s",
+        "peak\nMB",
+        "size\nMB",
+        "params",
+        "accuracy",
+        "roof-\nline",
+    ):
         t.add_column(col, justify="left" if col == "model" else "right")
     for r in result.results:
         name = f"[bold]{r.name}[/bold]" if r.role == "teacher" else r.name
@@ -289,6 +298,8 @@ def bench_table(result: BenchResult) -> Table:
             f"{r.decode_tokens_per_s:,.1f}",
             f"{r.prefill_tokens_per_s:,.0f}",
             f"{r.ttft_ms_p50:,.1f} / {r.ttft_ms_p90:,.1f}",
+            fmt_split(r),
+            "n/a" if r.visual_tokens is None else str(r.visual_tokens),
             f"{r.e2e_tokens_per_s:,.1f}",
             f"{r.peak_mem_mb:,.0f}",
             f"{r.size_mb:,.2f}",

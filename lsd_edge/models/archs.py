@@ -1,11 +1,16 @@
 """Real architectures from their published config.json values: real sizes without downloading weights.
 
 `ARCHS` names the models the shipped recipes use (LLaVA-KD's SigLIP + Qwen1.5 students, the
-llava-interleave-qwen-7b teacher) and a 4B-class teacher that fits a 24 GiB machine in bf16. Each
-builds a `LlavaConfig` with the checkpoint's sizes (hidden, layers, heads, MLP width, vocabulary
-rows, tied or untied embeddings; SigLIP-so400m at 384 px: 729 visual tokens), so `lsd-edge bench
---arch` measures speed and memory at real size with random weights, and `lsd_edge.memory` tests
-estimate the real recipes offline. The tokenizer that goes with them is a small word-level one
+llava-interleave-qwen-7b teacher), a 4B-class teacher that fits a 24 GiB machine in bf16, and edge
+students that see with fewer visual tokens (METHOD.md, "edge vision"): Qwen1.5-0.5B behind a smaller
+SigLIP tower, or behind the teacher's tower at a lower resolution. Each builds a `LlavaConfig` with
+the checkpoint's sizes (hidden, layers, heads, MLP width, vocabulary rows, tied or untied embeddings;
+SigLIP-so400m at 384 px: 729 visual tokens), so `lsd-edge bench --arch` measures speed and memory at
+real size with random weights, and `lsd_edge.memory` tests estimate the real recipes offline. A
+student's config is composed as `lsd-edge distill` composes it from its recipe's [student] table
+(`Arch.student`: the tower as `student.vision` gives it, cut by `student.image_size` and
+`student.vision_layers`, `lsd_edge.models.build.composed_llava_config`), so an edge arch is the
+student that recipe would build, with random weights. The tokenizer that goes with them is a small word-level one
 (`arch_processor`): prompts are a few tokens shorter than Qwen's would be, the 729 visual tokens
 and every weight are real-sized.
 """
@@ -16,12 +21,19 @@ from dataclasses import dataclass
 
 from transformers import LlavaConfig, Qwen2Config, SiglipVisionConfig
 
-from lsd_edge.models.build import word_level_processor
+from lsd_edge.models.build import composed_llava_config, student_tower, word_level_processor
 from lsd_edge.models.tokens import IMAGE_TOKEN, SPECIAL_TOKENS
+from lsd_edge.models.vision import Tower
+from lsd_edge.recipe.schema import StudentConfig
 
 # SigLIP-so400m/14 at 384 px as llava-interleave-qwen-7b-hf reads it (26 of its 27 layers, all patches).
 SIGLIP_SO400M = dict(hidden=1152, intermediate=4304, layers=26, heads=16, image_size=384)
 PATCH = 14
+# SigLIP-B/16 at 224 px (google/siglip-base-patch16-224's vision config; SigLIP2-base has the same
+# sizes): 12 layers of 768, 14 x 14 = 196 visual tokens, about 86M parameters against so400m's 400M.
+SIGLIP_B16 = dict(hidden=768, intermediate=3072, layers=12, heads=12, image_size=224, patch=16)
+SIGLIP_B16_REF = "google/siglip-base-patch16-224"
+QWEN05_REF = "Qwen/Qwen1.5-0.5B-Chat"
 QWEN15_VOCAB = 151936
 # Qwen1.5-*-Chat config.json: hidden, layers, heads (= kv heads), MLP width, tied embeddings.
 QWEN15 = {
@@ -112,11 +124,21 @@ class Arch:
     text: dict
     dtype: str  # torch dtype on the CPU: a 4B/7B teacher's fp32 weights would not fit in 24 GiB
     onnx: bool  # also measure its ONNX int8 export (students)
+    # A student's [student] recipe fields (vision, llm, image_size, vision_layers): `vision` sizes the
+    # tower that `student.vision` names, and the config is composed as distill composes it.
+    student: dict | None = None
 
     def config(self):
         """The LlavaConfig, with the `<image>` id of `arch_processor`'s word-level tokenizer."""
-        vision = siglip_config(**self.vision)
-        return llava_config(vision, qwen2_config(**self.text), ARCH_IMAGE_TOKEN, layer=-1)
+        # the tower as distill takes it: read at its last layer with every patch (`Tower.of_config`,
+        # what `load_siglip` gives, and how llava-interleave reads the teacher's)
+        tower = Tower.of_config(siglip_config(**self.vision))
+        text = qwen2_config(**self.text)
+        if self.student is None:
+            return llava_config(tower.config, text, ARCH_IMAGE_TOKEN, layer=tower.feature_layer)
+        spec = StudentConfig(**self.student)
+        tower = student_tower(spec, tower, f"--arch {self.name}'s tower")
+        return composed_llava_config(spec, tower, text, ARCH_IMAGE_TOKEN)
 
     def build(self, words: list[str]):
         """(LlavaConfig, processor): a word-level tokenizer over `words` (ChatML) whose `<image>` id
@@ -138,7 +160,16 @@ def arch_processor(image_size: int, patch_size: int, words: list[str]):
 
 def _qwen_arch(name: str, description: str, role: str, size: str, dtype: str, vocab: int = QWEN15_VOCAB):
     text = dict(vocab=vocab, max_positions=32768, **QWEN15[size])
-    return Arch(name, description, role, SIGLIP_SO400M, text, dtype, onnx=role == "student")
+    student = dict(vision="teacher", llm=f"Qwen/Qwen1.5-{size.upper()}-Chat") if role == "student" else None
+    return Arch(name, description, role, SIGLIP_SO400M, text, dtype, onnx=role == "student", student=student)
+
+
+def _edge_arch(name: str, description: str, tower: dict, **student):
+    """A Qwen1.5-0.5B student (as `qwen0.5b`) whose [student] table sees with fewer visual tokens:
+    `tower` sizes the SigLIP that `student["vision"]` names."""
+    text = dict(vocab=QWEN15_VOCAB, max_positions=32768, **QWEN15["0.5b"])
+    spec = dict(llm=QWEN05_REF, **student)
+    return Arch(name, description, "student", tower, text, "float32", onnx=True, student=spec)
 
 
 ARCHS = {
@@ -150,6 +181,29 @@ ARCHS = {
             "student",
             "0.5b",
             "float32",
+        ),
+        _edge_arch(
+            "qwen0.5b-edge-b16",
+            f"edge student: SigLIP-B/16 at 224 px (196 visual tokens, student.vision = {SIGLIP_B16_REF}) "
+            "+ Qwen1.5-0.5B",
+            SIGLIP_B16,
+            vision=SIGLIP_B16_REF,
+        ),
+        _edge_arch(
+            "qwen0.5b-edge-224",
+            "edge student: the teacher's SigLIP-so400m at 224 px (256 visual tokens, student.image_size "
+            "= 224) + Qwen1.5-0.5B",
+            SIGLIP_SO400M,
+            vision="teacher",
+            image_size=224,
+        ),
+        _edge_arch(
+            "qwen0.5b-edge-168",
+            "edge student: the teacher's SigLIP-so400m at 168 px (144 visual tokens, student.image_size "
+            "= 168) + Qwen1.5-0.5B",
+            SIGLIP_SO400M,
+            vision="teacher",
+            image_size=168,
         ),
         _qwen_arch(
             "qwen1.8b",

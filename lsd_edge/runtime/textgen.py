@@ -25,10 +25,23 @@ class Generation:
     total_s: float
     stopped: str = "length"  # "stop" (a stop token) or "length" (max_new_tokens)
     extra: dict = field(default_factory=dict)
+    # ttft_s in parts, timed where each happens in the one generation (`generate_tokens`): the vision
+    # encoder and projector (None: no image was seen), and the prefill: the embedding and the decoder
+    # over the prompt, the vision part excluded. None when the runner did not time them.
+    vision_s: float | None = None
+    prefill_s: float | None = None
 
     @property
     def new_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def first_token_s(self) -> float | None:
+        """The rest of ttft_s: preparing the prompt and the image (tokenizing, resizing, normalising)
+        and picking the first token from the prefill's logits."""
+        if self.prefill_s is None:
+            return None
+        return self.ttft_s - self.prefill_s - (self.vision_s or 0.0)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -44,6 +57,35 @@ class Generation:
     @property
     def e2e_tokens_per_s(self) -> float:
         return self.new_tokens / self.total_s if self.total_s > 0 else 0.0
+
+
+class PartTimer:
+    """Wall seconds spent between `start()` and `stop()` (or inside `with timer:`), summed over the
+    calls; None until one finished. A runner times the part of its prefill that runs inside it (the
+    vision encoder) with one; `sync` waits for the device before each clock read."""
+
+    def __init__(self, sync: Callable[[], None] = lambda: None):
+        self.sync = sync
+        self.seconds: float | None = None
+        self._t: float | None = None
+
+    def start(self) -> None:
+        self.sync()
+        self._t = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._t is None:  # a stop without its start (a hook seen alone): nothing to add
+            return
+        self.sync()
+        self.seconds = (self.seconds or 0.0) + time.perf_counter() - self._t
+        self._t = None
+
+    def __enter__(self) -> PartTimer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 @dataclass
@@ -158,18 +200,26 @@ def generate_tokens(
     vocab_rows: int | None = None,
     t0: float | None = None,
     sync: Callable[[], None] = lambda: None,
+    vision: PartTimer | None = None,
 ) -> Generation:
     """One generation as every runner runs it: `prefill()` gives the last prompt position's logits (V,),
     the first token is picked from them, then `decode_loop` feeds tokens to `step`. `decode` turns
     token ids into text for streaming; `sync` waits for the device before a clock is read; `t0` is
-    when the request came in (image preprocessing counts toward the time to first token)."""
+    when the request came in (image preprocessing counts toward the time to first token); `vision`
+    is the timer the runner's prefill runs its vision encoder under (Generation.vision_s)."""
     sampling = sampling or SamplingParams()
     rng = np.random.default_rng(sampling.seed)
     stream = StreamDecoder(decode, on_text)
     t0 = time.perf_counter() if t0 is None else t0
-    first = pick_token(prefill(), sampling, rng, vocab_rows)
+    t_prefill = time.perf_counter()
+    logits = prefill()
+    sync()
+    t_logits = time.perf_counter()
+    first = pick_token(logits, sampling, rng, vocab_rows)
     sync()
     ttft = time.perf_counter() - t0
+    vision_s = None if vision is None else vision.seconds
+    prefill_s = t_logits - t_prefill - (vision_s or 0.0)
     stopped = decode_loop(
         first,
         step,
@@ -182,4 +232,14 @@ def generate_tokens(
         ignore_eos=ignore_eos,
     )
     sync()
-    return Generation(stream.text(), list(stream.ids), prompt_tokens, ttft, time.perf_counter() - t0, stopped)
+    total = time.perf_counter() - t0
+    return Generation(
+        stream.text(),
+        list(stream.ids),
+        prompt_tokens,
+        ttft,
+        total,
+        stopped,
+        vision_s=vision_s,
+        prefill_s=prefill_s,
+    )

@@ -10,6 +10,7 @@ distill's eval split, the export gates' PyTorch accuracy and regenerated data us
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from lsd_edge.models.info import dir_size_mb
 from lsd_edge.models.load import load_llava
 from lsd_edge.models.tokens import stop_token_ids
 from lsd_edge.runtime.runner import Progress, RunnerBase
-from lsd_edge.runtime.textgen import Generation, SamplingParams, generate_tokens
+from lsd_edge.runtime.textgen import Generation, PartTimer, SamplingParams, generate_tokens
 
 
 class TorchRunner(RunnerBase):
@@ -121,7 +122,8 @@ class TorchRunner(RunnerBase):
                 logits.append(row)
             return row
 
-        with torch.inference_mode():
+        vision = PartTimer(self._sync)
+        with torch.inference_mode(), self._timed_vision(vision):
             return generate_tokens(
                 prefill,
                 step,
@@ -135,7 +137,23 @@ class TorchRunner(RunnerBase):
                 vocab_rows=self.vocab_rows,
                 t0=t0,
                 sync=self._sync,
+                vision=vision,
             )
+
+    @contextmanager
+    def _timed_vision(self, timer: PartTimer):
+        """`timer` runs from the vision tower's input to the projector's output: LLaVA's forward
+        encodes the image inside the prefill, and hooks time it there, without a second pass."""
+        inner = self.model.model
+        hooks = [
+            inner.vision_tower.register_forward_pre_hook(lambda *_: timer.start()),
+            inner.multi_modal_projector.register_forward_hook(lambda *_: timer.stop()),
+        ]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
 
     def images_input(self, images: list) -> torch.Tensor | None:
         return self.pixel_values(images)

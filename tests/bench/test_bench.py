@@ -8,15 +8,17 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from lsd_edge.bench.machine import memory_bandwidth
 from lsd_edge.bench.plan import BenchSettings, bench_defaults, eval_questions, plan
-from lsd_edge.bench.report import check_schema
+from lsd_edge.bench.report import MACHINE_FIELDS, RESULT_FIELDS, check_schema
 from lsd_edge.bench.runner import bench, efficiency_ratios, roofline
 from lsd_edge.bench.torch_rows import torch_decode_bytes
+from lsd_edge.bench.worker import split_p50
 from lsd_edge.cli.main import main
 from lsd_edge.errors import BenchError
 from lsd_edge.evaluate.score import exact_match
@@ -113,6 +115,64 @@ def test_tiny_bench_json_schema_table_and_chart(tiny_bench, onnx_dir, shapes_dir
 
 
 @pytest.mark.slow  # two worker processes, each importing torch or onnxruntime
+def test_every_row_splits_its_time_to_first_token(tiny_bench, teacher_dir, onnx_dir):
+    """vision + prefill + first token: per generation they make up its TTFT (to the 3 decimals the
+    JSON keeps), as medians they sit beside the TTFT's; visual tokens per image from the config."""
+    out, data, _, _ = tiny_bench
+    for r in data["results"]:
+        parts = [r["vision_ms_p50"], r["prefill_ms_p50"], r["first_token_ms_p50"]]
+        assert all(v >= 0 for v in parts) and r["vision_ms_p50"] > 0 and r["prefill_ms_p50"] > 0
+        assert sum(parts) <= 1.5 * r["ttft_ms_p90"]
+        for g in r["samples"]:
+            split = g["vision_ms"] + g["prefill_ms"] + g["first_token_ms"]
+            assert split == pytest.approx(g["ttft_ms"], abs=2e-3)
+            assert min(g["vision_ms"], g["prefill_ms"], g["first_token_ms"]) >= 0
+    teacher, onnx = data["results"]
+    # 16 px images, patch 8: 2 x 2 patches, as the ONNX runner's vision encoder returns them
+    assert teacher["visual_tokens"] == onnx["visual_tokens"] == OnnxRunner(onnx_dir).n_image_tokens == 4
+    assert onnx["params_by_group"]["total"] == onnx["params"] and onnx["params_by_group"]["vision"] > 0
+    assert "TTFT split ms" in out and "vis/pre/1st" in out
+
+
+def _slowed(fn, seconds: float):
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return fn(*args, **kwargs)
+
+    return slow
+
+
+class _SlowSession:
+    """An ONNX Runtime session whose run takes `seconds` longer."""
+
+    def __init__(self, session, seconds: float):
+        self.session, self.run = session, _slowed(session.run, seconds)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def test_runners_time_the_vision_encoder_where_it_runs(teacher_dir, onnx_dir, shapes_dir):
+    """A vision encoder made 0.1 s slower shows in the vision part, not in the prefill; a question
+    without an image has no vision part."""
+    from lsd_edge.runtime.torch_runner import TorchRunner
+
+    (it,) = eval_questions(shapes_dir / "eval.json", shapes_dir / "images", 1)
+    torch_runner, onnx_runner = TorchRunner(teacher_dir), OnnxRunner(onnx_dir, variant="int8")
+    tower = torch_runner.model.model.vision_tower
+    tower.forward = _slowed(tower.forward, 0.1)
+    onnx_runner.sessions["vision_encoder"] = _SlowSession(onnx_runner.sessions["vision_encoder"], 0.1)
+    for runner in (torch_runner, onnx_runner):
+        g = runner.generate(it["image"], it["question"], 3, ignore_eos=True)
+        assert g.vision_s >= 0.1 and 0 <= g.prefill_s < 0.1 and g.first_token_s >= 0
+        assert g.vision_s + g.prefill_s + g.first_token_s == pytest.approx(g.ttft_s, abs=1e-9)
+        plain = runner.generate(None, it["question"], 3, ignore_eos=True)
+        assert plain.vision_s is None and 0 <= plain.prefill_s < 0.1 and plain.first_token_s >= 0
+    # the hooks that time the tower are gone after the generation
+    assert not tower._forward_pre_hooks and not torch_runner.model.model.multi_modal_projector._forward_hooks
+
+
+@pytest.mark.slow  # two worker processes, each importing torch or onnxruntime
 def test_each_row_runs_in_its_own_process(tiny_bench):
     _, data, _, _ = tiny_bench
     teacher, onnx = data["results"]
@@ -138,6 +198,59 @@ def test_schema_problems_are_named():
         "results[0].decode_tokens_per_s: str, not float" in problems
         and "results[0].params: missing" in problems
     )
+
+
+def test_the_split_is_checked_where_a_row_has_it():
+    """Added within schema version 1: an older JSON without the split conforms, a wrong type does not."""
+    row = {k: types[0](1) for k, types in RESULT_FIELDS.items()}
+    doc = {"schema_version": 1, "machine": dict.fromkeys(MACHINE_FIELDS, ""), "results": [row]}
+    assert check_schema(doc) == []
+    row.update(vision_ms_p50=None, prefill_ms_p50=2.5, first_token_ms_p50=0.5, visual_tokens=196)
+    assert check_schema(doc) == []
+    row.update(prefill_ms_p50="fast", visual_tokens=19.6)
+    assert check_schema(doc) == [
+        "results[0].prefill_ms_p50: str, not float",
+        "results[0].visual_tokens: float, not int",
+    ]
+
+
+def test_split_medians_leave_out_a_part_no_generation_had():
+    from lsd_edge.runtime.textgen import Generation
+
+    gens = [
+        Generation("", [1], 9, ttft_s=t, total_s=1.0, vision_s=v, prefill_s=p)
+        for t, v, p in ((0.010, 0.004, 0.005), (0.012, 0.006, 0.005), (0.020, 0.005, 0.013))
+    ]
+    split = split_p50(gens)
+    assert split["vision_ms_p50"] == pytest.approx(5.0) and split["prefill_ms_p50"] == pytest.approx(5.0)
+    assert split["first_token_ms_p50"] == pytest.approx(1.0)
+    plain = [Generation("", [1], 9, ttft_s=0.01, total_s=1.0, prefill_s=0.008)]
+    assert split_p50(plain) == {
+        "vision_ms_p50": None,
+        "prefill_ms_p50": pytest.approx(8.0),
+        "first_token_ms_p50": pytest.approx(2.0),
+    }
+
+
+def test_edge_archs_are_bench_rows():
+    targets, source, _ = plan(None, None, [], ["qwen0.5b", "qwen0.5b-edge-b16"], BenchSettings())
+    assert [(t.name, t.backend, t.variant) for t in targets] == [
+        ("qwen0.5b", "torch", None),
+        ("qwen0.5b", "onnx", "int8"),
+        ("qwen0.5b-edge-b16", "torch", None),
+        ("qwen0.5b-edge-b16", "onnx", "int8"),
+    ]
+    assert "qwen0.5b-edge-b16" in source
+
+
+def test_bench_help_names_every_arch(monkeypatch, capsys):
+    from lsd_edge.models.archs import ARCHS
+
+    code, out, _ = run(monkeypatch, capsys, "bench", "--help")
+    flat = " ".join(out.replace("│", " ").split())
+    assert code == 0 and all(name in flat for name in ARCHS)
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert all(f"`{name}`" in readme for name in ARCHS)
 
 
 def test_roofline_and_ratios():

@@ -10,7 +10,7 @@ import pytest
 
 from lsd_edge.bench.llama_cpp import LlamaBench, llama_rows, measure_gguf, run_json
 from lsd_edge.bench.plan import BenchSettings
-from lsd_edge.bench.report import check_schema, to_markdown
+from lsd_edge.bench.report import check_schema, fmt_split, plot, to_markdown, ttft_parts
 from lsd_edge.bench.runner import bench
 from lsd_edge.errors import BenchError
 
@@ -88,6 +88,12 @@ def test_prefill_from_empty_and_decode_at_depth(tmp_path):
     assert (row.label, row.backend, row.accuracy) == ("student-Q8_0 (llama.cpp Q8_0)", "llama.cpp", None)
     assert row.roofline_fraction == pytest.approx(40.0 / (50e9 / 500_000_000))
     assert row.ttft_ms_p90 > row.ttft_ms_p50 and 0 < row.cpu_share <= 0.55
+    # llama-bench times the LLM's prefill alone: the whole of its TTFT, no vision, no visual tokens
+    assert row.prefill_ms_p50 == row.ttft_ms_p50 == m["ttft_ms_p50"]
+    assert row.vision_ms_p50 is None and row.first_token_ms_p50 is None and row.visual_tokens is None
+    assert fmt_split(row) == f"- / {row.ttft_ms_p50:,.1f} / -" and ttft_parts(row) == [
+        ("prefill", row.ttft_ms_p50)
+    ]
 
 
 def test_a_run_is_measured_by_its_own_cpu_time(tmp_path):
@@ -154,4 +160,9 @@ def test_llama_rows_beside_the_onnx_row(tmp_path, onnx_dir, shapes_dir):
     assert llama_row.new_tokens == 4 and llama_row.threads == 1
     assert check_schema(result.as_dict()) == []
     assert json.loads(json.dumps(result.as_dict()))["settings"]["gguf"] == [str(gguf)]
-    assert "| student-Q8_0 | llama.cpp Q8_0 | 40.0 |" in to_markdown(result)
+    md = to_markdown(result)
+    assert "| student-Q8_0 | llama.cpp Q8_0 | 40.0 |" in md
+    assert f"| {fmt_split(llama_row)} | n/a |" in md and f"| {fmt_split(onnx_row)} | 4 |" in md
+    assert onnx_row.vision_ms_p50 > 0 and onnx_row.visual_tokens == 4
+    # the chart stacks what each row has: the ONNX row's three parts, llama.cpp's prefill
+    assert plot(result, tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,10 +1,21 @@
-"""Torch-free generation pieces: token picking and streaming text."""
+"""Torch-free generation pieces: token picking, streaming text, the time to first token in parts."""
 
 from __future__ import annotations
 
-import numpy as np
+import time
 
-from lsd_edge.runtime.textgen import Generation, SamplingParams, StreamDecoder, decode_loop, pick_token
+import numpy as np
+import pytest
+
+from lsd_edge.runtime.textgen import (
+    Generation,
+    PartTimer,
+    SamplingParams,
+    StreamDecoder,
+    decode_loop,
+    generate_tokens,
+    pick_token,
+)
 
 
 def test_greedy_and_padded_rows():
@@ -68,3 +79,52 @@ def test_decode_loop_stops_before_a_stop_token_or_at_the_limit():
         2, step, 3, {2}, stream, sampling=SamplingParams(), rng=np.random.default_rng(0), ignore_eos=True
     )
     assert how == "length" and stream.ids == [2, 7, 0]  # the script is spent: token 0
+
+
+def _timed_generation(vision_s: float, prefill_s: float, image: bool):
+    """A generation whose prefill spends `vision_s` under the vision timer (with an image) and
+    `prefill_s` outside it, after 0.01 s of preparation before `generate_tokens` is called."""
+    t0 = time.perf_counter()
+    time.sleep(0.01)  # preparing the prompt and the image: part of the first token
+    vision = PartTimer()
+
+    def prefill():
+        if image:
+            with vision:
+                time.sleep(vision_s)
+        time.sleep(prefill_s)
+        return np.array([0.0, 1.0])
+
+    return generate_tokens(
+        prefill,
+        lambda _t: np.array([0.0, 1.0]),
+        prompt_tokens=4,
+        max_new_tokens=2,
+        stop_ids=set(),
+        decode=str,
+        t0=t0,
+        vision=vision,
+    )
+
+
+def test_the_time_to_first_token_in_parts():
+    g = _timed_generation(0.05, 0.03, image=True)
+    # the prefill holds the vision part (0.05 s) in its interval, but not in its figure
+    assert g.vision_s >= 0.05 and 0.03 <= g.prefill_s < 0.08 and g.first_token_s >= 0.01
+    # the parts are timed in the one generation and make up its whole TTFT
+    assert g.vision_s + g.prefill_s + g.first_token_s == pytest.approx(g.ttft_s, abs=1e-9)
+    plain = _timed_generation(0.05, 0.03, image=False)
+    assert plain.vision_s is None and plain.prefill_s >= 0.03
+    assert plain.prefill_s + plain.first_token_s == pytest.approx(plain.ttft_s, abs=1e-9)
+    # a runner that times nothing has no split
+    assert Generation("", [], 1, ttft_s=0.5, total_s=1.0).first_token_s is None
+
+
+def test_a_part_timer_sums_its_calls_and_ignores_a_lone_stop():
+    timer = PartTimer()
+    timer.stop()
+    assert timer.seconds is None
+    for _ in range(2):
+        with timer:
+            time.sleep(0.01)
+    assert timer.seconds >= 0.02

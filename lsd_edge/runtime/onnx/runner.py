@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from lsd_edge.runtime.onnx.layout import (
 )
 from lsd_edge.runtime.onnx.prompt import PromptBuilder
 from lsd_edge.runtime.runner import RunnerBase
-from lsd_edge.runtime.textgen import Generation, SamplingParams, generate_tokens
+from lsd_edge.runtime.textgen import Generation, PartTimer, SamplingParams, generate_tokens
 
 _ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 # Weight bytes per intra-op thread below which one more thread costs more (waking, splitting, joining
@@ -237,11 +238,15 @@ class OnnxRunner(RunnerBase):
         """(N, 3, H, W) -> (N, K, D): vision encoder and projector."""
         return self.sessions["vision_encoder"].run(None, {"pixel_values": pixel_values.astype(np.float32)})[0]
 
-    def embed(self, ids: list[int], pixel_values: np.ndarray | None = None) -> np.ndarray:
-        """Prompt ids -> inputs_embeds (1, T, D), visual tokens replaced by image features in order."""
+    def embed(
+        self, ids: list[int], pixel_values: np.ndarray | None = None, vision: PartTimer | None = None
+    ) -> np.ndarray:
+        """Prompt ids -> inputs_embeds (1, T, D), visual tokens replaced by image features in order;
+        the vision encoder runs under the `vision` timer when one is given."""
         x = self.sessions["embed_tokens"].run(None, {"input_ids": np.asarray([ids], dtype=np.int64)})[0]
         if pixel_values is not None:
-            feats = self.image_features(pixel_values)
+            with vision or nullcontext():
+                feats = self.image_features(pixel_values)
             slots = np.flatnonzero(np.asarray(ids) == self.prompts.image_id)
             flat = feats.reshape(-1, feats.shape[-1])
             if len(slots) != flat.shape[0]:
@@ -289,10 +294,11 @@ class OnnxRunner(RunnerBase):
     ) -> Generation:
         """Generate after prompt ids (visual tokens expanded) and the image's pixel values, if any."""
         cache = self.new_cache(len(ids) + max_new_tokens)
+        vision = PartTimer()
 
         def prefill() -> np.ndarray:
             nonlocal cache
-            logits, cache = self.decode(self.embed(ids, pixel_values), cache)
+            logits, cache = self.decode(self.embed(ids, pixel_values, vision), cache)
             return logits[0, -1]
 
         def step(token: int) -> np.ndarray:
@@ -312,6 +318,7 @@ class OnnxRunner(RunnerBase):
             on_text=on_text,
             vocab_rows=self.vocab_rows,
             t0=t0,
+            vision=vision,
         )
 
     def images_input(self, images: list) -> np.ndarray | None:
