@@ -240,3 +240,31 @@ def test_real_recipe_on_cuda_with_compile(standins, tmp_path):
     report = distill(recipe)
     assert report["device"].startswith("cuda")
     assert all(torch.isfinite(torch.tensor(v)) for s in report["stages"] for v in s["last_losses"].values())
+
+
+def test_the_edge_recipe_runs_on_standins(standins, tmp_path):
+    """recipes/qwen0.5b-edge.toml: the teacher's tower at a lower resolution (14 px here, a 1 x 1 grid,
+    against the stand-in teacher's 30 px, 2 x 2), distilled across the two grids; DPT trains the tower
+    with the vision-tower term, and the student saves as a LLaVA folder that says what it sees."""
+    sets = real_overrides(standins, "qwen0.5b", tmp_path / "run") + ["student.image_size=14"]
+    recipe = load_recipe(REPO / "recipes" / "qwen0.5b-edge.toml", sets)
+    assert recipe.stages[0].loss.weight("vision") > 0 and "vision" in recipe.stages[0].trainable
+    report = distill(recipe)
+    assert [s["name"] for s in report["stages"]] == ["dpt", "sft", "dft"]
+    assert report["stages"][-1]["accuracy"] == scored_here(recipe, tmp_path / "run" / "dft")
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    dpt = [r for r in log if r["stage"] == "dpt"]
+    assert dpt and all(torch.isfinite(torch.tensor(r["vision"])) and r["vision"] > 0 for r in dpt)
+    student, proc = load_llava(str(tmp_path / "run" / "student"))
+    teacher, _ = load_llava(str(standins["teacher"]))
+    assert student.config.vision_config.image_size == 14 and proc.image_processor.size["height"] == 14
+    moved = [
+        n
+        for (n, p), (_, q) in zip(
+            student.model.vision_tower.named_parameters(),
+            teacher.model.vision_tower.named_parameters(),
+            strict=True,
+        )
+        if p.shape == q.shape and not torch.equal(p, q.to(torch.bfloat16).float())
+    ]
+    assert moved, "DPT trained the student's tower"
