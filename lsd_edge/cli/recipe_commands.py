@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
 from lsd_edge.cli import render
 from lsd_edge.cli.app import SetOpt, app, data_app, out, reporter, write_json_out
 from lsd_edge.data.shapes import generate
+from lsd_edge.data.shapes_variants import layout as shapes_layout
 from lsd_edge.errors import LsdEdgeError, RecipeError
 from lsd_edge.models.info import model_info
 from lsd_edge.models.load import resolve_device
@@ -116,12 +117,29 @@ def data_shapes(
     jitter: Annotated[
         int, typer.Option(min=0, max=64, help="Largest offset of a shape from its cell's centre, in pixels.")
     ] = 1,
+    layout: Annotated[
+        Literal["quadrants", "free"],
+        typer.Option(
+            help="quadrants: 1-4 shapes in a 2x2 grid; free: 1-2 at random places, sizes, rotations."
+        ),
+    ] = "quadrants",
+    negations: Annotated[
+        bool, typer.Option("--negations/--no-negations", help="Also ask negated questions.")
+    ] = False,
 ) -> None:
     """Generate ShapesVQA: rendered shapes with captions and questions (LLaVA-format JSON)."""
     rep = reporter()
     rep.task("ShapesVQA", n_train + n_eval)
     s = generate(
-        out_dir, seed, n_train, n_eval, image_size, questions_per_image, progress=ticker(rep), jitter=jitter
+        out_dir,
+        seed,
+        n_train,
+        n_eval,
+        image_size,
+        questions_per_image,
+        progress=ticker(rep),
+        jitter=jitter,
+        layout=shapes_layout(layout, negations, jitter),
     )
     rep.done()
     out.print(

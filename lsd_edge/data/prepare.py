@@ -13,6 +13,7 @@ from pathlib import Path
 from lsd_edge.data.dataset import LlavaDataset, TeacherView
 from lsd_edge.data.records import read_records
 from lsd_edge.data.shapes import FORMAT, generate
+from lsd_edge.data.shapes_variants import layout
 from lsd_edge.errors import DataError, LsdEdgeError
 from lsd_edge.files import atomic_dir, read_json, write_json
 from lsd_edge.identity import IDENTITY_FILE, Manifest
@@ -24,9 +25,10 @@ DATA_SETS = ("pretrain", "instruct", "eval")
 
 def shapes_manifest(recipe: Recipe) -> Manifest:
     """What a generated ShapesVQA root is tied to: the recipe's [data.shapes] and the generator's version."""
+    shapes = recipe.data.shapes
     return Manifest(
         "the ShapesVQA data in",
-        {"data.shapes": recipe.data.shapes.model_dump(), "shapes format": FORMAT},
+        {"data.shapes": shapes.model_dump(exclude=shapes.later_unset()), "shapes format": FORMAT},
     )
 
 
@@ -56,6 +58,7 @@ def prepare_data(recipe: Recipe, reporter: Reporter) -> None:
             questions_per_image=shapes.questions_per_image,
             progress=ticker(reporter),
             jitter=shapes.jitter,
+            layout=layout(shapes.layout, shapes.negations, shapes.jitter),
         )
         # The summary names the temporary folder; point it at the final one.
         summary = read_json(tmp / "shapes.json")

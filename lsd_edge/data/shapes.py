@@ -3,7 +3,9 @@
 A scene holds 1-4 shapes, each in its own cell of a 2x2 grid (so "top left" always names one cell),
 with a kind, a color and a size, near the cell's centre (at most `JITTER` pixels off). From a
 scene come a caption (for pre-training) and questions of five types with short exact-match answers:
-color, shape, count, position and existence. `generate(out_dir, ...)` writes LLaVA-format JSON:
+color, shape, count, position and existence. That is the quadrant layout, the embedded default's; a
+`Layout` says how scenes are made, drawn, described and asked about, and `shapes_variants` holds
+the others (free positions, negated questions). `generate(out_dir, ...)` writes LLaVA-format JSON:
 
 - `pretrain.json`: one caption conversation per training scene;
 - `instruct.json`: `questions_per_image` single-turn questions per training scene (its scene is in
@@ -20,10 +22,14 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
+
+from lsd_edge.errors import DataError
 
 KINDS = ("circle", "square", "triangle")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -158,8 +164,14 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
 
 def pick_questions(scene: Scene, rng: random.Random, n: int) -> list[tuple[str, str, str]]:
     """n questions of distinct types where possible, types in random order (balanced over a data set)."""
-    pool = questions(scene, rng)
-    types = list(QUESTION_TYPES)
+    return pick_from(questions(scene, rng), QUESTION_TYPES, rng, n)
+
+
+def pick_from(
+    pool: list[tuple[str, str, str]], question_types: tuple[str, ...], rng: random.Random, n: int
+) -> list[tuple[str, str, str]]:
+    """`pick_questions` of any layout: n of `pool`'s questions, one of each type first, types in random order."""
+    types = list(question_types)
     rng.shuffle(types)
     chosen: list[tuple[str, str, str]] = []
     for t in types:
@@ -170,6 +182,44 @@ def pick_questions(scene: Scene, rng: random.Random, n: int) -> list[tuple[str, 
     rng.shuffle(rest)
     chosen += rest
     return chosen[:n]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a ShapesVQA variant makes a scene (`scene(rng, image_size)`), draws it, describes it and
+    asks about it (`questions(scene, rng)`: every (type, question, answer) the scene answers), and
+    what `held_out` compares: an eval scene whose key a training scene has is drawn again."""
+
+    name: str
+    types: tuple[str, ...]
+    scene: Callable[[random.Random, int], Any]
+    render: Callable[[Any, int], Image.Image]
+    caption: Callable[[Any], str]
+    questions: Callable[[Any, random.Random], list[tuple[str, str, str]]]
+    held_out: Callable[[Any], tuple]
+    negations: bool = False
+    min_image_size: int = 1  # below it the shapes no longer tell apart (the quadrants set none)
+
+    def check(self, image_size: int) -> None:
+        if image_size < self.min_image_size:
+            raise DataError(
+                f"image_size {image_size}: the {self.name} layout needs at least {self.min_image_size} px "
+                "to tell the shapes apart; use e.g. 64"
+            )
+
+
+def quadrants(jitter: int = JITTER) -> Layout:
+    """The embedded default's layout: 1-4 shapes, one per cell of a 2x2 grid, `jitter` px off centre."""
+    return Layout(
+        name="quadrants",
+        types=QUESTION_TYPES,
+        scene=lambda rng, image_size: random_scene(rng, image_size, jitter),
+        render=render,
+        caption=caption,
+        questions=questions,
+        # the same shapes in the same cells, jitter aside
+        held_out=lambda scene: tuple((s.kind, s.color, s.size, s.cell) for s in scene.shapes),
+    )
 
 
 def _turn(role: str, text: str) -> dict[str, str]:
@@ -189,15 +239,29 @@ class ShapesSummary:
     by_type: dict[str, int]
     jitter: int = JITTER
     format: int = FORMAT
+    layout: str = "quadrants"
+    negations: bool = False
+
+    def to_json(self) -> str:
+        fields = asdict(self)
+        # Written only where they differ from the default: the default's shapes.json reads as it
+        # did before variants existed.
+        for key, default in (("layout", "quadrants"), ("negations", False)):
+            if fields[key] == default:
+                del fields[key]
+        return json.dumps(fields, indent=1) + "\n"
 
 
-def _train_records(i: int, name: str, scene: Scene, rng: random.Random, n_questions: int):
+def _train_records(i: int, name: str, scene, rng: random.Random, n_questions: int, layout: Layout):
     """A training scene's caption record, and its `n_questions` question records (in slot order)."""
     meta = {"shapes": [dict(vars(s)) for s in scene.shapes]}  # flat fields: no deep asdict
     caption_record = {
         "id": f"cap-{i:06d}",
         "image": name,
-        "conversations": [_turn("human", f"<image>\n{CAPTION_PROMPT}"), _turn("gpt", caption(scene))],
+        "conversations": [
+            _turn("human", f"<image>\n{CAPTION_PROMPT}"),
+            _turn("gpt", layout.caption(scene)),
+        ],
         "scene": meta,
     }
     questions_ = [
@@ -208,13 +272,17 @@ def _train_records(i: int, name: str, scene: Scene, rng: random.Random, n_questi
             "type": qtype,
             # no "scene": pretrain.json's record of the same image holds it once
         }
-        for k, (qtype, q, a) in enumerate(pick_questions(scene, rng, n_questions))
+        for k, (qtype, q, a) in enumerate(_pick(layout, scene, rng, n_questions))
     ]
     return caption_record, questions_
 
 
-def _eval_record(i: int, name: str, scene: Scene, rng: random.Random) -> dict:
-    qtype, q, a = pick_questions(scene, rng, 1)[0]
+def _pick(layout: Layout, scene, rng: random.Random, n: int) -> list[tuple[str, str, str]]:
+    return pick_from(layout.questions(scene, rng), layout.types, rng, n)
+
+
+def _eval_record(i: int, name: str, scene, rng: random.Random, layout: Layout) -> dict:
+    qtype, q, a = _pick(layout, scene, rng, 1)[0]
     return {
         "id": f"eval-{i:06d}",
         "image": name,
@@ -240,8 +308,13 @@ def generate(
     questions_per_image: int = 4,
     progress=None,
     jitter: int = JITTER,
+    layout: Layout | None = None,
 ) -> ShapesSummary:
-    """Write ShapesVQA to `out_dir`; `progress(done, total)` is called as images are written."""
+    """Write ShapesVQA to `out_dir`; `progress(done, total)` is called as images are written. `layout`
+    makes the scenes and questions: by default the quadrants with `jitter` (`shapes_variants.layout`
+    gives the others)."""
+    layout = layout or quadrants(jitter)
+    layout.check(image_size)
     out = Path(out_dir)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -254,24 +327,24 @@ def generate(
     total = n_train + n_eval
     i = 0
     while i < total:
-        scene = random_scene(rng, image_size, jitter)
+        scene = layout.scene(rng, image_size)
         split = "train" if i < n_train else "eval"
-        # Held out means held out: no eval scene shows the same shapes in the same cells as a
-        # training scene (jitter aside).
-        key = tuple((s.kind, s.color, s.size, s.cell) for s in scene.shapes)
+        # Held out means held out: no eval scene is a training scene (the quadrants: the same shapes
+        # in the same cells, jitter aside).
+        key = layout.held_out(scene)
         if split == "train":
             seen.add(key)
         elif key in seen:
             continue
         name = f"{split}_{i:06d}.png"
-        render(scene, image_size).save(images / name, format="PNG", optimize=False)
+        layout.render(scene, image_size).save(images / name, format="PNG", optimize=False)
         if split == "train":
-            caption_record, questions_ = _train_records(i, name, scene, rng, questions_per_image)
+            caption_record, questions_ = _train_records(i, name, scene, rng, questions_per_image, layout)
             pretrain.append(caption_record)
             for k, record in enumerate(questions_):
                 instruct[k].append(record)
         else:
-            evaluation.append(_eval_record(i, name, scene, rng))
+            evaluation.append(_eval_record(i, name, scene, rng, layout))
         i += 1
         if progress is not None:
             progress(i, total)
@@ -282,7 +355,6 @@ def generate(
         ("eval.json", evaluation),
     ):
         _write_records(out / fname, rows)
-    by_type = {t: sum(r["type"] == t for r in evaluation) for t in QUESTION_TYPES}
     summary = ShapesSummary(
         out_dir=str(out),
         n_train=n_train,
@@ -292,10 +364,12 @@ def generate(
         image_size=image_size,
         seed=seed,
         questions_per_image=questions_per_image,
-        by_type=by_type,
+        by_type={t: sum(r["type"] == t for r in evaluation) for t in layout.types},
         jitter=jitter,
+        layout=layout.name,
+        negations=layout.negations,
     )
-    (out / "shapes.json").write_text(json.dumps(asdict(summary), indent=1) + "\n", encoding="utf-8")
+    (out / "shapes.json").write_text(summary.to_json(), encoding="utf-8")
     return summary
 
 

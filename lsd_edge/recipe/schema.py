@@ -79,8 +79,33 @@ class ShapesConfig(Strict):
     n_eval: PositiveInt = 300
     image_size: Annotated[int, Field(ge=16, le=1024)] = 48
     questions_per_image: Annotated[int, Field(ge=1, le=10)] = 4
-    # Largest offset of a shape from its cell's centre, in pixels (lsd_edge.data.shapes.JITTER).
+    # Largest offset of a shape from its cell's centre, in pixels (lsd_edge.data.shapes.JITTER); the
+    # quadrants' alone.
     jitter: Annotated[int, Field(ge=0, le=64)] = 1
+    # The scenes: "quadrants" (1-4 shapes, one per cell of a 2x2 grid: the embedded default's) or
+    # "free" (1-2 shapes at random positions, sizes and rotations; lsd_edge.data.shapes_variants).
+    layout: Literal["quadrants", "free"] = "quadrants"
+    # Negated questions ("does the image not contain a red shape ?") beside the usual ones.
+    negations: bool = False
+
+    # Options added after ShapesVQA format 2: a data root's identity names them only where they are
+    # set, so a root made before them stays valid (lsd_edge.data.prepare.shapes_manifest).
+    LATER: ClassVar[tuple[str, ...]] = ("layout", "negations")
+    # lsd_edge.data.shapes_variants.MIN_FREE_IMAGE_SIZE (the recipe does not import the data layer)
+    MIN_FREE_IMAGE_SIZE: ClassVar[int] = 32
+
+    @model_validator(mode="after")
+    def _check(self) -> ShapesConfig:
+        if self.layout == "free" and self.image_size < self.MIN_FREE_IMAGE_SIZE:
+            raise ValueError(
+                f"image_size {self.image_size}: the free layout needs at least {self.MIN_FREE_IMAGE_SIZE} px "
+                "to tell rotated shapes apart; use e.g. 64"
+            )
+        return self
+
+    def later_unset(self) -> set[str]:
+        """The `LATER` options left at their defaults."""
+        return {k for k in self.LATER if getattr(self, k) == type(self).model_fields[k].default}
 
 
 class DatasetConfig(Strict):
