@@ -13,6 +13,8 @@ import pytest
 
 from lsd_edge.evaluate.accuracy import BATCH_SIZE
 from lsd_edge.runtime.torch_runner import TorchRunner
+from lsd_edge.verify.browser import browser_missing
+from lsd_edge.verify.local import llama_missing
 from lsd_edge.verify.node import node_missing
 from lsd_edge.verify.plan import eval_questions
 from lsd_edge.verify.report import first_token_kl
@@ -23,12 +25,11 @@ N = 6  # questions per row
 TOKENS = "4"
 
 
-def pytorch_answer_key(model_dir, shapes_dir, out):
-    """ShapesVQA's eval records with PyTorch's own answers as references: PyTorch scores 100%, so a
+def pytorch_answer_key(model_dir, data, images, out):
+    """`data`'s eval records with PyTorch's own answers as references: PyTorch scores 100%, so a
     row that answers otherwise loses exact match (a random student scores 0 on the real answers)."""
     runner = TorchRunner(model_dir)
-    data = shapes_dir / "eval.json"
-    _, items = eval_questions(data, shapes_dir / "images", N, runner.processor)
+    _, items = eval_questions(data, images, N, runner.processor)
     answers = runner.answers(items, int(TOKENS), batch_size=BATCH_SIZE)
     records = json.loads(data.read_text())
     seen, keyed = 0, []
@@ -57,16 +58,23 @@ def corrupt_fp32_embeddings(folder):
     onnx.save(model, str(path))
 
 
-def verify_args(folder, data, shapes_dir, *more):
-    """verify on N questions of `data`, whose images are ShapesVQA's."""
-    images = str(shapes_dir / "images")
+def required(*runtimes: str) -> list[str]:
+    """`--require R` for each runtime CI requires (LSD_EDGE_REQUIRE_NODE=1, ...): there it may not be skipped."""
+    env = {"node": "NODE", "browser": "BROWSER", "llama.cpp": "LLAMA_CPP"}
+    return [
+        a for r in runtimes if os.environ.get(f"LSD_EDGE_REQUIRE_{env[r]}") == "1" for a in ("--require", r)
+    ]
+
+
+def verify_args(folder, data, images, *more):
+    """verify on N questions of `data`, whose images are in `images`."""
     return [
         "verify",
         str(folder),
         "--data",
         str(data),
         "--images",
-        images,
+        str(images),
         "--n",
         str(N),
         "--max-new-tokens",
@@ -79,16 +87,18 @@ def verify_args(folder, data, shapes_dir, *more):
 def test_honest_export_passes_and_a_corrupted_variant_fails(
     lively_dir, lively_onnx_dir, shapes_dir, tmp_path, monkeypatch, capsys
 ):
-    data = pytorch_answer_key(lively_dir, shapes_dir, tmp_path / "key.json")
+    data = pytorch_answer_key(
+        lively_dir, shapes_dir / "eval.json", shapes_dir / "images", tmp_path / "key.json"
+    )
     # the lively student's int8 graphs are far from PyTorch by design (tests/helpers.py): its own bound
     loose = ["--max-drop", "onnx/int8=100", "--max-drop", "node/int8=100"]
-    only = ["--only", "onnx", "--only", "node"] + (
-        ["--require", "node"] if os.environ.get("LSD_EDGE_REQUIRE_NODE") == "1" else []
-    )
+    only = ["--only", "onnx", "--only", "node", "--only", "browser/fp32"] + required("node", "browser")
     code, out, err = run(
         monkeypatch,
         capsys,
-        *verify_args(lively_onnx_dir, data, shapes_dir, *loose, *only, "--json", str(tmp_path / "v.json")),
+        *verify_args(
+            lively_onnx_dir, data, shapes_dir / "images", *loose, *only, "--json", str(tmp_path / "v.json")
+        ),
     )
     assert code == 0, err
     result = json.loads((tmp_path / "v.json").read_text())
@@ -104,12 +114,18 @@ def test_honest_export_passes_and_a_corrupted_variant_fails(
     else:
         assert rows["node/fp32"]["status"] == "skipped" and rows["node/fp32"]["reason"] == node_missing()
     assert "lsd-edge verify" in out and "every runtime within its bounds" in out
-    assert "browser/fp32" not in rows and not result["failures"]
+    if browser_missing() is None:  # the page's WASM fp32 answers as the runner does
+        assert rows["browser/fp32"]["agreement"] == 1.0 and rows["browser/fp32"]["accuracy"] == 1.0
+    else:
+        assert rows["browser/fp32"]["status"] == "skipped"
+    assert "browser/int8" not in rows and not result["failures"]
 
     broken = tmp_path / "broken"
     shutil.copytree(lively_onnx_dir, broken)
     corrupt_fp32_embeddings(broken)
-    code, out, err = run(monkeypatch, capsys, *verify_args(broken, data, shapes_dir, "--only", "onnx/fp32"))
+    code, out, err = run(
+        monkeypatch, capsys, *verify_args(broken, data, shapes_dir / "images", "--only", "onnx/fp32")
+    )
     line = red_line_after_progress(err)
     assert code == 1 and "verify failed: onnx/fp32: exact match" in line and "below PyTorch's 100.0%" in line
     assert line.removeprefix("error: verify failed: ") in out  # the table and its failures come first
@@ -118,7 +134,7 @@ def test_honest_export_passes_and_a_corrupted_variant_fails(
     code, _, err = run(
         monkeypatch,
         capsys,
-        *verify_args(lively_onnx_dir, data, shapes_dir, "--only", "onnx/fp32", "--max-drop", "-5"),
+        *verify_args(lively_onnx_dir, data, shapes_dir / "images", "--only", "onnx/fp32", "--max-drop", "-5"),
     )
     assert (
         code == 1
@@ -131,7 +147,7 @@ def test_honest_export_passes_and_a_corrupted_variant_fails(
         *verify_args(
             lively_onnx_dir,
             data,
-            shapes_dir,
+            shapes_dir / "images",
             "--only",
             "onnx",
             "--min-agreement",
@@ -150,7 +166,9 @@ def test_a_required_runtime_that_cannot_run_fails(student_dir, shapes_dir, tmp_p
     export = fake_export(tmp_path / "export", student_dir)
     data = shapes_dir / "eval.json"
     code, out, err = run(
-        monkeypatch, capsys, *verify_args(export, data, shapes_dir, "--only", "node", "--require", "node")
+        monkeypatch,
+        capsys,
+        *verify_args(export, data, shapes_dir / "images", "--only", "node", "--require", "node"),
     )
     line = red_line_after_progress(err)
     assert code == 1 and "node/fp32: required (--require node) but skipped: no node on PATH (test)" in line
@@ -213,3 +231,43 @@ def test_first_token_kl():
     p = np.exp(a) / np.exp(a).sum()
     q = np.exp(a[::-1]) / np.exp(a[::-1]).sum()
     assert first_token_kl([a], [a[::-1].copy()]) == pytest.approx(float(np.sum(p * np.log(p / q))))
+
+
+def shuffle_gguf_embeddings(path):
+    """The token embeddings of a GGUF file shuffled in place (rows kept whole), as a broken writer would."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path), "r+")
+    t = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    rows = t.data.reshape(t.data.shape[0], -1)
+    rows[:] = np.random.default_rng(0).permutation(np.array(rows))
+
+
+@pytest.mark.slow
+def test_llama_cpp_rows_on_the_bpe_stand_in(standins, tmp_path, monkeypatch, capsys):
+    """Each GGUF quant in llama.cpp on the GGUF tests' BPE student (f16): its answers and first-token
+    distribution are PyTorch's; a copy with shuffled token embeddings fails on exact match."""
+    if llama_missing() is not None and "--require" not in required("llama.cpp"):
+        pytest.skip(llama_missing())
+    from lsd_edge.export.gguf.pipeline import export_gguf
+
+    from ..helpers import bpe_llava
+
+    student = bpe_llava(standins["teacher"], tmp_path / "bpe-student")
+    data, images = standins["data"] / "eval/gqa_testdev_balanced.json", standins["data"]
+    folder = export_gguf(student, tmp_path / "gguf", {"quant": "f16", "samples": 2}).output
+    key = pytorch_answer_key(student, data, images, tmp_path / "key.json")
+    args = verify_args(folder, key, images, "--json", str(tmp_path / "v.json"), *required("llama.cpp"))
+    code, out, err = run(monkeypatch, capsys, *args, "--max-drop", "llama.cpp=50")
+    assert code == 0, err
+    rows = {r["key"]: r for r in json.loads((tmp_path / "v.json").read_text())["rows"]}
+    assert list(rows) == ["pytorch/fp32", "llama.cpp/f16"]
+    f16 = rows["llama.cpp/f16"]
+    # measured: 4 of 6 answers whole, first-token KL 3e-5 (near ties in the lively student flip later tokens)
+    assert f16["status"] == "ok" and f16["agreement"] >= 0.5 and f16["accuracy"] >= 0.5
+    assert 0 <= f16["first_token_kl"] < 1e-3
+
+    shuffle_gguf_embeddings(folder / "bpe-student.gguf")
+    code, out, err = run(monkeypatch, capsys, *args)
+    line = red_line_after_progress(err)
+    assert code == 1 and "verify failed: llama.cpp/f16: exact match" in line and "PyTorch's 100.0%" in line
