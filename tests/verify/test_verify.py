@@ -16,7 +16,7 @@ from lsd_edge.runtime.torch_runner import TorchRunner
 from lsd_edge.verify.browser import browser_missing
 from lsd_edge.verify.local import llama_missing
 from lsd_edge.verify.node import node_missing
-from lsd_edge.verify.plan import eval_questions
+from lsd_edge.verify.plan import VerifyError, eval_questions
 from lsd_edge.verify.report import first_token_kl
 
 from ..helpers import one_red_line, red_line_after_progress, run
@@ -217,6 +217,26 @@ def test_bad_inputs_are_one_red_line(student_dir, shapes_dir, tmp_path, monkeypa
     for args, message in cases:
         code, _, err = run(monkeypatch, capsys, *args)
         assert code == 1 and message in one_red_line(err), (args, err)
+
+
+def test_eval_split_and_max_new_tokens_come_from_the_recipe(student_dir, shapes_dir, tmp_path, recipe_dict):
+    """No --data: the eval split the model folder's recipe names, at its [eval] max_new_tokens; the
+    PyTorch folder given alone is a table of one row."""
+    from lsd_edge.recipe.toml import dumps_toml
+    from lsd_edge.verify.run import VerifySettings, verify
+
+    model = tmp_path / "student"
+    shutil.copytree(student_dir, model)
+    recipe_dict["data"]["root"] = str(shapes_dir)
+    (model / "recipe.toml").write_text(dumps_toml(recipe_dict))
+    result = verify([model], VerifySettings(n=3))
+    assert result.data == str(shapes_dir / "eval.json") and result.questions == 3
+    assert result.max_new_tokens == recipe_dict["eval"]["max_new_tokens"]
+    assert [r.key for r in result.rows] == ["pytorch/fp32"] and result.rows[0].agreement == 1.0
+    recipe_dict["data"]["root"] = str(tmp_path / "elsewhere")
+    (model / "recipe.toml").write_text(dumps_toml(recipe_dict))
+    with pytest.raises(VerifyError, match="elsewhere/eval.json: no such eval data file; pass --data"):
+        verify([model], VerifySettings(n=3))
 
 
 def test_two_models_at_once_are_refused(student_dir, teacher_dir, tmp_path, monkeypatch, capsys):
