@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 
 from lsd_edge.data.questions import EvalItem
-from lsd_edge.evaluate.accuracy import BATCH_SIZE
 from lsd_edge.export.gguf.parity import LlamaCppAnswers, LlamaCppRunner, llama_cpp_missing, tower_images
 from lsd_edge.export.gguf.pipeline import processor_image_size_wh
 from lsd_edge.infer import load_runner
@@ -24,7 +23,10 @@ from lsd_edge.verify.plan import Row
 class TorchSide:
     """The PyTorch folder: the reference every other row is compared with."""
 
-    batch_size = BATCH_SIZE
+    # The decode loop, not transformers' batched generate (`lsd-edge eval`'s): the loop, like the ONNX
+    # runner's and llama.cpp's answers here, never picks the output rows past the tokenizer's (a
+    # vocabulary padded to a multiple of 64), which generate does, so a difference is the runtime's
+    batch_size = None
 
     def __init__(self, runner: TorchRunner):
         self.runner = self.answerer = runner
