@@ -40,6 +40,7 @@ class VerifyResult:
     max_new_tokens: int
     rows: list[RowResult] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    bounds: dict[str, Any] = field(default_factory=dict)  # as given: '' for every row, else a runtime or row
     schema: int = SCHEMA
 
     def as_dict(self) -> dict[str, Any]:
@@ -70,6 +71,9 @@ class Bounds:
     min_agreement: dict[str, float] = field(default_factory=dict)
     max_kl: dict[str, float] = field(default_factory=dict)
     require: set[str] = field(default_factory=set)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "require": sorted(self.require)}
 
     @staticmethod
     def pick(values: dict[str, float], row: RowResult) -> float | None:

@@ -120,7 +120,9 @@ def verify(folders: list[Path], settings: VerifySettings, reporter: Reporter | N
     session = Session(
         torch_runner, {it.id: q for it, q in zip(items, questions, strict=True)}, items, max_new, reporter
     )
-    result = VerifyResult(str(plan.reference), str(data), len(items), max_new)
+    result = VerifyResult(
+        str(plan.reference), str(data), len(items), max_new, bounds=settings.bounds.as_dict()
+    )
     reference = session.measure(plan.rows[0])
     if reference.status != "ok":
         raise VerifyError(f"{plan.reference}: PyTorch could not answer ({reference.reason})")

@@ -118,6 +118,7 @@ def test_honest_export_passes_and_a_corrupted_variant_fails(
     else:
         assert rows["browser/fp32"]["status"] == "skipped"
     assert "browser/int8" not in rows and not result["failures"]
+    assert result["bounds"]["max_drop"] == {"": 1.0, "onnx/int8": 100.0, "node/int8": 100.0}
 
     broken = tmp_path / "broken"
     shutil.copytree(lively_onnx_dir, broken)
@@ -127,7 +128,7 @@ def test_honest_export_passes_and_a_corrupted_variant_fails(
     )
     line = red_line_after_progress(err)
     assert code == 1 and "verify failed: onnx/fp32: exact match" in line and "below PyTorch's 100.0%" in line
-    assert line.removeprefix("error: verify failed: ") in out  # the table and its failures come first
+    assert "onnx/fp32: exact match" in out  # the table and its failures come first, on stdout
 
     # an impossible bound: the same answers as PyTorch yet 5 points above it asked for
     code, _, err = run(
@@ -172,6 +173,17 @@ def test_a_required_runtime_that_cannot_run_fails(student_dir, shapes_dir, tmp_p
     line = red_line_after_progress(err)
     assert code == 1 and "node/fp32: required (--require node) but skipped: no node on PATH (test)" in line
     assert "node/fp32 skipped: no node on PATH" in out
+    # a runtime that cannot load its files is a failed row naming why, not a traceback
+    code, out, err = run(
+        monkeypatch, capsys, *verify_args(export, data, shapes_dir / "images", "--only", "onnx")
+    )
+    line = red_line_after_progress(err)
+    assert (
+        code == 1
+        and line.startswith("error: verify failed: onnx/fp32: ")
+        and "missing model config" in line
+        and "missing model config" in out.replace("\n", "")
+    )
 
 
 def fake_export(folder, model_dir):
