@@ -191,25 +191,33 @@ class BrowserSide:
     def answers(
         self, items: list[EvalItem], max_new_tokens: int, *, batch_size=None, progress=None
     ) -> list[str]:
+        from selenium.common.exceptions import WebDriverException
+
         server = make_server(web_settings(self.folder, self.variant), port=0)
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        out = []
         try:
             with chromium() as driver:
                 open_web_page(driver, server.url)
-                for it in items:
-                    q = self.questions[it.id]
-                    page = ask_web_page(driver, q.image, q.question, max_new_tokens)
-                    if page.state != "done":
-                        raise RuntimeModelError(
-                            f"{self.folder}: the page failed on {self.variant}: {page.figures}"
-                        )
-                    out.append(page.text)
-                    if progress is not None:
-                        progress(len(out), len(items))
+                return self._ask(driver, items, max_new_tokens, progress)
+        except WebDriverException as e:  # the browser died or a wait ran out
+            reason = (e.msg or type(e).__name__).strip().splitlines()[0][:200]
+            raise RuntimeModelError(
+                f"{self.folder}: the page in Chromium failed on {self.variant}: {reason}"
+            ) from None
         finally:
             server.shutdown()
             server.server_close()
+
+    def _ask(self, driver, items: list[EvalItem], max_new_tokens: int, progress) -> list[str]:
+        out = []
+        for it in items:
+            q = self.questions[it.id]
+            page = ask_web_page(driver, q.image, q.question, max_new_tokens)
+            if page.state != "done":
+                raise RuntimeModelError(f"{self.folder}: the page failed on {self.variant}: {page.figures}")
+            out.append(page.text)
+            if progress is not None:
+                progress(len(out), len(items))
         return out
 
     def first_logits(self, items: list[EvalItem]) -> None:
