@@ -26,7 +26,7 @@ LOCAL_PROJECT_IMPORTS = {
     "libraries, only when they run: `lsd-edge distill` starts without them",
 }
 # external packages a module may import inside a function: heavy, and needed by one path only
-LOCAL_EXTERNAL_IMPORTS = {"matplotlib", "onnxruntime", "pynvml", "llama_cpp", "deepspeed"}
+LOCAL_EXTERNAL_IMPORTS = {"matplotlib", "onnxruntime", "pynvml", "llama_cpp", "deepspeed", "selenium"}
 
 
 def modules() -> list[Path]:

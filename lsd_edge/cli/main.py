@@ -13,6 +13,7 @@ import sys
 from lsd_edge.cli import recipe_commands  # noqa: F401
 from lsd_edge.cli import train_commands  # noqa: F401
 from lsd_edge.cli import deploy_commands  # noqa: F401
+from lsd_edge.cli import verify_commands  # noqa: F401
 
 # isort: on
 from rich.markup import escape

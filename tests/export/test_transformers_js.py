@@ -16,43 +16,27 @@ import pytest
 
 from lsd_edge.export.onnx.pipeline import export
 from lsd_edge.infer import load_runner
-from lsd_edge.runtime.onnx.layout import JS_DTYPE
+from lsd_edge.verify.node import WEB, node_answers, node_missing
 
-from ..helpers import LIVELY_VARIANT_BOUNDS, REPO, lively_student, onnx_settings
+from ..helpers import LIVELY_VARIANT_BOUNDS, lively_student, onnx_settings
 
-WEB = REPO / "web"
 N_QUESTIONS = 20
 
 
 def node_or_skip() -> str:
-    node = shutil.which("node")
-    missing = None
-    if node is None:
-        missing = "no node on PATH"
-    elif not (WEB / "node_modules" / "@huggingface" / "transformers").is_dir():
-        missing = "web/node_modules has no @huggingface/transformers (cd web && ONNXRUNTIME_NODE_INSTALL=skip npm install --ignore-scripts)"
+    missing = node_missing()
     if missing:
         if os.environ.get("LSD_EDGE_REQUIRE_NODE") == "1":
             pytest.fail(f"LSD_EDGE_REQUIRE_NODE=1 but {missing}")
         pytest.skip(missing)
-    return node
+    return shutil.which("node")
 
 
-def js_answers(folder, variant: str, items: list[dict], max_new_tokens: int, tmp_path) -> list[dict]:
-    """web/answers.mjs over `items` ({image, question}) with the export's `variant`."""
-    questions = tmp_path / f"questions-{variant}.json"
-    questions.write_text(json.dumps(items))
-    cmd = [
-        node_or_skip(),
-        str(WEB / "answers.mjs"),
-        str(folder),
-        JS_DTYPE[variant],
-        str(questions),
-        str(max_new_tokens),
-    ]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+def js_answers(folder, variant: str, items: list[dict], max_new_tokens: int) -> list[dict]:
+    """web/answers.mjs over `items` ({image, question}) with the export's `variant`
+    (`lsd_edge.verify.node`, the harness `lsd-edge verify` runs)."""
+    node_or_skip()
+    return node_answers(folder, variant, items, max_new_tokens, timeout_s=300)
 
 
 def same_tokens(js_ids: list[int], want, stop_ids) -> bool:
@@ -91,7 +75,7 @@ def web_exports(tmp_path_factory):
 @pytest.mark.parametrize("variant,folder", [("fp32", "int8"), ("int8", "int8"), ("int4", "int4")])
 def test_transformers_js_answers_equal_the_runner_s(web_exports, tmp_path, variant, folder):
     folders, items = web_exports
-    got = js_answers(folders[folder], variant, items, 8, tmp_path)
+    got = js_answers(folders[folder], variant, items, 8)
     runner = load_runner(folders[folder], variant=variant)
     assert len(got) == len(items) >= 20
     distinct = set()
