@@ -76,7 +76,7 @@ def test_the_number_of_data_workers_is_not_part_of_an_identity():
     """Workers change how fast batches are made, never which: a cached teacher or a finished stage
     made with another data.num_workers is still the same."""
     from lsd_edge.identity import settings
-    from lsd_edge.recipe.schema import DataConfig
+    from lsd_edge.recipe.data import DataConfig
 
     assert settings(DataConfig(num_workers=3)) == settings(DataConfig()) == {}
     assert settings(DataConfig(max_length=64, num_workers=0)) == {"max_length": 64}

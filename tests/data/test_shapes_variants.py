@@ -22,7 +22,7 @@ from lsd_edge.data.shapes import BACKGROUND, COLORS, KINDS, NUMBERS
 from lsd_edge.errors import DataError, LsdEdgeError, RecipeError
 from lsd_edge.progress import QuietReporter
 from lsd_edge.recipe.load import load_recipe, parse_recipe
-from lsd_edge.recipe.schema import ShapesConfig
+from lsd_edge.recipe.data import ShapesConfig
 
 from ..helpers import REPO, one_red_line, run
 
