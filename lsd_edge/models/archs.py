@@ -5,7 +5,7 @@ llava-interleave-qwen-7b teacher) and a 4B-class teacher that fits a 24 GiB mach
 builds a `LlavaConfig` with the checkpoint's sizes (hidden, layers, heads, MLP width, vocabulary
 rows, tied or untied embeddings; SigLIP-so400m at 384 px: 729 visual tokens), so `lsd-edge bench
 --arch` measures speed and memory at real size with random weights, and `lsd_edge.memory` tests
-estimate the real recipes offline. The tokenizer that goes with them is a small word-level one
+estimate the real recipes offline. The tokenizer that goes with them is a small byte-level BPE one
 (`arch_processor`): prompts are a few tokens shorter than Qwen's would be, the 729 visual tokens
 and every weight are real-sized.
 """
@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from transformers import LlavaConfig, Qwen2Config, SiglipVisionConfig
 
-from lsd_edge.models.build import word_level_processor
+from lsd_edge.models.bpe import word_corpus
+from lsd_edge.models.build import tiny_processor
 from lsd_edge.models.tokens import IMAGE_TOKEN, SPECIAL_TOKENS
 
 # SigLIP-so400m/14 at 384 px as llava-interleave-qwen-7b-hf reads it (26 of its 27 layers, all patches).
@@ -114,24 +115,25 @@ class Arch:
     onnx: bool  # also measure its ONNX int8 export (students)
 
     def config(self):
-        """The LlavaConfig, with the `<image>` id of `arch_processor`'s word-level tokenizer."""
+        """The LlavaConfig, with the `<image>` id of `arch_processor`'s tokenizer."""
         vision = siglip_config(**self.vision)
         return llava_config(vision, qwen2_config(**self.text), ARCH_IMAGE_TOKEN, layer=-1)
 
     def build(self, words: list[str]):
-        """(LlavaConfig, processor): a word-level tokenizer over `words` (ChatML) whose `<image>` id
+        """(LlavaConfig, processor): a byte-level BPE tokenizer over `words` (ChatML) whose `<image>` id
         the config uses, and an image processor at the vision tower's size."""
         config = self.config()
         return config, arch_processor(config.vision_config.image_size, config.vision_config.patch_size, words)
 
 
-# word_level_processor puts the special tokens first, so `<image>` has this id whatever the words.
+# The tiny tokenizer puts the special tokens first, so `<image>` has this id whatever the words.
 ARCH_IMAGE_TOKEN = SPECIAL_TOKENS.index(IMAGE_TOKEN)
 
 
 def arch_processor(image_size: int, patch_size: int, words: list[str]):
-    """The processor of an architecture's random-weight model: a word-level tokenizer over `words`."""
-    processor = word_level_processor(words, image_size, patch_size)
+    """The processor of an architecture's random-weight model: a byte-level BPE tokenizer trained on
+    `words` (each one token), `lsd_edge.models.bpe`."""
+    processor = tiny_processor(word_corpus(words), image_size, patch_size)
     assert processor.image_token_id == ARCH_IMAGE_TOKEN
     return processor
 

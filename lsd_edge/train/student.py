@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lsd_edge.data.prepare import corpus_words
+from lsd_edge.data.prepare import corpus_texts
 from lsd_edge.errors import RecipeError
 from lsd_edge.models.build import build_tiny_model, build_tiny_processor, compose_llava, student_processor
 from lsd_edge.models.groups import compile_layers
@@ -22,7 +22,7 @@ def build_student(recipe: Recipe, teacher, teacher_processor, device: torch.devi
         if spec.tiny.vision == "teacher":
             processor = student_processor(teacher_processor, spec)
         else:
-            processor = build_tiny_processor(spec.tiny.vision, corpus_words(recipe))
+            processor = build_tiny_processor(spec.tiny.vision, corpus_texts(recipe))
         model = build_tiny_model(
             spec.tiny,
             processor,
