@@ -332,17 +332,23 @@ def gguf_report(report: dict[str, Any]) -> list[RenderableType]:
         t.add_row(name, f["architecture"], str(f["tensors"]), f"{f['mb']:.3f}")
     p, quant = report["parity"], report["settings"]["quant"]
     b = report["gate"]["bound"][quant]
+    accuracy = "no eval data: accuracy not compared"
+    if p["accuracy_torch"] is not None:
+        accuracy = (
+            f"exact match on {p['accuracy_samples']} eval questions: PyTorch {percent(p['accuracy_torch'])}, "
+            f"llama.cpp {percent(p['accuracy_llama_cpp'])} (at most {100 * b['max_accuracy_drop']:g} points "
+            f"below); same answers {100 * p['answer_agreement']:.1f}% (floor {100 * b['min_answer_agreement']:g}%)"
+        )
     return [
-        f"model: {report['model_dir']} ({quant})",
+        f"model: {report['model_dir']} ({quant}, mmproj {report['settings']['mmproj']})",
         t,
+        f"gate judged by {p['judged_by']}; {accuracy}",
         f"parity on {p['samples']} prompts ({p['source']}): llama.cpp logits max rel diff "
         f"{p['max_rel_logit_diff']:.1e} (bound {b['max_rel_logit_diff']:g}), first token "
         f"{100 * p['first_token_agreement']:.0f}% (floor {100 * b['min_first_token_agreement']:.0f}%), "
         f"greedy tokens kept {100 * p['greedy_token_agreement']:.0f}% (floor "
         f"{100 * b['min_greedy_agreement']:.0f}%), whole answers {100 * p['greedy_agreement']:.0f}%, "
-        f"tokenizer agreement {100 * p['tokenizer']['agreement']:.0f}%; accuracy PyTorch "
-        f"{percent(p['accuracy_torch'])} vs llama.cpp {percent(p['accuracy_llama_cpp'])} "
-        f"(at most {100 * b['max_accuracy_drop']:.0f} points below)",
+        f"tokenizer agreement {100 * p['tokenizer']['agreement']:.0f}%",
         f"[green]parity gate passed[/green]; report: {report['output']}/export_report.json; "
         f"Ollama: cd {report['output']} && ollama create NAME -f Modelfile",
     ]
