@@ -332,7 +332,7 @@ def gguf_report(report: dict[str, Any]) -> list[RenderableType]:
         t.add_row(name, f["architecture"], str(f["tensors"]), f"{f['mb']:.3f}")
     p, quant = report["parity"], report["settings"]["quant"]
     b = report["gate"]["bound"][quant]
-    accuracy = "no eval data: accuracy not compared"
+    accuracy = report["settings"].get("note") or "no eval data: accuracy not compared"
     if p["accuracy_torch"] is not None:
         accuracy = (
             f"exact match on {p['accuracy_samples']} eval questions: PyTorch {percent(p['accuracy_torch'])}, "

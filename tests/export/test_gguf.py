@@ -782,3 +782,43 @@ def test_llama_cpp_splits_as_the_hf_pre_tokenizer(bpe_student, tmp_path, regex):
             ), text
     finally:
         runner.close()
+
+
+def test_the_summary_says_what_judged_the_gate():
+    """`lsd-edge export --gguf` prints what decided (accuracy or logits), both exact matches and the
+    share of equal answers, or why accuracy was not compared."""
+    from lsd_edge.cli.render import gguf_report
+    from lsd_edge.export.gguf.pipeline import QUANT_BOUNDS
+
+    parity = {
+        "samples": 4,
+        "source": "eval.json",
+        "max_rel_logit_diff": 0.3,
+        "first_token_agreement": 1.0,
+        "greedy_token_agreement": 1.0,
+        "greedy_agreement": 1.0,
+        "tokenizer": {"agreement": 1.0},
+        "judged_by": "accuracy",
+        "accuracy_samples": 500,
+        "accuracy_torch": 0.95,
+        "accuracy_llama_cpp": 0.946,
+        "answer_agreement": 0.99,
+    }
+    report = {
+        "model_dir": "m",
+        "output": "o",
+        "files": {},
+        "settings": {"quant": "q4_0", "mmproj": "q8_0"},
+        "parity": parity,
+        "gate": {"bound": {"q4_0": asdict(QUANT_BOUNDS["q4_0"])}},
+    }
+    lines = [x for x in gguf_report(report) if isinstance(x, str)]
+    assert lines[0] == "model: m (q4_0, mmproj q8_0)"
+    assert lines[1] == (
+        "gate judged by accuracy; exact match on 500 eval questions: PyTorch 95.0%, llama.cpp 94.6% "
+        "(at most 1 points below); same answers 99.0% (floor 0%)"
+    )
+    parity.update(judged_by="logits", accuracy_torch=None, accuracy_llama_cpp=None)
+    report["settings"]["note"] = "the recipe's eval data x is not here; pass --data to compare accuracy"
+    lines = [x for x in gguf_report(report) if isinstance(x, str)]
+    assert lines[1] == f"gate judged by logits; {report['settings']['note']}"

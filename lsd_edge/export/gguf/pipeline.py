@@ -76,9 +76,10 @@ class QuantBound:
 # lively student amplifies the error (f16 1.0-1.2e-2, within f16's bound; q8_0 0.17-0.30, first
 # tokens 0.94, greedy tokens 0.71): its q8_0 exports set their own bounds, as a larger model would
 # in its recipe's [export.gguf]. q4_0 (its layers 4-bit): 0.14-0.17 on the embedded default's size,
-# untrained, every token equal; its bound is three times that, the token floors q8_0's. On a trained model accuracy decides (`ACCURACY_DECIDES`):
-# exact match within 1 point of PyTorch's for every quant (the trained embedded default: see
-# docs/export.md), and f16 answers every question as PyTorch does.
+# untrained, every token equal; its bound is three times that, the token floors q8_0's. On a
+# trained model accuracy decides (`ACCURACY_DECIDES`): exact match within 1 point of PyTorch's for
+# every quant (the trained embedded default: export/README.md), and f16 answers every question as
+# PyTorch does.
 QUANT_BOUNDS = {
     "f16": QuantBound(2.5e-2, 1.0, 1.0, 0.01, 1.0),
     "q8_0": QuantBound(5e-2, 0.75, 0.5, 0.01, 0.0),
