@@ -32,7 +32,6 @@ from lsd_edge.data.shapes import generate, vocabulary  # noqa: E402
 from lsd_edge.errors import ExportError  # noqa: E402
 from lsd_edge.export.gguf.pipeline import GgufSettings, export_gguf  # noqa: E402
 from lsd_edge.export.onnx.pipeline import ExportSettings, export  # noqa: E402
-from lsd_edge.models.bpe import word_corpus  # noqa: E402
 from lsd_edge.models.build import build_tiny_model, build_tiny_processor  # noqa: E402
 from lsd_edge.models.load import save_model  # noqa: E402
 from lsd_edge.recipe.schema import TinyConfig, VisionSize  # noqa: E402
@@ -111,7 +110,7 @@ def gguf_rows(a, tmp: Path) -> None:
 def build(name: str, out: Path) -> Path:
     if MODELS[name] is None:
         return lively_student(out)
-    proc = build_tiny_processor(VisionSize(**TINY_VISION), word_corpus(vocabulary()))
+    proc = build_tiny_processor(VisionSize(**TINY_VISION), vocabulary())
     teacher = build_tiny_model(TinyConfig(**TEACHER, vision=TINY_VISION), proc, seed=0)
     student = build_tiny_model(
         TinyConfig(**MODELS[name], vision="teacher"), proc, vision_from=teacher, seed=2

@@ -46,11 +46,10 @@ def shapes_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def processor(shapes_dir):
     from lsd_edge.data.shapes import vocabulary
-    from lsd_edge.models.bpe import word_corpus
     from lsd_edge.models.build import build_tiny_processor
     from lsd_edge.recipe.schema import VisionSize
 
-    return build_tiny_processor(VisionSize(**TINY_VISION), word_corpus(vocabulary()))
+    return build_tiny_processor(VisionSize(**TINY_VISION), vocabulary())
 
 
 @pytest.fixture(scope="session")

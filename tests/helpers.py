@@ -118,12 +118,11 @@ def lively_student(out: Path, seed: int = 3) -> Path:
     import torch
 
     from lsd_edge.data.shapes import vocabulary
-    from lsd_edge.models.bpe import word_corpus
     from lsd_edge.models.build import build_tiny_model, build_tiny_processor
     from lsd_edge.models.load import save_model
     from lsd_edge.recipe.schema import TinyConfig, VisionSize
 
-    proc = build_tiny_processor(VisionSize(**TINY_VISION), word_corpus(vocabulary()))
+    proc = build_tiny_processor(VisionSize(**TINY_VISION), vocabulary())
     size = dict(num_layers=2, num_heads=4, num_kv_heads=2)
     teacher = build_tiny_model(
         TinyConfig(hidden_size=32, intermediate_size=64, vision=TINY_VISION, **size), proc, seed=0

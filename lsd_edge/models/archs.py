@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from transformers import LlavaConfig, Qwen2Config, SiglipVisionConfig
 
-from lsd_edge.models.bpe import word_corpus
 from lsd_edge.models.build import tiny_processor
 from lsd_edge.models.tokens import IMAGE_TOKEN, SPECIAL_TOKENS
 
@@ -133,7 +132,7 @@ ARCH_IMAGE_TOKEN = SPECIAL_TOKENS.index(IMAGE_TOKEN)
 def arch_processor(image_size: int, patch_size: int, words: list[str]):
     """The processor of an architecture's random-weight model: a byte-level BPE tokenizer trained on
     `words` (each one token), `lsd_edge.models.bpe`."""
-    processor = tiny_processor(word_corpus(words), image_size, patch_size)
+    processor = tiny_processor(words, image_size, patch_size)
     assert processor.image_token_id == ARCH_IMAGE_TOKEN
     return processor
 

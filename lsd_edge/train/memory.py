@@ -24,7 +24,7 @@ from transformers import AutoConfig
 from lsd_edge.data.prepare import corpus_texts
 from lsd_edge.data.shapes import vocabulary
 from lsd_edge.errors import LsdEdgeError, ModelError
-from lsd_edge.models.bpe import train_bpe, word_corpus
+from lsd_edge.models.bpe import train_bpe
 from lsd_edge.models.build import composed_llava_config, student_tower, tiny_llava_config
 from lsd_edge.models.info import ModelShape
 from lsd_edge.models.load import check_ref, first_line, torch_dtype
@@ -220,7 +220,7 @@ def _tiny_vocab(recipe: Recipe) -> int:
     except LsdEdgeError:
         if recipe.data.shapes is None:
             raise
-        texts = word_corpus(vocabulary())
+        texts = vocabulary()
     return train_bpe(texts).get_vocab_size()
 
 

@@ -103,7 +103,7 @@ def _long(n_words: int) -> dict:
 
 
 def test_a_conversation_cut_inside_an_answer_keeps_labels_on_what_remains(tmp_path, images, processor):
-    # 40 tokens up to the second answer (byte-level: "tell me more ." is 10 tokens); the cut keeps 8 of it
+    # over 40 tokens before the second answer ("tell me more ." is in byte-level pieces): 48 cuts it
     full = LlavaDataset(_write(tmp_path, [_long(40)]), images, processor)[0]
     assert not full.truncated and len(full.input_ids) > 40
     cut = LlavaDataset(_write(tmp_path, [_long(40)]), images, processor, max_length=48)[0]

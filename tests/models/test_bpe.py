@@ -8,7 +8,7 @@ import json
 
 from lsd_edge.data.shapes import COLORS, KINDS, NUMBERS, vocabulary
 from lsd_edge.export.gguf.llm import tokenizer_facts
-from lsd_edge.models.bpe import MAX_VOCAB, TOKENIZER_KIND, train_bpe, word_corpus
+from lsd_edge.models.bpe import MAX_VOCAB, TOKENIZER_KIND, train_bpe
 from lsd_edge.models.build import build_tiny_processor, tiny_processor
 from lsd_edge.models.tokens import CHAT_TEMPLATE, IMAGE_TOKEN, SPECIAL_TOKENS
 from lsd_edge.recipe.schema import VisionSize
@@ -66,15 +66,21 @@ def test_special_tokens_chat_template_and_round_trip(shapes_dir):
 
 
 def test_llama_cpp_knows_the_pre_tokenizer(shapes_dir):
-    tok = tiny_processor(word_corpus(vocabulary()), 32, 8).tokenizer
+    tok = tiny_processor(vocabulary(), 32, 8).tokenizer
     facts = tokenizer_facts(tok, "tiny")
     assert facts["pre"] == "gpt-2" and facts["merges"]
 
 
-def test_word_corpus_makes_each_word_one_token_at_the_start_and_after_a_space():
-    tok = train_bpe(word_corpus(["alpha", "beta"]))
-    for text in ("alpha", " beta", "beta alpha"):
-        assert len(tok.encode(text).ids) == len(text.split())
+def test_a_word_is_one_token_at_the_start_of_a_turn_and_after_a_space(shapes_dir):
+    """Words never merge with the space before them: the answer "red" and the "red" of a question
+    are one token, spaces tokens of their own; a plain word list trains the same way."""
+    tok = tiny_processor(_texts(shapes_dir), 32, 8).tokenizer
+    red = tok.convert_tokens_to_ids("red")
+    ids = tok("is the red shape in the top left ?", add_special_tokens=False)["input_ids"]
+    assert ids.count(red) == 1 and tok.convert_ids_to_tokens(ids[1]) == "Ġ"
+    assert len(ids) == 2 * 9 - 1  # nine words, eight spaces
+    words = train_bpe(["alpha", "beta"])
+    assert words.encode("beta alpha").tokens == ["beta", "Ġ", "alpha"]
 
 
 def test_a_teacher_cached_with_the_word_level_tokenizer_is_refused(recipe_dict, tmp_path):
@@ -101,7 +107,7 @@ def test_memory_estimate_counts_the_tokenizer_the_run_builds(recipe_dict):
     recipe = parse_recipe(recipe_dict)
     multiple = recipe.teacher.tiny.pad_vocab_to_multiple_of
     before = recipe_configs(recipe)[0].text_config.vocab_size
-    assert before == padded_vocab(len(train_bpe(word_corpus(vocabulary())).get_vocab()), multiple)
+    assert before == padded_vocab(len(train_bpe(vocabulary()).get_vocab()), multiple)
     prepare_data(recipe, QuietReporter())
     rows = len(tiny_processor(corpus_texts(recipe), 32, 8).tokenizer)
     assert recipe_configs(recipe)[0].text_config.vocab_size == padded_vocab(rows, multiple)

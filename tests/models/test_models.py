@@ -10,7 +10,6 @@ import torch
 
 from lsd_edge.data.shapes import vocabulary
 from lsd_edge.errors import ModelError
-from lsd_edge.models.bpe import word_corpus
 from lsd_edge.models.build import build_tiny_model, build_tiny_processor, compose_llava
 from lsd_edge.models.groups import count_params, set_trainable
 from lsd_edge.models.info import model_info
@@ -74,7 +73,7 @@ def test_set_trainable_groups(tiny_student):
 def test_tokenizer_mismatch_is_refused(processor):
     # the same tokenizer plus one word (a retrained BPE would also move ids: that is refused too)
     other = build_tiny_processor(
-        VisionSize(image_size=16, patch_size=8, hidden_size=32, num_heads=2), word_corpus(vocabulary())
+        VisionSize(image_size=16, patch_size=8, hidden_size=32, num_heads=2), vocabulary()
     )
     other.tokenizer.add_tokens(["hexagon"])
     with pytest.raises(ModelError, match=r"tokenizers differ.*'hexagon'"):
@@ -156,7 +155,7 @@ def test_compose_refuses_other_tokenizer(tmp_path, tiny_teacher, processor):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     other = build_tiny_processor(
-        VisionSize(image_size=16, patch_size=8, hidden_size=32, num_heads=2), word_corpus(["alpha", "beta"])
+        VisionSize(image_size=16, patch_size=8, hidden_size=32, num_heads=2), ["alpha", "beta"]
     )
     cfg = Qwen2Config(
         vocab_size=len(other.tokenizer),

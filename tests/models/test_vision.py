@@ -14,7 +14,6 @@ from PIL import Image
 
 from lsd_edge.data.shapes import vocabulary
 from lsd_edge.errors import RecipeError
-from lsd_edge.models.bpe import word_corpus
 from lsd_edge.models.build import build_tiny_model, build_tiny_processor, compose_llava, student_processor
 from lsd_edge.models.load import load_llava, save_model
 from lsd_edge.models.tokens import image_tokens
@@ -32,7 +31,7 @@ STUDENT_LLM = dict(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, in
 
 @pytest.fixture(scope="module")
 def teacher_processor():
-    return build_tiny_processor(TOWER, word_corpus(vocabulary()))
+    return build_tiny_processor(TOWER, vocabulary())
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +150,7 @@ def test_a_smaller_tower_from_sizes(tmp_path, teacher):
     small = VisionSize(
         hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, patch_size=8, image_size=16
     )
-    processor = build_tiny_processor(small, word_corpus(vocabulary()))
+    processor = build_tiny_processor(small, vocabulary())
     student = build_tiny_model(TinyConfig(**STUDENT_LLM, vision=small), processor, seed=1)
     loaded, _ = _round_trip(student, processor, tmp_path)
     assert loaded.config.vision_config.hidden_size == 16 and image_tokens(loaded.config) == 4
