@@ -27,7 +27,7 @@ from lsd_edge.data.dataset import LlavaDataset
 from lsd_edge.data.loading import SlotReader, SlotSampler
 from lsd_edge.data.records import BadSampleLog
 from lsd_edge.data.sampling import IndexStream
-from lsd_edge.models.build import word_level_processor
+from lsd_edge.models.build import tiny_processor
 
 WORDS = "what is in the picture a photo of some objects on table".split()
 
@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--compute", type=float, default=1.0)
     a = ap.parse_args()
     torch.set_num_threads(1)
-    processor = word_level_processor(WORDS, 384, 14)
+    processor = tiny_processor(WORDS, 384, 14)
     with tempfile.TemporaryDirectory() as tmp:
         data = write_data(Path(tmp), (a.steps + 1) * a.micro * a.accum)
         ds = LlavaDataset(data, Path(tmp) / "images", processor, max_length=2048, cache=False)

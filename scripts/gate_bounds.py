@@ -5,7 +5,7 @@ were set from.
 
     python scripts/gate_bounds.py                # every model, int8, int4 and fp16
     python scripts/gate_bounds.py --variants int8 --models lively
-    python scripts/gate_bounds.py --gguf         # every GGUF model, f16 and q8_0 (needs llama-cpp-python)
+    python scripts/gate_bounds.py --gguf         # every GGUF model, f16, q8_0 and q4_0 (needs llama-cpp-python)
 
 Prints one Markdown row per model, variant and sample source: the largest relative logit difference
 (ONNX: teacher-forced on PyTorch's tokens, every prompt position and decode step; GGUF: every step up
@@ -89,7 +89,7 @@ def gguf_rows(a, tmp: Path) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for name in a.models or list(GGUF_MODELS):
         folder = GGUF_MODELS[name](standins, tmp / name)
-        for q in a.variants or ["f16", "q8_0"]:
+        for q in a.variants or ["f16", "q8_0", "q4_0"]:
             for source, extra in data.items():
                 s = GgufSettings(quant=q, samples=a.samples, **extra)
                 report, verdict = gated_run(export_gguf, folder, tmp / f"{name}-{q}-{source}", s)
@@ -121,9 +121,9 @@ def build(name: str, out: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--gguf", action="store_true", help="the GGUF gate's quants (f16, q8_0) instead")
+    ap.add_argument("--gguf", action="store_true", help="the GGUF gate's quants (f16, q8_0, q4_0) instead")
     ap.add_argument("--models", nargs="*", choices=[*MODELS, *GGUF_MODELS], help="default: every model")
-    ap.add_argument("--variants", nargs="*", help="default: int8 int4 fp16, or with --gguf f16 q8_0")
+    ap.add_argument("--variants", nargs="*", help="default: int8 int4 fp16, or with --gguf f16 q8_0 q4_0")
     ap.add_argument("--samples", type=int, default=16, help="parity samples (ExportSettings' default)")
     a = ap.parse_args()
     torch.set_num_threads(1)

@@ -57,27 +57,27 @@ def export_(
         str | None,
         typer.Option("--decoder", help="auto (the model builder's where it can), builder, or traced."),
     ] = None,
-    gguf: Annotated[
-        bool,
-        typer.Option(
-            "--gguf", help="Write <name>.gguf + mmproj-<name>.gguf for llama.cpp, Ollama, LM Studio."
-        ),
-    ] = False,
+    gguf: Annotated[bool, typer.Option("--gguf", help="Write <name>.gguf + mmproj for llama.cpp.")] = False,
     quant: Annotated[
-        str | None, typer.Option("--quant", help="With --gguf: q8_0 (default) or f16 matrices.")
+        str | None, typer.Option("--quant", help="With --gguf: q8_0 (default), q4_0 or f16.")
+    ] = None,
+    mmproj_quant: Annotated[
+        str | None, typer.Option("--mmproj-quant", help="With --gguf: the mmproj's, f16 or q8_0 (default).")
     ] = None,
 ) -> None:
     """Export a student to ONNX (three graphs + a quantized variant), check parity with PyTorch, report sizes and speed.
 
     With --gguf, to GGUF instead: the LLM with its tokenizer and chat template, the mmproj file, a
     Modelfile for Ollama, gated on llama.cpp's own outputs against PyTorch's: logits, first and greedy
-    tokens, tokenizer, and accuracy with --data (needs `pip install -e .[gguf]`)."""
+    tokens, tokenizer, and exact match on the eval data (needs `pip install -e .[gguf]`)."""
     if gguf:
-        return gguf_export(
-            model_dir, output, quant, data, images, samples, (int8, int4, fp16, fp32, target, opset, decoder)
+        settings = dict(quant=quant, mmproj_quant=mmproj_quant, data=data, images=images, samples=samples)
+        settings["eval_samples"] = eval_samples
+        return gguf_export(model_dir, output, settings, (int8, int4, fp16, fp32, target, opset, decoder))
+    if quant is not None or mmproj_quant is not None:
+        raise LsdEdgeError(
+            "--quant and --mmproj-quant go with --gguf; for ONNX pick one of --int8, --int4, --fp16, --fp32"
         )
-    if quant is not None:
-        raise LsdEdgeError("--quant goes with --gguf; for ONNX pick one of --int8, --int4, --fp16, --fp32")
     chosen = [name for name, on in (("int8", int8), ("int4", int4), ("fp16", fp16), ("none", fp32)) if on]
     if len(chosen) > 1:
         raise LsdEdgeError("pick one of --int8, --int4, --fp16, --fp32")
@@ -100,13 +100,13 @@ def export_(
         out.print(line)
 
 
-def gguf_export(model_dir, output, quant, data, images, samples, onnx_options) -> None:
+def gguf_export(model_dir, output, settings: dict, onnx_options) -> None:
     """`lsd-edge export --gguf`: the GGUF pair, gated on llama.cpp, and its summary."""
     if any(onnx_options):
         raise LsdEdgeError(
-            "--gguf takes --quant q8_0|f16; --int8, --int4, --fp16, --fp32, --target, --opset, --decoder are ONNX's"
+            "--gguf takes --quant q8_0|q4_0|f16 and --mmproj-quant; --int8, --int4, --fp16, --fp32, --target, "
+            "--opset, --decoder are ONNX's"
         )
-    settings = {"quant": quant, "data": data, "images": images, "samples": samples}
     from lsd_edge.export.gguf.pipeline import export_gguf
 
     result = export_gguf(model_dir, output, settings, reporter())

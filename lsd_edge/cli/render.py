@@ -11,12 +11,10 @@ from typing import Any
 
 from rich import box
 from rich.console import RenderableType
-from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
 from lsd_edge.bench.report import BenchResult, fmt_percent, fmt_split
-from lsd_edge.verify.report import VerifyResult
 
 
 def tree(label: str, data: Any, node: Tree | None = None) -> Tree:
@@ -345,56 +343,23 @@ def gguf_report(report: dict[str, Any]) -> list[RenderableType]:
         t.add_row(name, f["architecture"], str(f["tensors"]), f"{f['mb']:.3f}")
     p, quant = report["parity"], report["settings"]["quant"]
     b = report["gate"]["bound"][quant]
+    accuracy = report["settings"].get("note") or "no eval data: accuracy not compared"
+    if p["accuracy_torch"] is not None:
+        accuracy = (
+            f"exact match on {p['accuracy_samples']} eval questions: PyTorch {percent(p['accuracy_torch'])}, "
+            f"llama.cpp {percent(p['accuracy_llama_cpp'])} (at most {100 * b['max_accuracy_drop']:g} points "
+            f"below); same answers {100 * p['answer_agreement']:.1f}% (floor {100 * b['min_answer_agreement']:g}%)"
+        )
     return [
-        f"model: {report['model_dir']} ({quant})",
+        f"model: {report['model_dir']} ({quant}, mmproj {report['settings']['mmproj']})",
         t,
+        f"gate judged by {p['judged_by']}; {accuracy}",
         f"parity on {p['samples']} prompts ({p['source']}): llama.cpp logits max rel diff "
         f"{p['max_rel_logit_diff']:.1e} (bound {b['max_rel_logit_diff']:g}), first token "
         f"{100 * p['first_token_agreement']:.0f}% (floor {100 * b['min_first_token_agreement']:.0f}%), "
         f"greedy tokens kept {100 * p['greedy_token_agreement']:.0f}% (floor "
         f"{100 * b['min_greedy_agreement']:.0f}%), whole answers {100 * p['greedy_agreement']:.0f}%, "
-        f"tokenizer agreement {100 * p['tokenizer']['agreement']:.0f}%; accuracy PyTorch "
-        f"{percent(p['accuracy_torch'])} vs llama.cpp {percent(p['accuracy_llama_cpp'])} "
-        f"(at most {100 * b['max_accuracy_drop']:.0f} points below)",
+        f"tokenizer agreement {100 * p['tokenizer']['agreement']:.0f}%",
         f"[green]parity gate passed[/green]; report: {report['output']}/export_report.json; "
         f"Ollama: cd {report['output']} && ollama create NAME -f Modelfile",
     ]
-
-
-def verify_report(result: VerifyResult) -> list[RenderableType]:
-    """`lsd-edge verify`: one row per runtime and variant, PyTorch's first, then why rows were skipped
-    or stopped."""
-    t = Table(
-        title=f"lsd-edge verify: {result.reference}",
-        box=box.SIMPLE_HEAD,
-        caption=f"{result.questions} questions of {result.data}, {result.max_new_tokens} new tokens, greedy",
-    )
-    for col in (
-        "runtime",
-        "variant",
-        "exact match",
-        "agrees with\nPyTorch",
-        "first-token\nKL",
-        "s",
-        "status",
-    ):
-        t.add_column(col, justify="left" if col in ("runtime", "variant", "status") else "right")
-    notes = []
-    for r in result.rows:
-        status = {"ok": "[green]ok[/green]", "skipped": "[yellow]skipped[/yellow]"}.get(
-            r.status, "[red]error[/red]"
-        )
-        if r.status == "ok" and any(f.startswith(f"{r.key}:") for f in result.failures):
-            status = "[red]below its bound[/red]"
-        if r.status == "skipped":  # an error's reason is among the failures below
-            notes.append(f"[yellow]{r.key} skipped: {escape(r.reason or '')}[/yellow]")
-        t.add_row(
-            r.runtime,
-            r.variant,
-            "—" if r.accuracy is None else f"{100 * r.accuracy:.1f}%",
-            "—" if r.agreement is None else f"{100 * r.agreement:.1f}%",
-            "—" if r.first_token_kl is None else f"{r.first_token_kl:.2e}",
-            "—" if r.seconds is None else f"{r.seconds:.1f}",
-            status,
-        )
-    return [t, *notes, *(f"[red]{escape(f)}[/red]" for f in result.failures)]

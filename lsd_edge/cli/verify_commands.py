@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lsd_edge.cli import render
+from lsd_edge.cli import render_verify
 from lsd_edge.cli.app import app, out, reporter, write_json_out
 from lsd_edge.verify.plan import RUNTIMES, VerifyError
 from lsd_edge.verify.report import DEFAULT_MAX_DROP, Bounds, parse_bound
@@ -73,7 +73,7 @@ def verify_(
     )
     settings = VerifySettings(n, data, images, pytorch, only, max_new_tokens, bounds)
     result = verify(exports, settings, reporter())
-    for line in render.verify_report(result):
+    for line in render_verify.verify_report(result):
         out.print(line)
     write_json_out(json_out, result.as_dict())
     if result.failures:

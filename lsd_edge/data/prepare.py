@@ -7,7 +7,6 @@ other files. `check_data_files` fails fast, before hours of training, on a path 
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from lsd_edge.data.dataset import LlavaDataset, TeacherView
@@ -68,9 +67,10 @@ def prepare_data(recipe: Recipe, reporter: Reporter) -> None:
     reporter.done()
 
 
-def corpus_words(recipe: Recipe) -> list[str]:
-    """The words of every configured data file, for a tiny model's word-level tokenizer."""
-    words: set[str] = set()
+def corpus_texts(recipe: Recipe) -> list[str]:
+    """The text of every turn of every configured data file, in file order, for a tiny model's
+    tokenizer (`lsd_edge.models.bpe`, which drops the image placeholders)."""
+    texts: list[str] = []
     for name in DATA_SETS:
         ds = getattr(recipe.data, name)
         if ds is None:
@@ -81,8 +81,8 @@ def corpus_words(recipe: Recipe) -> list[str]:
             for turn in turns if isinstance(turns, list) else []:
                 value = turn.get("value") if isinstance(turn, dict) else None
                 if isinstance(value, str):  # a malformed turn is the data set's to report
-                    words.update(re.findall(r"\w+|[^\w\s]+", value.replace("<image>", " ")))
-    return sorted(words)
+                    texts.append(value)
+    return texts
 
 
 def check_data_files(recipe: Recipe, stages: list[StageConfig]) -> None:

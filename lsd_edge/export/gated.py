@@ -60,6 +60,23 @@ def source_folder(model_dir, reporter: Reporter, runs_root: Path) -> tuple[Path,
     return model_dir, picked
 
 
+def recipe_eval(recipe, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A gate's accuracy settings from the recipe a model folder holds: its eval split (data, images)
+    when the file is here, else a note saying why accuracy is not compared; eval.max_samples and
+    eval.max_new_tokens. The user's --data (in `overrides`) replaces the split, its images and note."""
+    values: dict[str, Any] = {
+        "eval_samples": recipe.eval.max_samples,
+        "max_new_tokens": recipe.eval.max_new_tokens,
+    }
+    if recipe.data.eval is not None and overrides.get("data") is None:
+        path, images = recipe.data.resolve(recipe.data.eval)
+        if path.is_file():
+            values.update(data=path, images=images)
+        else:  # exported from another folder than the run's: check on synthetic inputs
+            values["note"] = f"the recipe's eval data {path} is not here; pass --data to compare accuracy"
+    return values
+
+
 def check_data(data: Path) -> None:
     if not Path(data).is_file():
         raise ExportError(

@@ -10,7 +10,7 @@ real size with random weights, and `lsd_edge.memory` tests estimate the real rec
 student's config is composed as `lsd-edge distill` composes it from its recipe's [student] table
 (`Arch.student`: the tower as `student.vision` gives it, cut by `student.image_size` and
 `student.vision_layers`, `lsd_edge.models.build.composed_llava_config`), so an edge arch is the
-student that recipe would build, with random weights. The tokenizer that goes with them is a small word-level one
+student that recipe would build, with random weights. The tokenizer that goes with them is a small byte-level BPE one
 (`arch_processor`): prompts are a few tokens shorter than Qwen's would be, the 729 visual tokens
 and every weight are real-sized.
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from transformers import LlavaConfig, Qwen2Config, SiglipVisionConfig
 
-from lsd_edge.models.build import composed_llava_config, student_tower, word_level_processor
+from lsd_edge.models.build import composed_llava_config, student_tower, tiny_processor
 from lsd_edge.models.tokens import IMAGE_TOKEN, SPECIAL_TOKENS
 from lsd_edge.models.vision import Tower
 from lsd_edge.recipe.schema import StudentConfig
@@ -129,7 +129,7 @@ class Arch:
     student: dict | None = None
 
     def config(self):
-        """The LlavaConfig, with the `<image>` id of `arch_processor`'s word-level tokenizer."""
+        """The LlavaConfig, with the `<image>` id of `arch_processor`'s tokenizer."""
         # the tower as distill takes it: read at its last layer with every patch (`Tower.of_config`,
         # what `load_siglip` gives, and how llava-interleave reads the teacher's)
         tower = Tower.of_config(siglip_config(**self.vision))
@@ -141,19 +141,20 @@ class Arch:
         return composed_llava_config(spec, tower, text, ARCH_IMAGE_TOKEN)
 
     def build(self, words: list[str]):
-        """(LlavaConfig, processor): a word-level tokenizer over `words` (ChatML) whose `<image>` id
+        """(LlavaConfig, processor): a byte-level BPE tokenizer over `words` (ChatML) whose `<image>` id
         the config uses, and an image processor at the vision tower's size."""
         config = self.config()
         return config, arch_processor(config.vision_config.image_size, config.vision_config.patch_size, words)
 
 
-# word_level_processor puts the special tokens first, so `<image>` has this id whatever the words.
+# The tiny tokenizer puts the special tokens first, so `<image>` has this id whatever the words.
 ARCH_IMAGE_TOKEN = SPECIAL_TOKENS.index(IMAGE_TOKEN)
 
 
 def arch_processor(image_size: int, patch_size: int, words: list[str]):
-    """The processor of an architecture's random-weight model: a word-level tokenizer over `words`."""
-    processor = word_level_processor(words, image_size, patch_size)
+    """The processor of an architecture's random-weight model: a byte-level BPE tokenizer trained on
+    `words` (each one token), `lsd_edge.models.bpe`."""
+    processor = tiny_processor(words, image_size, patch_size)
     assert processor.image_token_id == ARCH_IMAGE_TOKEN
     return processor
 

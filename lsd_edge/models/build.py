@@ -1,17 +1,15 @@
 """Build a teacher or student `LlavaForConditionalGeneration` and its processor from a recipe.
 
 Two ways besides loading a checkpoint (`lsd_edge.models.load`): a tiny model built from sizes for
-the embedded default (SigLIP vision + Qwen2 text, the real transformers classes, a word-level
-tokenizer), or a student composed from parts (a LLaVA model's vision tower, an LLM, a fresh
-projector). Every model written by lsd-edge holds its processor (tokenizer, image processor, chat
+the embedded default (SigLIP vision + Qwen2 text, the real transformers classes, a byte-level BPE
+tokenizer trained on the recipe's text, `lsd_edge.models.bpe`), or a student composed from parts (a
+LLaVA model's vision tower, an LLM, a fresh projector). Every model written by lsd-edge holds its processor (tokenizer, image processor, chat
 template) beside the weights, so every command loads any model the same way.
 """
 
 from __future__ import annotations
 
 import torch
-from tokenizers import Tokenizer, pre_tokenizers
-from tokenizers import models as tokenizer_models
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -19,19 +17,17 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
-    PreTrainedTokenizerFast,
     Qwen2Config,
     SiglipVisionConfig,
 )
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from lsd_edge.errors import ModelError
+from lsd_edge.models.bpe import bpe_tokenizer
 from lsd_edge.models.load import check_ref, first_line, load_llava, set_generation_config
 from lsd_edge.models.tokens import (
-    CHAT_ROLES,
     CHAT_TEMPLATE,
     IMAGE_TOKEN,
-    SPECIAL_TOKENS,
     check_llm_tokenizer,
     image_token_id,
     image_tokens,
@@ -49,21 +45,16 @@ from lsd_edge.models.vision import (
 from lsd_edge.recipe.schema import ModelConfig, TinyConfig, VisionSize
 
 
-def build_tiny_processor(vision: VisionSize, words: list[str]):
-    """A word-level tokenizer over `words`, a SigLIP-style image processor and a ChatML template."""
-    return word_level_processor(words, vision.image_size, vision.patch_size)
+def build_tiny_processor(vision: VisionSize, texts: list[str]):
+    """A byte-level BPE tokenizer trained on `texts` (`lsd_edge.models.bpe`), a SigLIP-style image
+    processor at the tower's size and a ChatML template."""
+    return tiny_processor(texts, vision.image_size, vision.patch_size)
 
 
-def word_level_processor(words: list[str], image_size: int, patch_size: int):
+def tiny_processor(texts: list[str], image_size: int, patch_size: int):
     """`build_tiny_processor` for any square image size, also one that is not a multiple of the patch
     (SigLIP-so400m: 384 px, patch 14 -> 27 x 27 visual tokens)."""
-    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + list(CHAT_ROLES) + sorted(set(words)))}
-    tok = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>", bos_token=None
-    )
+    fast = bpe_tokenizer(texts)
     image_processor = SiglipImageProcessorPil(
         size={"height": image_size, "width": image_size},
         image_mean=[0.5, 0.5, 0.5],

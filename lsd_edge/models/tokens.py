@@ -15,8 +15,12 @@ IGNORE_INDEX = -100  # labels: no loss at this position
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN)
 CHAT_ROLES = ("system", "user", "assistant")
 # ChatML, as Qwen's chat models use it; images come first in a user turn, each followed by a newline.
+# The tiny models' ChatML template. An assistant's content follows one space, so that with their
+# byte-level BPE (`lsd_edge.models.bpe`) an answer's words are the tokens they are in a caption or a
+# question ("Ġred"); exact match strips it, and generation starts after "assistant\n" as usual.
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'assistant' %} {% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for c in message['content'] %}"
     "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"

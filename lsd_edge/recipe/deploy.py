@@ -27,6 +27,7 @@ class GgufGateConfig(Strict):
     min_first_token_agreement: Share | None = None
     min_greedy_agreement: Share | None = None
     max_accuracy_drop: Annotated[float, Field(ge=0)] | None = None
+    min_answer_agreement: Share | None = None
 
 
 class ExportConfig(Strict):

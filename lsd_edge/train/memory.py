@@ -21,13 +21,14 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
-from lsd_edge.data.prepare import corpus_words
+from lsd_edge.data.prepare import corpus_texts
 from lsd_edge.data.shapes import vocabulary
 from lsd_edge.errors import LsdEdgeError, ModelError
+from lsd_edge.models.bpe import train_bpe
 from lsd_edge.models.build import composed_llava_config, student_tower, tiny_llava_config
 from lsd_edge.models.info import ModelShape
 from lsd_edge.models.load import check_ref, first_line, torch_dtype
-from lsd_edge.models.tokens import CHAT_ROLES, IMAGE_TOKEN, SPECIAL_TOKENS, image_tokens
+from lsd_edge.models.tokens import IMAGE_TOKEN, SPECIAL_TOKENS, image_tokens
 from lsd_edge.models.vision import Tower
 from lsd_edge.recipe.schema import DISTILL_TERMS, Recipe, StageConfig
 
@@ -212,13 +213,15 @@ def _auto_config(ref: str, what: str, trust_remote_code: bool):
 
 
 def _tiny_vocab(recipe: Recipe) -> int:
+    """The tiny models' vocabulary: their tokenizer trained on the data (seconds), or, before
+    ShapesVQA is generated, on its words."""
     try:
-        words = corpus_words(recipe)
+        texts = corpus_texts(recipe)
     except LsdEdgeError:
         if recipe.data.shapes is None:
             raise
-        words = vocabulary()
-    return len(SPECIAL_TOKENS) + len(CHAT_ROLES) + len(words)
+        texts = vocabulary()
+    return train_bpe(texts).get_vocab_size()
 
 
 def recipe_configs(recipe: Recipe):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lsd_edge.data.prepare import corpus_words
+from lsd_edge.data.prepare import corpus_texts
 from lsd_edge.models.build import build_tiny_model, build_tiny_processor, compose_llava, student_processor
 from lsd_edge.models.groups import compile_layers
 from lsd_edge.models.load import load_llava
@@ -21,7 +21,7 @@ def build_student(recipe: Recipe, teacher, teacher_processor, device: torch.devi
         if spec.tiny.vision == "teacher":
             processor = student_processor(teacher_processor, spec)
         else:
-            processor = build_tiny_processor(spec.tiny.vision, corpus_words(recipe))
+            processor = build_tiny_processor(spec.tiny.vision, corpus_texts(recipe))
         model = build_tiny_model(
             spec.tiny,
             processor,
@@ -46,7 +46,7 @@ def student_processor_of(recipe: Recipe, load_teacher, teacher_processor):
     spec = recipe.student
     vision = spec.tiny.vision if spec.tiny is not None else spec.vision
     if spec.tiny is not None and vision != "teacher":
-        return build_tiny_processor(vision, corpus_words(recipe))
+        return build_tiny_processor(vision, corpus_texts(recipe))
     if (spec.tiny is not None or spec.llm is not None) and vision in (None, "teacher"):
         return student_processor(teacher_processor, spec)
     return build_student(recipe, load_teacher(), teacher_processor, torch.device("cpu"))[1]

@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from lsd_edge.data.prepare import corpus_words, open_dataset
+from lsd_edge.data.prepare import corpus_texts, open_dataset
 from lsd_edge.data.shapes import FORMAT
 from lsd_edge.errors import LsdEdgeError
 from lsd_edge.files import files_hash, read_json
 from lsd_edge.identity import IDENTITY_FILE, Manifest, settings
+from lsd_edge.models.bpe import TOKENIZER_KIND
 from lsd_edge.models.build import build_tiny_model, build_tiny_processor
 from lsd_edge.models.groups import count_params
 from lsd_edge.models.load import load_llava, model_folder, torch_dtype
@@ -33,12 +34,19 @@ RETRAIN = "delete it to train a new one, or set run.output_dir to another folder
 
 
 def teacher_manifest(recipe: Recipe) -> Manifest:
-    """What a trained tiny teacher is tied to: its settings, the data's, the seed and the eval settings."""
+    """What a trained tiny teacher is tied to: its settings, the data's, the seed, the eval settings and
+    the kind of tokenizer it was built with (a teacher of the earlier word-level tokenizer is refused)."""
     r = recipe
     data = settings(r.data) | ({"shapes_format": FORMAT} if r.data.shapes else {})
     return Manifest(
         "the cached teacher in",
-        {"teacher": settings(r.teacher), "data": data, "run.seed": r.run.seed, "eval": settings(r.eval)},
+        {
+            "teacher": settings(r.teacher),
+            "data": data,
+            "run.seed": r.run.seed,
+            "eval": settings(r.eval),
+            "tokenizer": TOKENIZER_KIND,
+        },
     )
 
 
@@ -110,7 +118,7 @@ class TeacherSlot:
         """Train the tiny teacher with the recipe's [[teacher.stages]] and cache it in `folder`."""
         ctx, r = self.ctx, self.ctx.recipe
         tiny = r.teacher.tiny
-        processor = build_tiny_processor(tiny.vision, corpus_words(r))
+        processor = build_tiny_processor(tiny.vision, corpus_texts(r))
         model = build_tiny_model(tiny, processor, seed=r.run.seed).to(ctx.device)
         manifest = teacher_manifest(r)
         if not r.teacher.stages:

@@ -50,7 +50,7 @@ def test_labels_only_on_answers_multi_turn(tmp_path, img_dir, processor):
     }
     ds = LlavaDataset(_write(tmp_path, [rec]), img_dir, processor)
     enc = ds[0]
-    assert _decode_labels(processor, enc) == ["red", "<|im_end|>", "two", "<|im_end|>"]
+    assert _decode_labels(processor, enc) == ["Ġred", "<|im_end|>", "Ġtwo", "<|im_end|>"]  # answers after a space
     assert enc.pixel_values.shape == (1, 3, 16, 16)
     n_vis = int((enc.input_ids == processor.image_token_id).sum())
     assert n_vis == num_image_tokens(processor) == 4

@@ -4,20 +4,25 @@ vision tower would read at another size, 16-bit images, malformed records; and t
 from __future__ import annotations
 
 import copy
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 from lsd_edge.data.dataset import BatchLoader, LlavaDataset, truncate
-from lsd_edge.data.prepare import corpus_words
+from lsd_edge.data.prepare import corpus_texts
 from lsd_edge.data.questions import first_questions, load_eval_items
 from lsd_edge.data.records import BadSample, BadSampleLog, load_image, parse_record
 from lsd_edge.errors import DataError
+from lsd_edge.models.build import build_tiny_processor
 from lsd_edge.models.tokens import IGNORE_INDEX
 from lsd_edge.recipe.load import parse_recipe
+from lsd_edge.recipe.schema import VisionSize
 
+from ..helpers import TINY_VISION
 from ..helpers import write_records as _write
 from ..messy import KINDS, expected_skips, messy_data, record, turns
 
@@ -34,10 +39,22 @@ def images(tmp_path):
     return d
 
 
+def _processor_of(data: Path):
+    """A tiny processor whose tokenizer is trained on `data`'s turns, as a run trains its own."""
+    texts = [
+        t["value"]
+        for rec in json.loads(data.read_text())
+        for t in (rec.get("conversations") if isinstance(rec.get("conversations"), list) else [])
+        if isinstance(t, dict) and isinstance(t.get("value"), str)
+    ]
+    return build_tiny_processor(VisionSize(**TINY_VISION), texts)
+
+
 def _answers(processor, enc) -> list[str]:
+    """The labelled tokens, each decoded alone (a byte-level token's leading space dropped)."""
     tok = processor.tokenizer
     return [
-        tok.convert_ids_to_tokens(int(i))
+        tok.decode([int(i)]).strip()
         for i, lab in zip(enc.input_ids, enc.labels, strict=True)
         if lab != IGNORE_INDEX
     ]
@@ -86,16 +103,17 @@ def _long(n_words: int) -> dict:
 
 
 def test_a_conversation_cut_inside_an_answer_keeps_labels_on_what_remains(tmp_path, images, processor):
+    # over 40 tokens before the second answer ("tell me more ." is in byte-level pieces): 48 cuts it
     full = LlavaDataset(_write(tmp_path, [_long(40)]), images, processor)[0]
     assert not full.truncated and len(full.input_ids) > 40
-    cut = LlavaDataset(_write(tmp_path, [_long(40)]), images, processor, max_length=30)[0]
-    assert cut.truncated and len(cut.input_ids) == 30
-    assert torch.equal(cut.input_ids, full.input_ids[:30]) and torch.equal(cut.labels, full.labels[:30])
+    cut = LlavaDataset(_write(tmp_path, [_long(40)]), images, processor, max_length=48)[0]
+    assert cut.truncated and len(cut.input_ids) == 48
+    assert torch.equal(cut.input_ids, full.input_ids[:48]) and torch.equal(cut.labels, full.labels[:48])
     answers = _answers(processor, cut)
     assert answers[:2] == ["red", "<|im_end|>"] and set(answers[2:]) == {"circle"}
     log = BadSampleLog()
     loader = BatchLoader(
-        LlavaDataset(_write(tmp_path, [_long(40)]), images, processor, max_length=30), 0, log=log
+        LlavaDataset(_write(tmp_path, [_long(40)]), images, processor, max_length=48), 0, log=log
     )
     loader.batch([0])
     loader.batch([0])
@@ -264,12 +282,14 @@ def test_bad_sample_log_merges_and_survives_a_round_trip():
     assert BadSampleLog().report() == ""
 
 
-def test_messy_generator_is_seeded_and_holds_every_composition(tmp_path, processor):
+def test_messy_generator_is_seeded_and_holds_every_composition(tmp_path):
     p1, kinds1 = messy_data(tmp_path / "a", seed=3, n=40)
     p2, kinds2 = messy_data(tmp_path / "b", seed=3, n=40)
     _, kinds3 = messy_data(tmp_path / "c", seed=4, n=40)
     assert kinds1 == kinds2 and p1.read_bytes() == p2.read_bytes() and kinds1 != kinds3
     assert set(kinds1) == set(KINDS) and len(kinds1) == 40
+    # the tokenizer a tiny model would train on this data (its words one token each, as a run's are)
+    processor = _processor_of(p1)
     ds = LlavaDataset(p1, p1.parent / "images", processor, max_length=64)
     log = BadSampleLog()
     loader = BatchLoader(ds, 0, "skip", log)
@@ -278,15 +298,15 @@ def test_messy_generator_is_seeded_and_holds_every_composition(tmp_path, process
     assert log.kept["truncated"] == kinds1.count("long-answer") + kinds1.count("long-multi-image")
 
 
-def test_corpus_words_read_past_malformed_records(tmp_path, recipe_dict):
+def test_corpus_texts_read_past_malformed_records(tmp_path, recipe_dict):
     data, _ = messy_data(tmp_path / "messy", seed=0, n=30)
     r = copy.deepcopy(recipe_dict)
     r["data"] = {
         "root": str(data.parent),
         **{n: {"path": "messy.json", "images": "images"} for n in ("pretrain", "instruct", "eval")},
     }
-    words = corpus_words(parse_recipe(r))
-    assert "circle" in words and any(not w.isascii() for w in words)
+    texts = corpus_texts(parse_recipe(r))
+    assert any("circle" in t for t in texts) and any(not t.isascii() for t in texts)
 
 
 @pytest.mark.parametrize("kind", sorted(k for k, (_, reason) in KINDS.items() if reason))

@@ -21,6 +21,7 @@ from lsd_edge.export.gguf.pipeline import check_gguf_file, export_gguf
 from lsd_edge.export.gguf.template import MARKER_FIRST, llama_cpp_template
 from lsd_edge.export.gguf.vision import write_mmproj
 from lsd_edge.models.load import load_llava
+from lsd_edge.models.tokens import SPECIAL_TOKENS
 
 from ..helpers import LIVELY_GGUF_BOUNDS, bpe_llava, one_red_line, run
 from ..realshape import IMAGE_SIZE
@@ -189,25 +190,75 @@ def test_chat_template_for_llama_cpp(bpe_student, standins):
     assert template == processor.chat_template and "model's own" in note
 
 
-def test_word_level_tokenizer_is_refused(student_dir, tmp_path):
+@pytest.fixture(scope="module")
+def word_level_dir(student_dir, tmp_path_factory) -> Path:
+    """The tiny student with a word-level tokenizer over the same tokens (what the tiny models had
+    before their byte-level BPE), which GGUF cannot hold."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tokenizer_models
+    from transformers import PreTrainedTokenizerFast
+
+    model, processor = load_llava(str(student_dir), dtype="float32", device="cpu")
+    tok = Tokenizer(tokenizer_models.WordLevel(processor.tokenizer.get_vocab(), unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    processor.tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>"
+    )
+    out = tmp_path_factory.mktemp("word-level") / "student"
+    from lsd_edge.models.load import save_model
+
+    save_model(model, processor, out)
+    return out
+
+
+def test_word_level_tokenizer_is_refused(word_level_dir, tmp_path):
     with pytest.raises(ExportError, match="byte-level BPE tokenizer, as Qwen's or Llama's, is needed"):
-        export_gguf(student_dir, tmp_path / "out")
+        export_gguf(word_level_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_word_level_refusal_is_one_red_line(student_dir, tmp_path, monkeypatch, capsys):
+def test_cli_word_level_refusal_is_one_red_line(word_level_dir, tmp_path, monkeypatch, capsys):
     code, _, err = run(
-        monkeypatch, capsys, "export", str(student_dir), "--gguf", "--output", str(tmp_path / "o")
+        monkeypatch, capsys, "export", str(word_level_dir), "--gguf", "--output", str(tmp_path / "o")
     )
     assert code == 1
     assert "WordLevel, which GGUF has no equivalent for" in one_red_line(err)
 
 
-def test_cli_gguf_options(student_dir, monkeypatch, capsys):
+def test_tiny_models_tokenizer_goes_to_gguf(student_dir):
+    """The tiny models' own tokenizer (lsd_edge.models.bpe) is one GGUF holds, with GPT-2's pre-tokenizer."""
+    _, processor = load_llava(str(student_dir), dtype="float32", device="cpu")
+    assert tokenizer_facts(processor.tokenizer, "tiny")["pre"] == "gpt-2"
+
+
+def test_cli_gguf_options(student_dir, tmp_path, monkeypatch, capsys):
     code, _, err = run(monkeypatch, capsys, "export", str(student_dir), "--gguf", "--int4")
     assert code == 1 and "--gguf takes --quant" in one_red_line(err)
     code, _, err = run(monkeypatch, capsys, "export", str(student_dir), "--gguf", "--quant", "q4")
-    assert code == 1 and "--quant q4: choose one of f16, q8_0" in one_red_line(err)
+    assert code == 1 and "--quant q4: choose one of f16, q8_0, q4_0" in one_red_line(err)
+    args = ("export", str(student_dir), "--gguf", "--mmproj-quant", "q4_0", "--output", str(tmp_path / "o"))
+    code, _, err = run(monkeypatch, capsys, *args)
+    assert code == 1 and "--mmproj-quant q4_0: choose one of f16, q8_0" in one_red_line(err)
+    code, _, err = run(monkeypatch, capsys, "export", str(student_dir), "--mmproj-quant", "f16")
+    assert code == 1 and "--quant and --mmproj-quant go with --gguf" in one_red_line(err)
+
+
+def test_q4_0_keeps_the_token_matrix_in_q8_0_and_the_mmproj_above_4_bits(bpe_student, tmp_path):
+    """q4_0: the layers' matrices in Q4_0, the token embedding (tied: the output too) in Q8_0, as
+    llama-quantize keeps them above 4 bits; the mmproj follows the LLM's quant but never below q8_0."""
+    from lsd_edge.export.gguf.pipeline import GgufSettings
+
+    model, processor = load_llava(str(bpe_student), dtype="float32", device="cpu")
+    llm = write_llm(model, processor, None, tmp_path / "q.gguf", "q4_0", "q", "q")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(llm)).tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.Q4_0
+    assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    assert [GgufSettings(quant=q).mmproj for q in ("f16", "q8_0", "q4_0")] == ["f16", "q8_0", "q8_0"]
+    assert GgufSettings(quant="q4_0", mmproj_quant="f16").mmproj == "f16"
+    with pytest.raises(ExportError, match="--mmproj-quant q4_0: choose one of f16, q8_0"):
+        write_mmproj(model, processor, tmp_path / "m.gguf", "q4_0", "m", "m")
 
 
 def test_missing_or_corrupt_gguf_is_one_line(tmp_path):
@@ -326,19 +377,23 @@ def test_llama_cpp_text_only_greedy(bpe_student, clip_llama_student, tmp_path, w
 
 def test_gate_rules_and_bounds():
     """Each reason the GGUF gate gives, on figures just past the quant's bounds, and bounds from the
-    settings, the recipe's [export.gguf] and the measured ones."""
+    settings, the recipe's [export.gguf] and the measured ones. Below `ACCURACY_DECIDES` (an untrained
+    model) the logits and tokens decide beside the accuracy; from it, the accuracy and the answers."""
     from dataclasses import replace
 
-    from lsd_edge.export.gguf.pipeline import QUANT_BOUNDS, GgufSettings, _gate
+    from lsd_edge.export.gguf.pipeline import ACCURACY_DECIDES, QUANT_BOUNDS, GgufSettings, _gate
 
     s = GgufSettings(quant="q8_0")
     b = QUANT_BOUNDS["q8_0"]
+    low = ACCURACY_DECIDES - 0.2  # an untrained model's accuracy: logits and tokens decide too
     ok = {
         "max_rel_logit_diff": b.max_rel_logit_diff,
         "first_token_agreement": b.min_first_token_agreement,
         "greedy_token_agreement": b.min_greedy_agreement,
-        "accuracy_torch": 0.5,
-        "accuracy_llama_cpp": 0.5 - b.max_accuracy_drop,
+        "accuracy_samples": 500,
+        "accuracy_torch": low,
+        "accuracy_llama_cpp": low - b.max_accuracy_drop,
+        "answer_agreement": b.min_answer_agreement,
         "tokenizer": {"agreement": 1.0},
     }
     assert _gate(ok, s) == [] and s.bound == b
@@ -352,13 +407,26 @@ def test_gate_rules_and_bounds():
     assert _gate({**ok, "greedy_token_agreement": 0.25}, s) == [
         "llama.cpp's q8_0 greedy answers keep PyTorch's tokens for 25% of their length, below 50%"
     ]
-    assert _gate({**ok, "accuracy_llama_cpp": 0.25}, s) == [
-        "llama.cpp's q8_0 accuracy 25.0% is more than 2 points below PyTorch's 50.0%"
+    assert _gate({**ok, "accuracy_llama_cpp": 0.1}, s) == [
+        "llama.cpp's q8_0 exact match 10.0% is more than 1 points below PyTorch's 30.0% on 500 eval questions"
     ]
     assert _gate({**ok, "tokenizer": {"agreement": 2 / 3}}, s) == [
         "llama.cpp tokenizes 33% of the chat prompts differently from the HF tokenizer"
     ]
     assert _gate({**ok, "accuracy_torch": None, "accuracy_llama_cpp": None}, s) == []
+    # a trained model: logits and tokens are reported, accuracy and answers decide
+    trained = {**ok, "accuracy_torch": 0.95, "accuracy_llama_cpp": 0.94, "max_rel_logit_diff": 0.6}
+    assert _gate({**trained, "first_token_agreement": 0.5, "greedy_token_agreement": 0.1}, s) == []
+    assert _gate({**trained, "accuracy_llama_cpp": 0.93}, s) == [
+        "llama.cpp's q8_0 exact match 93.0% is more than 1 points below PyTorch's 95.0% on 500 eval questions"
+    ]
+    assert _gate({**trained, "accuracy_llama_cpp": float("nan")}, s)  # NaN passes no bound either
+    f16 = GgufSettings(quant="f16")
+    assert _gate({**trained, "accuracy_llama_cpp": 0.95, "answer_agreement": 1.0}, f16) == []
+    assert _gate({**trained, "accuracy_llama_cpp": 0.95, "answer_agreement": 0.998}, f16) == [
+        "llama.cpp's f16 answers 99.8% of the eval questions as PyTorch does, below 100%"
+    ]
+    assert _gate(trained, replace(s, accuracy_decides_from=1.0))  # logits decide again
     mine = GgufSettings(quant="f16", max_rel_logit_diff=0.1)
     assert mine.bound == replace(QUANT_BOUNDS["f16"], max_rel_logit_diff=0.1)
 
@@ -375,6 +443,33 @@ def test_recipe_sets_the_gguf_bounds(bpe_student, tmp_path, recipe_dict):
     (folder / "recipe.toml").write_text(parse_recipe(recipe_dict).to_toml())
     s = GgufSettings.from_model_dir(folder, quant="q8_0", min_greedy_agreement=0.1)
     assert (s.bound.max_rel_logit_diff, s.bound.min_greedy_agreement) == (0.7, 0.1)
+
+
+def test_gguf_settings_use_the_recipes_eval_split(bpe_student, tmp_path, recipe_dict, shapes_dir):
+    """As the ONNX export: the recipe's eval split (all of it, eval.max_samples, its max_new_tokens)
+    judges the GGUF accuracy, the user's --data replaces it, and a split not here is named."""
+    import shutil
+
+    from lsd_edge.export.gguf.pipeline import GgufSettings
+    from lsd_edge.recipe.load import parse_recipe
+
+    folder = tmp_path / "m"
+    shutil.copytree(bpe_student, folder)
+    (folder / "recipe.toml").write_text(parse_recipe(recipe_dict).to_toml())
+    s = GgufSettings.from_model_dir(folder)
+    assert s.data is None and "eval data" in s.note and s.max_new_tokens == 3
+    recipe_dict["data"]["root"] = str(shapes_dir)
+    recipe_dict["eval"] = {"max_samples": 5}
+    (folder / "recipe.toml").write_text(parse_recipe(recipe_dict).to_toml())
+    s = GgufSettings.from_model_dir(folder, quant="q4_0")
+    assert (s.data, s.images, s.note, s.eval_samples) == (
+        shapes_dir / "eval.json",
+        shapes_dir / "images",
+        None,
+        5,
+    )
+    s = GgufSettings.from_model_dir(folder, data=tmp_path / "mine.json")
+    assert s.data == tmp_path / "mine.json" and s.images is None
 
 
 @pytest.fixture(scope="module")
@@ -507,6 +602,57 @@ def test_a_layer_off_by_30_percent_is_refused_on_greedy_tokens(bpe_student, tmp_
     assert not any("logits" in why for why in r["gate"]["reasons"]), r["gate"]["reasons"]
 
 
+def _eval_data(standins) -> dict:
+    data = standins["data"]
+    return {"data": data / "eval/gqa_testdev_balanced.json", "images": data}
+
+
+@pytest.mark.slow
+def test_accuracy_decides_and_f16_answers_as_pytorch(bpe_student, standins, tmp_path):
+    """Judged as a trained model is (`accuracy_decides_from` 0 on the untrained lively student): every
+    eval question answered by llama.cpp's f16 file as PyTorch answers it, the same exact match."""
+    needs_llama_cpp()
+    settings = {"quant": "f16", "samples": 2, "accuracy_decides_from": 0.0, **_eval_data(standins)}
+    report = export_gguf(bpe_student, tmp_path / "gguf", settings).report
+    p = report["parity"]
+    assert report["gate"]["passed"] and report["gate"]["judged_by"] == p["judged_by"] == "accuracy"
+    assert p["answer_agreement"] == 1.0 and p["accuracy_llama_cpp"] == p["accuracy_torch"]
+    assert p["accuracy_samples"] == len(json.loads(settings["data"].read_text()))
+
+
+@pytest.mark.slow
+def test_a_broken_file_is_refused_on_its_answers_when_accuracy_decides(
+    bpe_student, standins, tmp_path, monkeypatch
+):
+    """The mmproj's pixel normalization written wrong: judged on accuracy, llama.cpp's f16 answers
+    differ from PyTorch's on the eval questions, and the gate says so in one line."""
+    needs_llama_cpp()
+    _broken_export(monkeypatch, _imagenet_norm)
+    out = tmp_path / "gguf"
+    settings = {"quant": "f16", "samples": 2, "accuracy_decides_from": 0.0, **_eval_data(standins)}
+    with pytest.raises(
+        ExportError, match=r"llama.cpp's f16 answers [\d.]+% of the eval questions as PyTorch"
+    ) as e:
+        export_gguf(bpe_student, out, settings)
+    assert "\n" not in str(e.value)
+    r = _failed(out)
+    assert r["gate"]["judged_by"] == "accuracy" and r["parity"]["answer_agreement"] < 1.0
+    assert not any("logits" in why or "first greedy" in why for why in r["gate"]["reasons"])
+
+
+@pytest.mark.slow
+def test_q4_0_export_passes_its_measured_bounds(untrained_bpe, standins, tmp_path):
+    """A q4_0 LLM with its q8_0 mmproj, on recipes/tiny.toml's student size (untrained): llama.cpp
+    keeps q4_0's logit and token bounds, and runs the 4-bit file with the right tensor types."""
+    needs_llama_cpp()
+    report = export_gguf(untrained_bpe, tmp_path / "gguf", {"quant": "q4_0", "samples": 4}).report
+    assert report["gate"]["passed"] and report["settings"]["mmproj"] == "q8_0"
+    r = gguf.GGUFReader(str(tmp_path / "gguf" / "untrained.gguf"))
+    assert {t.tensor_type for t in r.tensors if t.name.startswith("blk.") and t.data.ndim == 2} == {
+        gguf.GGMLQuantizationType.Q4_0
+    }
+
+
 @pytest.mark.slow
 def test_lost_merges_are_refused_on_the_tokenizer(bpe_student, tmp_path, monkeypatch):
     """A writer that loses half the BPE merges: llama.cpp splits the chat prompts into other ids (the
@@ -636,3 +782,43 @@ def test_llama_cpp_splits_as_the_hf_pre_tokenizer(bpe_student, tmp_path, regex):
             ), text
     finally:
         runner.close()
+
+
+def test_the_summary_says_what_judged_the_gate():
+    """`lsd-edge export --gguf` prints what decided (accuracy or logits), both exact matches and the
+    share of equal answers, or why accuracy was not compared."""
+    from lsd_edge.cli.render import gguf_report
+    from lsd_edge.export.gguf.pipeline import QUANT_BOUNDS
+
+    parity = {
+        "samples": 4,
+        "source": "eval.json",
+        "max_rel_logit_diff": 0.3,
+        "first_token_agreement": 1.0,
+        "greedy_token_agreement": 1.0,
+        "greedy_agreement": 1.0,
+        "tokenizer": {"agreement": 1.0},
+        "judged_by": "accuracy",
+        "accuracy_samples": 500,
+        "accuracy_torch": 0.95,
+        "accuracy_llama_cpp": 0.946,
+        "answer_agreement": 0.99,
+    }
+    report = {
+        "model_dir": "m",
+        "output": "o",
+        "files": {},
+        "settings": {"quant": "q4_0", "mmproj": "q8_0"},
+        "parity": parity,
+        "gate": {"bound": {"q4_0": asdict(QUANT_BOUNDS["q4_0"])}},
+    }
+    lines = [x for x in gguf_report(report) if isinstance(x, str)]
+    assert lines[0] == "model: m (q4_0, mmproj q8_0)"
+    assert lines[1] == (
+        "gate judged by accuracy; exact match on 500 eval questions: PyTorch 95.0%, llama.cpp 94.6% "
+        "(at most 1 points below); same answers 99.0% (floor 0%)"
+    )
+    parity.update(judged_by="logits", accuracy_torch=None, accuracy_llama_cpp=None)
+    report["settings"]["note"] = "the recipe's eval data x is not here; pass --data to compare accuracy"
+    lines = [x for x in gguf_report(report) if isinstance(x, str)]
+    assert lines[1] == f"gate judged by logits; {report['settings']['note']}"

@@ -5,8 +5,10 @@ Written with gguf-py, as llama.cpp's own `convert_hf_to_gguf.py` does (its Qwen2
 classes, and `get_vocab_base` for the vocabulary): the same key and tensor names, gguf-py's constants
 (`gguf.MODEL_TENSOR`, `gguf.TENSOR_NAMES`, the writer's `add_*` keys), embedding rows past
 the tokenizer as `[PAD{i}]` tokens, Llama's q/k rows permuted for llama.cpp's rope. Matrices are
-stored F16 or Q8_0 (gguf.quants); norms and biases stay F32, and a matrix whose rows are not a multiple
-of Q8_0's 32-value block falls back to F16, as the converter does.
+stored F16, Q8_0 or Q4_0 (gguf.quants); norms and biases stay F32, and a matrix whose rows are not a
+multiple of the quant's 32-value block falls back to F16, as the converter does. A Q4_0 file keeps the
+token embedding and the output matrix in Q8_0, as llama-quantize keeps them above 4 bits (it writes
+Q6_K, which gguf-py cannot).
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from lsd_edge.export.gguf.template import llama_cpp_template
 QUANTS = {
     "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
+    "q4_0": (gguf.LlamaFileType.MOSTLY_Q4_0, gguf.GGMLQuantizationType.Q4_0),
 }
+# 4-bit matrices whose token embedding and output stay in Q8_0 (llama-quantize keeps them higher too)
+EDGE_Q8 = {gguf.GGMLQuantizationType.Q4_0}
 # HF model_type -> llama.cpp's architecture name
 ARCHS = {
     "qwen2": gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2],
@@ -43,9 +48,9 @@ PRE_OF_REGEX = {QWEN2_REGEX: "qwen2", LLAMA3_REGEX: "llama-bpe"}
 NEEDS_BPE = "a byte-level BPE tokenizer, as Qwen's or Llama's, is needed"
 
 
-def check_quant(quant: str) -> None:
-    if quant not in QUANTS:
-        raise ExportError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
+def check_quant(quant: str, choices=tuple(QUANTS), option: str = "--quant") -> None:
+    if quant not in choices:
+        raise ExportError(f"{option} {quant}: choose one of {', '.join(choices)}")
 
 
 def _pre_name(pre: dict | None, what: str) -> str:
@@ -138,12 +143,13 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def add_tensor(writer: gguf.GGUFWriter, name: str, t: torch.Tensor | np.ndarray, qtype) -> None:
-    """Matrices in `qtype` (F16 when Q8_0 does not fit their rows), vectors in F32."""
+    """Matrices in `qtype` (F16 when the quant's block does not divide their rows), vectors in F32."""
     data = t.detach().float().cpu().numpy() if isinstance(t, torch.Tensor) else t.astype(np.float32)
     if data.ndim < 2 or qtype == gguf.GGMLQuantizationType.F32:
         writer.add_tensor(name, data.astype(np.float32))
         return
-    if qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32 == 0:
+    quantized = qtype not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32)
+    if quantized and data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
         writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         return
     writer.add_tensor(name, data.astype(np.float16))
@@ -213,12 +219,13 @@ def write_llm(model, processor, eos: int | None, out: Path, quant: str, name: st
     template, _ = llama_cpp_template(processor)
     write_tokenizer(writer, processor.tokenizer, embed.shape[0], eos, template, what)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_tensor(writer, tensor_name(T.TOKEN_EMBD), embed, qtype)
+    edge = gguf.GGMLQuantizationType.Q8_0 if qtype in EDGE_Q8 else qtype
+    add_tensor(writer, tensor_name(T.TOKEN_EMBD), embed, edge)
     for i, layer in enumerate(lm.layers):
         _layer_tensors(writer, layer, i, cfg, arch, qtype)
     add_tensor(writer, tensor_name(T.OUTPUT_NORM), lm.norm.weight, qtype)
     if not cfg.tie_word_embeddings:
-        add_tensor(writer, tensor_name(T.OUTPUT), model.lm_head.weight, qtype)
+        add_tensor(writer, tensor_name(T.OUTPUT), model.lm_head.weight, edge)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -23,6 +23,9 @@ from lsd_edge.export.gguf.llm import QUANTS, add_tensor, check_quant, tensor_nam
 
 T = gguf.MODEL_TENSOR
 
+# The mmproj's quants: its tower and projector feed every answer and are small beside the LLM, so
+# never 4-bit (llama.cpp's own mmproj files are F16 or Q8_0).
+MMPROJ_QUANTS = ("f16", "q8_0")
 # The hidden-state layer llama.cpp's clip.cpp reads (its KEY_FEATURE_LAYER); gguf-py has no constant for it.
 FEATURE_LAYER = "clip.vision.feature_layer"
 MMPROJ_ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ]  # "clip"
@@ -124,7 +127,7 @@ def _tower_tensors(writer: gguf.GGUFWriter, tower, used: int, qtype) -> None:
 
 def write_mmproj(model, processor, out: Path, quant: str, name: str, what: str) -> Path:
     """The vision tower (the layers LLaVA reads) and projector of `model` as `out`, an mmproj GGUF file."""
-    check_quant(quant)
+    check_quant(quant, MMPROJ_QUANTS, "--mmproj-quant")
     _, used = check_vision(model.config, what)
     file_type, qtype = QUANTS[quant]
     proj = model.model.multi_modal_projector

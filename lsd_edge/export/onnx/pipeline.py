@@ -19,7 +19,7 @@ from typing import Any
 
 from lsd_edge.data.questions import first_questions
 from lsd_edge.errors import ExportError
-from lsd_edge.export.gated import ExportResult, check_data, gated, source_folder
+from lsd_edge.export.gated import ExportResult, check_data, gated, recipe_eval, source_folder
 from lsd_edge.export.onnx.assemble import export_peak_mb, onnx_versions, write_graphs
 from lsd_edge.export.onnx.package import package
 from lsd_edge.export.onnx.parity import parity_report
@@ -112,22 +112,10 @@ class ExportSettings:
                 max_variant_rel_logit_diff=ex.max_variant_rel_logit_diff,
                 min_variant_greedy_agreement=ex.min_variant_greedy_agreement,
                 decoder=ex.decoder,
-                eval_samples=recipe.eval.max_samples,
-                max_new_tokens=recipe.eval.max_new_tokens,
                 bench_tokens=recipe.bench.max_new_tokens,
                 bench_repeats=recipe.bench.repeats,
             )
-            if recipe.data.eval is not None:
-                path, images = recipe.data.resolve(recipe.data.eval)
-                if path.is_file():
-                    values.update(data=path, images=images)
-                else:  # exported from another folder than the run's: check on synthetic inputs
-                    values["note"] = (
-                        f"the recipe's eval data {path} is not here; pass --data to compare accuracy"
-                    )
-        if overrides.get("data") is not None:  # the user's data: neither the recipe's images nor its note
-            values.pop("note", None)
-            values.pop("images", None)
+            values.update(recipe_eval(recipe, overrides))
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)
         if settings.quantize not in VARIANT_OF:
