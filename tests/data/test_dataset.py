@@ -68,7 +68,7 @@ def test_text_only_and_jsonl(tmp_path, processor):
     ds = LlavaDataset(_write(tmp_path, [rec], "d.jsonl"), None, processor)
     enc = ds[0]
     assert enc.pixel_values is None
-    assert _decode_labels(processor, enc) == ["one", "<|im_end|>"]
+    assert _decode_labels(processor, enc) == ["Ġone", "<|im_end|>"]
 
 
 def test_system_turn_and_max_turns(tmp_path, img_dir, processor):
@@ -84,7 +84,7 @@ def test_system_turn_and_max_turns(tmp_path, img_dir, processor):
         ],
     }
     ds = LlavaDataset(_write(tmp_path, [rec]), img_dir, processor, max_turns=1)
-    assert _decode_labels(processor, ds[0]) == ["red", "<|im_end|>"]
+    assert _decode_labels(processor, ds[0]) == ["Ġred", "<|im_end|>"]
     msgs, n = to_messages(rec, max_turns=1)
     assert [m["role"] for m in msgs] == ["system", "user", "assistant"] and n == 1
 
@@ -102,7 +102,7 @@ def test_image_after_question(processor, tmp_path, img_dir):
     assert n == 1 and [c["type"] for c in msgs[0]["content"]] == ["text", "image"]
     enc = LlavaDataset(_write(tmp_path, [rec]), img_dir, processor)[0]
     ids = enc.input_ids.tolist()
-    assert ids.index(processor.image_token_id) > ids.index(processor.tokenizer.convert_tokens_to_ids("color"))
+    assert ids.index(processor.image_token_id) > ids.index(processor.tokenizer.convert_tokens_to_ids("Ġcolor"))
 
 
 @pytest.mark.parametrize("name", ["gray.png", "rgba.png", "pal.png"])
