@@ -11,11 +11,12 @@ The vocabulary: all 256 bytes (any text encodes, nothing is `<unk>`), then merge
 corpus's words, split at whitespace, until every word is one token or `MAX_VOCAB` is reached. So a
 word never merges with the space before it (GPT-2's tokenizers have "Ġred" beside "red"): a word is
 the same token at the start of a turn, where an answer stands, as inside a question or a caption,
-and what a model learns of "red" from the captions serves its answers. (Trained with the spaces
-attached, the embedded default's teacher reached 86.0% where the word-level tokenizer's reached 93.0%,
-its answers' tokens seen only in answers.) Spaces are tokens of their own ("Ġ"): a sentence is about
-twice as many tokens as words. ShapesVQA's text is closed (some fifty words), so the trainer runs out
-of pairs at under 400 tokens with every answer ("red", "triangle", "yes") one token: an answer is one
+and what a model learns of "red" from the captions serves its answers. Spaces are tokens of their
+own ("Ġ"): a sentence is about twice as many tokens as words. (The embedded default's teacher, on
+2 busy cores: 86.0% with the spaces attached, its answers' tokens seen only in answers; 88.0% with
+them apart, its position questions still at chance; the word-level tokenizer's reached 93.0%.)
+ShapesVQA's text is closed (some fifty words), so the trainer runs out of pairs at 364 tokens
+with every answer ("red", "triangle", "yes") one token: an answer is one
 token and the end of turn, and the embedding tables stay tiny. `MAX_VOCAB` caps a larger corpus
 (another tiny recipe's data) so its tables stay tiny too, at the cost of rarer words in pieces.
 
