@@ -68,3 +68,15 @@ def test_decode_loop_stops_before_a_stop_token_or_at_the_limit():
         2, step, 3, {2}, stream, sampling=SamplingParams(), rng=np.random.default_rng(0), ignore_eos=True
     )
     assert how == "length" and stream.ids == [2, 7, 0]  # the script is spent: token 0
+
+
+def test_an_answer_that_ends_inside_a_character_streams_it_at_the_end():
+    """A byte-level model can stop inside a multi-byte character: held back while it might complete,
+    it is sent when the answer ends, so the streamed pieces add up to the answer."""
+    texts = {1: "a", 2: "a\ufffd"}
+    pieces: list[str] = []
+    stream = StreamDecoder(lambda ids: texts[len(ids)], pieces.append)
+    stream.push(5)
+    stream.push(6)
+    assert pieces == ["a"]
+    assert stream.text() == "a\ufffd" and pieces == ["a", "\ufffd"]
