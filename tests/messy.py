@@ -195,3 +195,20 @@ def expected_skips(kinds: list[str]) -> dict[str, int]:
         if reason is not None:
             out[reason] = out.get(reason, 0) + 1
     return out
+
+
+def messy_processor(data: Path):
+    """The tiny processor a run over `data` would build: its tokenizer trained on the file's turns
+    (malformed ones left out, as `corpus_texts` leaves them), so the data's words are one token each."""
+    from lsd_edge.models.build import build_tiny_processor
+    from lsd_edge.recipe.schema import VisionSize
+
+    from .helpers import TINY_VISION
+
+    texts = [
+        t["value"]
+        for rec in json.loads(data.read_text())
+        for t in (rec.get("conversations") if isinstance(rec.get("conversations"), list) else [])
+        if isinstance(t, dict) and isinstance(t.get("value"), str)
+    ]
+    return build_tiny_processor(VisionSize(**TINY_VISION), texts)

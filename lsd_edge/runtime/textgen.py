@@ -172,8 +172,10 @@ class StreamDecoder:
         if self.on_text is None:
             return
         text = self.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return
+        if not text.endswith("\ufffd"):
+            self._send(text)
+
+    def _send(self, text: str) -> None:
         if text.startswith(self.sent):
             delta = text[len(self.sent) :]
         else:  # the tokenizer re-spaced earlier text; send the whole answer again
@@ -183,7 +185,12 @@ class StreamDecoder:
             self.on_text(delta)
 
     def text(self) -> str:
-        return self.decode(self.ids)
+        """The whole answer; a character held back because the answer ended inside it (a byte-level
+        model can stop mid-character) is sent now, so the streamed pieces add up to the answer."""
+        text = self.decode(self.ids)
+        if self.on_text is not None:
+            self._send(text)
+        return text
 
 
 def generate_tokens(

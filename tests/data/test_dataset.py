@@ -50,7 +50,12 @@ def test_labels_only_on_answers_multi_turn(tmp_path, img_dir, processor):
     }
     ds = LlavaDataset(_write(tmp_path, [rec]), img_dir, processor)
     enc = ds[0]
-    assert _decode_labels(processor, enc) == ["Ġred", "<|im_end|>", "Ġtwo", "<|im_end|>"]  # answers after a space
+    assert _decode_labels(processor, enc) == [
+        "Ġred",
+        "<|im_end|>",
+        "Ġtwo",
+        "<|im_end|>",
+    ]  # answers after a space
     assert enc.pixel_values.shape == (1, 3, 16, 16)
     n_vis = int((enc.input_ids == processor.image_token_id).sum())
     assert n_vis == num_image_tokens(processor) == 4
@@ -102,7 +107,9 @@ def test_image_after_question(processor, tmp_path, img_dir):
     assert n == 1 and [c["type"] for c in msgs[0]["content"]] == ["text", "image"]
     enc = LlavaDataset(_write(tmp_path, [rec]), img_dir, processor)[0]
     ids = enc.input_ids.tolist()
-    assert ids.index(processor.image_token_id) > ids.index(processor.tokenizer.convert_tokens_to_ids("Ġcolor"))
+    assert ids.index(processor.image_token_id) > ids.index(
+        processor.tokenizer.convert_tokens_to_ids("Ġcolor")
+    )
 
 
 @pytest.mark.parametrize("name", ["gray.png", "rgba.png", "pal.png"])

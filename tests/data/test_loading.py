@@ -11,7 +11,7 @@ from lsd_edge.data.records import BadSampleLog
 from lsd_edge.data.sampling import IndexStream
 from lsd_edge.errors import DataError
 
-from ..messy import expected_skips, messy_data
+from ..messy import expected_skips, messy_data, messy_processor
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,9 @@ def _same(a, b) -> None:
 
 
 @pytest.mark.parametrize("slots", [[0, 1, 2], [1, None]])  # one process; rank 1 of 2 (a pad slot)
-def test_workers_yield_the_batches_and_bad_samples_of_the_main_process(messy, processor, slots):
+def test_workers_yield_the_batches_and_bad_samples_of_the_main_process(messy, slots):
     data, kinds = messy
+    processor = messy_processor(data)  # the data's words one token each, as a run's tokenizer has them
     plain, plain_log = _read(data, processor, 0, slots)
     # 2 epochs of a 40-sample set: bad samples met again, by another worker, are counted once
     workers, workers_log = _read(data, processor, 2, slots)

@@ -4,9 +4,7 @@ vision tower would read at another size, 16-bit images, malformed records; and t
 from __future__ import annotations
 
 import copy
-import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,14 +15,11 @@ from lsd_edge.data.prepare import corpus_texts
 from lsd_edge.data.questions import first_questions, load_eval_items
 from lsd_edge.data.records import BadSample, BadSampleLog, load_image, parse_record
 from lsd_edge.errors import DataError
-from lsd_edge.models.build import build_tiny_processor
 from lsd_edge.models.tokens import IGNORE_INDEX
 from lsd_edge.recipe.load import parse_recipe
-from lsd_edge.recipe.schema import VisionSize
 
-from ..helpers import TINY_VISION
 from ..helpers import write_records as _write
-from ..messy import KINDS, expected_skips, messy_data, record, turns
+from ..messy import KINDS, expected_skips, messy_data, messy_processor, record, turns
 
 K = 4  # visual tokens per image of the tiny processor
 
@@ -37,17 +32,6 @@ def images(tmp_path):
         Image.new("RGB", (16, 16), colour).save(d / f"{i}.png")
     Image.new("RGB", (64, 8), (9, 9, 9)).save(d / "wide.png")
     return d
-
-
-def _processor_of(data: Path):
-    """A tiny processor whose tokenizer is trained on `data`'s turns, as a run trains its own."""
-    texts = [
-        t["value"]
-        for rec in json.loads(data.read_text())
-        for t in (rec.get("conversations") if isinstance(rec.get("conversations"), list) else [])
-        if isinstance(t, dict) and isinstance(t.get("value"), str)
-    ]
-    return build_tiny_processor(VisionSize(**TINY_VISION), texts)
 
 
 def _answers(processor, enc) -> list[str]:
@@ -289,7 +273,7 @@ def test_messy_generator_is_seeded_and_holds_every_composition(tmp_path):
     assert kinds1 == kinds2 and p1.read_bytes() == p2.read_bytes() and kinds1 != kinds3
     assert set(kinds1) == set(KINDS) and len(kinds1) == 40
     # the tokenizer a tiny model would train on this data (its words one token each, as a run's are)
-    processor = _processor_of(p1)
+    processor = messy_processor(p1)
     ds = LlavaDataset(p1, p1.parent / "images", processor, max_length=64)
     log = BadSampleLog()
     loader = BatchLoader(ds, 0, "skip", log)

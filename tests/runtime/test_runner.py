@@ -39,8 +39,11 @@ def test_streaming_and_ignore_eos(teacher_dir, shapes_dir):
 
 
 def test_text_only_prompt(teacher_dir):
-    g = TorchRunner(teacher_dir).generate(None, "how many shapes are there ?", 3)
-    assert g.prompt_tokens < 12
+    runner = TorchRunner(teacher_dir)
+    g = runner.generate(None, "how many shapes are there ?", 3)
+    with_image = runner.generate(Image.new("RGB", (16, 16)), "how many shapes are there ?", 1)
+    # the same prompt less the image's visual tokens and the newline after them
+    assert g.prompt_tokens == with_image.prompt_tokens - runner.encoder.n_image_tokens - 1
 
 
 def test_missing_model_folder(tmp_path):

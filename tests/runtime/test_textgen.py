@@ -128,3 +128,15 @@ def test_a_part_timer_sums_its_calls_and_ignores_a_lone_stop():
         with timer:
             time.sleep(0.01)
     assert timer.seconds >= 0.02
+
+
+def test_an_answer_that_ends_inside_a_character_streams_it_at_the_end():
+    """A byte-level model can stop inside a multi-byte character: held back while it might complete,
+    it is sent when the answer ends, so the streamed pieces add up to the answer."""
+    texts = {1: "a", 2: "a\ufffd"}
+    pieces: list[str] = []
+    stream = StreamDecoder(lambda ids: texts[len(ids)], pieces.append)
+    stream.push(5)
+    stream.push(6)
+    assert pieces == ["a"]
+    assert stream.text() == "a\ufffd" and pieces == ["a", "\ufffd"]
