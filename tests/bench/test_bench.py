@@ -72,11 +72,13 @@ def _teacher_graded(shapes_dir: Path, teacher_dir: Path, out: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_bench(tmp_path_factory, teacher_dir, onnx_dir, shapes_dir):
-    """The command on the tiny teacher and the int8 ONNX student: (exit code, stdout, JSON, chart, data)."""
+def tiny_bench(tmp_path_factory, lively_dir, onnx_dir, shapes_dir):
+    """The command on a tiny teacher and the int8 ONNX student: (exit code, stdout, JSON, chart, data).
+    The teacher is the lively model (tests/helpers.py): an untrained one at the initializer's scale
+    may answer nothing but whitespace, which no reference can be made of."""
     tmp = tmp_path_factory.mktemp("bench")
-    data = _teacher_graded(shapes_dir, teacher_dir, tmp / "eval.json")
-    args = ["bench", "--teacher", str(teacher_dir), "--onnx", str(onnx_dir), "--variant", "int8"]
+    data = _teacher_graded(shapes_dir, lively_dir, tmp / "eval.json")
+    args = ["bench", "--teacher", str(lively_dir), "--onnx", str(onnx_dir), "--variant", "int8"]
     code, out, err = _cli(
         *args, *_small(shapes_dir, data), "--json", str(tmp / "b.json"), "--plot", str(tmp / "b.png")
     )

@@ -38,14 +38,16 @@ def test_validate_shows_how_teacher_and_student_see(monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "200")
     tiny = str(REPO / "recipes" / "tiny.toml")
     code, out, _ = run(monkeypatch, capsys, "validate", tiny)
-    # the shipped default: the student shares the teacher's tower, 4 x 4 patches
+    # the shipped default: the student sees with the teacher's tower cut to 1 layer at 16 px, 2 x 2
     assert code == 0 and "visual tokens" in out and "projector" in out
-    assert out.count("32 px, patch 8 (4x4), 2 layers read at -1") == 2, out
-    sets = ["--set", "student.image_size=16", "--set", "student.vision_layers=1"]
-    code, out, _ = run(monkeypatch, capsys, "validate", tiny, *sets)
     student = next(line for line in out.splitlines() if line.lstrip().startswith("student "))
-    assert code == 0 and "16 px, patch 8 (2x2), 1 layers read at -1" in student
+    teacher = next(line for line in out.splitlines() if line.lstrip().startswith("teacher "))
+    assert "32 px, patch 8 (4x4), 2 layers read at -1" in teacher and teacher.split()[1] == "16", out
+    assert "16 px, patch 8 (2x2), 1 layers read at -1" in student
     assert student.split()[1] == "4", student  # visual tokens per image
+    sets = ["--set", "student.image_size=32", "--set", "student.vision_layers=2"]
+    code, out, _ = run(monkeypatch, capsys, "validate", tiny, *sets)
+    assert code == 0 and out.count("32 px, patch 8 (4x4), 2 layers read at -1") == 2, out
     code, _, err = run(monkeypatch, capsys, "validate", tiny, "--set", "student.image_size=20")
     assert (
         code == 1 and "student.image_size 20 is not a multiple of the teacher's tower's patch size 8" in err

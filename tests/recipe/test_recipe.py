@@ -128,9 +128,9 @@ def test_edge_vision_choices_parse(recipe_dict):
     recipe_dict["student"].update(image_size=8, vision_layers=1)
     r = parse_recipe(recipe_dict)
     assert (r.student.image_size, r.student.vision_layers) == (8, 1)
-    # the shipped default keeps the teacher's tower as it is
+    # the shipped default reads the teacher's tower cut to its first layer, at half its image size
     tiny = load_recipe(REPO / "recipes" / "tiny.toml").student
-    assert tiny.image_size is None and tiny.vision_layers is None and tiny.tiny.vision == "teacher"
+    assert (tiny.image_size, tiny.vision_layers, tiny.tiny.vision) == (16, 1, "teacher")
 
 
 def test_every_problem_reported_at_once(recipe_dict):

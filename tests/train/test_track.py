@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,10 @@ def test_trackio_and_wandb_record_a_run_offline(recipe_dict, tmp_path, monkeypat
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # read when trackio is imported
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
-    recipe_dict["run"].update(report_to=["trackio", "wandb"], name="tracked")
+    # a project of its own: trackio may already be imported with another TRACKIO_DIR, whose database
+    # can hold runs of an earlier "tracked"
+    name = f"tracked-{uuid.uuid4().hex[:8]}"
+    recipe_dict["run"].update(report_to=["trackio", "wandb"], name=name)
     recipe_dict["stages"] = [dict(recipe_dict["stages"][1], max_steps=3)]
     r = parse_recipe(recipe_dict)
     distill(r)
@@ -77,7 +81,7 @@ def test_trackio_and_wandb_record_a_run_offline(recipe_dict, tmp_path, monkeypat
 
     from trackio.sqlite_storage import SQLiteStorage
 
-    logs = SQLiteStorage.get_logs("tracked", SQLiteStorage.get_runs("tracked")[0])
+    logs = SQLiteStorage.get_logs(name, SQLiteStorage.get_runs(name)[0])
     key = f"{student[0]['stage']}/loss"
     logged = [(row["step"], row[key]) for row in logs if key in row]
     assert logged == [(s["step"], pytest.approx(s["loss"], rel=1e-6)) for s in student]
