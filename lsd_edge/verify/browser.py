@@ -16,9 +16,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from lsd_edge.data.questions import EvalItem, Question
+from lsd_edge.data.questions import EvalItem
 from lsd_edge.demo.web_page import WebDemoError, find_assets, make_server, web_settings
 from lsd_edge.errors import RuntimeModelError
+from lsd_edge.verify.plan import FileSide
 
 BROWSERS = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 DRIVERS = ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver")
@@ -178,15 +179,9 @@ def browser_missing() -> str | None:
     return None
 
 
-class BrowserSide:
-    """One variant of an export answered in the page, in headless Chromium: an `Answerer` over the
-    questions it was made with (the page takes an image file and a question)."""
-
-    batch_size = None
-
-    def __init__(self, folder: Path, variant: str, questions: dict[str, Question]):
-        self.folder, self.variant, self.questions = folder, variant, questions
-        self.answerer = self
+class BrowserSide(FileSide):
+    """One variant of an export answered in the page, in headless Chromium (the page takes an image
+    file and a question)."""
 
     def answers(
         self, items: list[EvalItem], max_new_tokens: int, *, batch_size=None, progress=None

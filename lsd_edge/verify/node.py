@@ -12,10 +12,11 @@ import tempfile
 from pathlib import Path
 
 import lsd_edge
-from lsd_edge.data.questions import EvalItem, Question
+from lsd_edge.data.questions import EvalItem
 from lsd_edge.demo.web_page import INSTALL
 from lsd_edge.errors import RuntimeModelError
 from lsd_edge.runtime.onnx.layout import JS_DTYPE
+from lsd_edge.verify.plan import FileSide
 
 WEB = Path(lsd_edge.__file__).resolve().parents[1] / "web"
 SCRIPT = WEB / "answers.mjs"
@@ -53,24 +54,13 @@ def node_answers(
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-class NodeSide:
-    """One variant of an export in transformers.js, an `Answerer` over the questions it was made with
-    (Node takes an image file and a question, so the items' ids find their `Question`)."""
-
-    batch_size = None
-
-    def __init__(self, folder: Path, variant: str, questions: dict[str, Question]):
-        self.folder, self.variant, self.questions = folder, variant, questions
-        self.answerer = self
+class NodeSide(FileSide):
+    """One variant of an export in transformers.js (Node takes an image file and a question)."""
 
     def answers(
         self, items: list[EvalItem], max_new_tokens: int, *, batch_size=None, progress=None
     ) -> list[str]:
-        asked = [
-            {"image": str(self.questions[it.id].image), "question": self.questions[it.id].question}
-            for it in items
-        ]
-        got = node_answers(self.folder, self.variant, asked, max_new_tokens)
+        got = node_answers(self.folder, self.variant, self.asked(items), max_new_tokens)
         if progress is not None:
             progress(len(items), len(items))
         return [g["text"] for g in got]

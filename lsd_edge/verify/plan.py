@@ -166,3 +166,21 @@ def eval_questions(
             EvalItem(f"q{k}", q.type, enc.encode_prompt([user_message(q.question, 1)]), [image], q.answer)
         )
     return questions, items
+
+
+class FileSide:
+    """A runtime asked one question at a time by image file and text (transformers.js in Node, the
+    browser page): an `Answerer` over the questions its rows were planned with, found by item id."""
+
+    batch_size = None
+
+    def __init__(self, folder: Path, variant: str, questions: dict[str, Question]):
+        self.folder, self.variant, self.questions = folder, variant, questions
+        self.answerer = self
+
+    def asked(self, items: list[EvalItem]) -> list[dict]:
+        """{image, question} of each item, as the runtime takes them."""
+        return [
+            {"image": str(self.questions[it.id].image), "question": self.questions[it.id].question}
+            for it in items
+        ]
