@@ -203,6 +203,7 @@ class TrainingProgress:
         def read(state: dict[str, Any]) -> None:
             try:
                 reader = SafeReader(folder / WEIGHTS_DIR)
+                drop_unsaved_optimizer_state(state, reader.read_metadata().state_dict_metadata)
                 with _quiet_single():
                     dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=_single())
             except (Exception, CheckpointException) as e:  # the latter is a BaseException
@@ -211,6 +212,22 @@ class TrainingProgress:
         backend.load_state(prepared, read)
         prepared.scheduler.load_state_dict(self.scheduler)
         set_rng_state(self.rng)
+
+
+def drop_unsaved_optimizer_state(state: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Take out of a load template the optimizer state of parameters the saved state has none for.
+
+    AdamW keeps no state for a trainable parameter that has had no gradient yet (a SigLIP tower's
+    post_layernorm, which LLaVA's feature layer never reads), so a resume state holds none for it,
+    while a template made by a fresh optimizer (`state_dicts` initialises every parameter's state)
+    asks for it. Loaded without it, the parameter has no state again, as in the run that was cut.
+    Weights are never taken out: a state without one of them is refused as damaged."""
+    optim_state = state.get("optim", {}).get("state")
+    if not isinstance(optim_state, dict):
+        return
+    held = {key.rsplit(".", 1)[0] for key in saved if key.startswith("optim.state.")}
+    for name in [n for n in optim_state if f"optim.state.{n}" not in held]:
+        del optim_state[name]
 
 
 def has_state(state_dir: str | Path) -> bool:

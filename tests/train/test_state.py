@@ -62,6 +62,35 @@ def test_a_state_round_trips_weights_optimizer_schedule_and_rngs(tmp_path):
     assert sched2.last_epoch == 3
 
 
+def test_a_trainable_weight_that_never_had_a_gradient_resumes_and_steps_as_the_cut_run(tmp_path):
+    """AdamW keeps no state for a trainable weight no loss reads (a SigLIP tower's post_layernorm under
+    LLaVA's feature layer): the resume state holds none, and the resumed run must load and step as
+    the run that was cut did, not refuse the state as damaged."""
+
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.ModuleDict({"used": torch.nn.Linear(3, 2), "unread": torch.nn.Linear(3, 2)})
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    def step(model, opt, sched, seed):
+        torch.manual_seed(seed)
+        model["used"](torch.randn(4, 3)).square().sum().backward()
+        opt.step(), opt.zero_grad(), sched.step()
+
+    model, opt, sched = fresh()
+    for i in range(2):
+        step(model, opt, sched, i)
+    TrainingProgress.capture(2, 8, sched, BAD).save(tmp_path, Backend(), _prepared(model, opt, sched))
+    model2, opt2, sched2 = fresh()
+    loaded, folder = TrainingProgress.load(tmp_path)
+    loaded.restore(folder, Backend(), _prepared(model2, opt2, sched2))
+    unread = {id(p) for p in model2["unread"].parameters()}
+    assert not any(id(p) in unread for p in opt2.state), "no state made up for the unread weight"
+    step(model, opt, sched, 2), step(model2, opt2, sched2, 2)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters(), strict=True))
+
+
 def test_an_unfinished_state_folder_is_ignored(tmp_path):
     _saved(tmp_path)
     (tmp_path / "step-0000003" / "step.json").unlink()  # killed while writing
