@@ -5,7 +5,8 @@ so every export reads it as it reads the teacher's:
 
 - the teacher's tower at a lower resolution (`student.image_size`): its position embeddings are
   resampled once, bicubic on the 2D patch grid, from the teacher's Ht x Wt grid to the student's
-  Hs x Ws, and the vision config and the image processor say the new size;
+  Hs x Ws, and the vision config and the image processor say the new size (the processor resizes
+  with Lanczos: see `processor_at`);
 - the teacher's tower with fewer layers (`student.vision_layers = N`): its first N encoder layers,
   with the LLaVA feature layer moved with them (`feature_layer_after_cut`);
 - another, smaller SigLIP tower: sizes (`[student.tiny.vision]`, `lsd_edge.models.build`) or a
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoImageProcessor, SiglipVisionModel
+from transformers.image_utils import PILImageResampling
 
 from lsd_edge.errors import ModelError, RecipeError
 from lsd_edge.models.load import check_ref, first_line
@@ -148,10 +150,17 @@ def _layer_index(key: str) -> int | None:
 
 def processor_at(processor, image_size: int):
     """A copy of a LLaVA processor whose images are `image_size` px squares (its tokenizer, chat
-    template and normalisation unchanged), so it expands `<image>` to the tower's patches."""
+    template and normalisation unchanged), so it expands `<image>` to the tower's patches.
+
+    It resizes with Lanczos (PIL's antialiased filter), whatever the teacher's processor used: a
+    student that sees at a lower resolution downscales every image, and transformers.js in Node
+    downscales bicubic or bilinear by sampling points (sharp's `affine`, no antialiasing: 11/255
+    mean pixel difference to PIL on a 32 -> 16 px ShapesVQA image) but Lanczos with sharp's
+    resampling resize (0.3/255), so the export reads images in Node as training did."""
     processor = copy.deepcopy(processor)
     ip = processor.image_processor
     ip.size = {"height": image_size, "width": image_size}
+    ip.resample = PILImageResampling.LANCZOS
     if getattr(ip, "crop_size", None):
         ip.crop_size = {"height": image_size, "width": image_size}
     return processor

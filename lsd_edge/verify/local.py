@@ -77,7 +77,7 @@ class LlamaCppSide:
     def first_logits(self, items: list[EvalItem]) -> list[np.ndarray]:
         t, out = self.torch_runner, []
         for it in items:
-            images = tower_images(it.images, self.size)
+            images = tower_images(it.images, t.processor, self.size)
             _, steps = self.runner.greedy(
                 it.prompt_ids, t.encoder.image_id, images, 0, t.stop_ids, t.vocab_rows
             )

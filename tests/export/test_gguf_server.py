@@ -134,7 +134,7 @@ def bindings_answers(folder: Path, torch_runner: TorchRunner, items) -> list[tup
     out = []
     try:
         for it in items:
-            image = tower_images(it.images, size)[0]
+            image = tower_images(it.images, t.processor, size)[0]
             # over every row of the output, as the server samples: the parity path leaves out the
             # rows past the tokenizer's (the vocabulary padded to a multiple of 64), the server does not
             tokens, steps = bindings.greedy(

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers.image_utils import PILImageResampling
 
 from lsd_edge.data.shapes import vocabulary
 from lsd_edge.errors import RecipeError
@@ -94,6 +95,11 @@ def test_lower_resolution_resamples_the_position_embeddings(tmp_path, teacher, t
     assert (
         teacher_processor.image_processor.size["height"] == 32 and proc.image_processor.size["height"] == 16
     )
+    # it downscales with Lanczos, which transformers.js in Node does as PIL does (bicubic it does not),
+    # and says so in the file the runtimes read; the teacher's keeps its own filter
+    pre = json.loads((tmp_path / "processor_config.json").read_text())["image_processor"]
+    assert pre["resample"] == PILImageResampling.LANCZOS == 1 and proc.image_processor.resample == 1
+    assert teacher_processor.image_processor.resample == PILImageResampling.BICUBIC
 
 
 def test_an_equal_size_leaves_the_tower_bit_identical(teacher, teacher_processor):

@@ -166,10 +166,11 @@ class LlamaCppRunner:
         return out, steps
 
 
-def tower_images(images: list, image_size: tuple[int, int]) -> list:
-    """RGB images at the tower's (width, height), resampled as the processor does: both sides feed the
-    tower the same pixels."""
-    return [im.convert("RGB").resize(image_size, resample=3) for im in images]
+def tower_images(images: list, processor, image_size: tuple[int, int]) -> list:
+    """RGB images at the tower's (width, height), resampled with `processor`'s filter (bicubic where it
+    names none): both sides feed the tower the same pixels."""
+    resample = int(getattr(processor.image_processor, "resample", None) or 3)
+    return [im.convert("RGB").resize(image_size, resample=resample) for im in images]
 
 
 class LlamaCppAnswers:
@@ -183,7 +184,7 @@ class LlamaCppAnswers:
     def answers(self, items, max_new_tokens: int, *, batch_size=None, progress=None) -> list[str]:
         t, out = self.torch_runner, []
         for it in items:
-            images = tower_images(it.images, self.image_size)
+            images = tower_images(it.images, t.processor, self.image_size)
             tokens, _ = self.runner.greedy(
                 it.prompt_ids, t.encoder.image_id, images, max_new_tokens, t.stop_ids, t.vocab_rows
             )
@@ -199,7 +200,7 @@ def compare(torch_runner, runner: LlamaCppRunner, items, image_size, max_new_tok
     enc = torch_runner.encoder
     agree, worst, top_agree, kept, details = 0, 0.0, 0, 0.0, []
     for it in items:
-        images = tower_images(it.images, image_size)
+        images = tower_images(it.images, torch_runner.processor, image_size)
         ref: list[np.ndarray] = []
         want = torch_runner.generate_ids(
             it.prompt_ids, torch_runner.pixel_values(images), max_new_tokens, logits=ref
