@@ -190,6 +190,36 @@ def test_chat_template_for_llama_cpp(bpe_student, standins):
     assert template == processor.chat_template and "model's own" in note
 
 
+def test_the_tiny_models_layout_gets_its_own_llama_cpp_template(bpe_student):
+    """The embedded default's template (each image on its line, a space before an answer) renders
+    llama.cpp's messages (the media marker inside the text) as it renders the model's, on a second
+    turn too; the interleave layout's template would not."""
+    from transformers import AutoProcessor
+
+    from lsd_edge.export.gguf.template import MARKER_EACH_LINE, MEDIA_MARKER, _render
+    from lsd_edge.models.tokens import CHAT_TEMPLATE
+
+    processor = AutoProcessor.from_pretrained(bpe_student)
+    processor.chat_template = CHAT_TEMPLATE
+    template, note = llama_cpp_template(processor)
+    assert template == MARKER_EACH_LINE and "each media marker on its line" in note
+    turns = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color ?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        {"role": "user", "content": [{"type": "text", "text": "is it a circle ?"}]},
+    ]
+    want = processor.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    assert "<image>\nwhat color ?" in want and "assistant\n red<|im_end|>" in want
+    # as llama-server gives them: the marker and the text of each turn in one string
+    llama = [
+        {"role": "user", "content": MEDIA_MARKER + "what color ?"},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "is it a circle ?"},
+    ]
+    assert _render(template, llama).replace(MEDIA_MARKER, "<image>") == want
+    assert _render(MARKER_FIRST, llama).replace(MEDIA_MARKER, "<image>") != want
+
+
 @pytest.fixture(scope="module")
 def word_level_dir(student_dir, tmp_path_factory) -> Path:
     """The tiny student with a word-level tokenizer over the same tokens (what the tiny models had
