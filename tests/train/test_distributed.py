@@ -199,3 +199,23 @@ def test_deepspeed_zero2_and_zero3_train_alike_and_a_killed_zero3_run_resumes_an
     files = sorted(f.name for f in (state / "weights").glob("*.distcp") if f.stat().st_size > 0)
     assert len(files) == 2, files
     assert set(_chunks(state).values()) == {1}
+
+
+@pytest.mark.slow
+def test_on_policy_dft_on_two_ddp_processes_trains_what_one_does(tmp_path, recipe_dict):
+    """Each process writes the student's answers for its own micro-batches, drawn from the micro-
+    batch's place in the step, so 2 DDP processes write what 1 writes and train alike; FSDP2, which
+    shards the student, is refused in one line before the stage trains."""
+    recipe_dict["stages"][2]["on_policy"] = {"lmbda": 0.5, "temperature": 1.0, "max_new_tokens": 4}
+    recipe = _reference(tmp_path, recipe_dict)
+    _launch("ddp.yaml", recipe("ddp"))
+    _same_run(tmp_path / "ref", tmp_path / "ddp")
+    own = [
+        json.loads(x).get("own_answers") for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()
+    ]
+    assert any(own), "no step trained on the student's answers"
+
+    cmd, env = _command("fsdp.yaml", recipe("fsdp"))
+    p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0
+    assert "on_policy: FSDP2 shards the student, so a process cannot write its own answers alone" in p.stderr
