@@ -72,6 +72,7 @@ class Rollout:
         return out
 
     def rewrite(self, batch: Batch, rng: np.random.Generator) -> Batch:
+        """`batch`'s samples, in order, with the student's answers (on this process's CPU)."""
         was_training = self.model.training
         self.model.eval()
         try:

@@ -148,3 +148,11 @@ def test_on_policy_settings_are_checked_at_load(settings, match):
     base = dict(name="x", kind="dft", max_steps=1, on_policy={})
     with pytest.raises(ValueError, match=match):
         StageConfig.model_validate({**base, **settings})
+
+
+def test_on_policy_combines_with_regenerated_answers():
+    """The other micro-batches then train on the teacher's answers (GKD's mix); greedy is temperature 0."""
+    st = StageConfig.model_validate(
+        dict(name="x", kind="dft", max_steps=1, regenerate=True, on_policy={"temperature": 0.0})
+    )
+    assert st.regenerate and st.on_policy == OnPolicyConfig(lmbda=0.5, temperature=0.0, max_new_tokens=64)
