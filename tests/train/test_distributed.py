@@ -219,3 +219,26 @@ def test_on_policy_dft_on_two_ddp_processes_trains_what_one_does(tmp_path, recip
     p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert p.returncode != 0
     assert "on_policy: FSDP2 shards the student, so a process cannot write its own answers alone" in p.stderr
+
+
+def test_an_engine_that_shards_the_student_refuses_on_policy_in_one_line(tiny_student):
+    """A process writes its answers alone only where it holds the whole student: one process, DDP and
+    ZeRO-2 hand it over; FSDP2 (sharded) and ZeRO-3 refuse, naming the engine and what to do."""
+    from lsd_edge.errors import TrainingError
+    from lsd_edge.train.backends.base import Backend, Prepared, StudentStep
+    from lsd_edge.train.backends.ddp import Ddp
+    from lsd_edge.train.backends.fsdp import Fsdp2
+    from lsd_edge.train.backends.zero import Zero
+
+    step = StudentStep(tiny_student, None)
+    p = Prepared(step, None, None, step)
+    for backend in (Backend(), Ddp(SINGLE, None), Zero(SINGLE, None, 2)):
+        assert backend.generating_student(p) is tiny_student
+    step.sharded = False
+    assert Fsdp2(SINGLE, None).generating_student(p) is tiny_student
+    step.sharded = True
+    for backend, engine in ((Fsdp2(SINGLE, None), "FSDP2"), (Zero(SINGLE, None, 3), "DeepSpeed ZeRO-3")):
+        with pytest.raises(
+            TrainingError, match=rf"^on_policy: {engine} shards the student, .*remove on_policy$"
+        ):
+            backend.generating_student(p)
