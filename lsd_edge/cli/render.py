@@ -63,7 +63,7 @@ def memory_table(rows) -> Table:
         box=box.SIMPLE_HEAD,
         pad_edge=False,
         title=f"estimated peak memory per process, {unit} ({where})",
-        caption=f"stud/teach: weights; t.fwd: the teacher's forward. Worst case: every sample "
+        caption=f"stud/teach: weights; t.fwd: the teacher's forward; gen: on-policy generation. Worst case: every sample "
         f"{first.seq_len} tokens, one image, all other tokens answers. *: activation checkpointing",
     )
     cols = {
@@ -74,6 +74,7 @@ def memory_table(rows) -> Table:
         "activ": "activations",
         "logit": "logits",
         "t.fwd": "teacher_forward",
+        "gen": "generation",
     }
     t.add_column("stage")
     t.add_column("batch", justify="right")

@@ -83,7 +83,8 @@ def ablate(
         typer.Option(
             "--schemes",
             help="Comma-separated stage chains, e.g. pt-sft,dpt-sft-dft; ':no-TERM' turns a distillation "
-            "term off in every stage, e.g. dpt-sft-dft:no-visual_kl:no-relation.",
+            "term off in every stage, e.g. dpt-sft-dft:no-visual_kl:no-relation; ':on-policy' makes DFT "
+            "train on the student's own answers (dpt-sft-dft,dpt-sft-dft:on-policy compares the two).",
         ),
     ],
     output: Annotated[

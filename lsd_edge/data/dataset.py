@@ -38,6 +38,7 @@ class Encoded:
     index: int = -1  # position in its data set (what a teacher cache is keyed by)
     truncated: bool = False  # cut at data.max_length (labels on what remains)
     teacher: Encoded | None = None  # the teacher's view, where it sees with another grid
+    own: bool = False  # its answers are the student's own (on-policy): KL targets, no CE label
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,19 @@ class LlavaDataset(torch.utils.data.Dataset):
             text = self._encode_text(index)
             ids, labels, _ = text
             SHARED_TEXT.put(key, text, (ids.numel() + labels.numel()) * 8 + 512)
-        ids, labels, files = text
+        return self._sample(index, *text)
+
+    def rewritten(self, index: int, messages: list[dict], files: list[str]) -> Encoded:
+        """Sample `index` encoded from chat `messages` showing image `files` instead of its record (its
+        answers rewritten, say; a blank answer is one too, its label the end of the turn), as
+        `__getitem__` encodes a record: cut to max_length, with the teacher's view; never cached."""
+        return self._sample(index, *self._encode_messages(messages, files))
+
+    def pixels(self, files: list[str]) -> list[torch.Tensor]:
+        """(3, H, W) pixel values of image files of this data set, as its samples hold them."""
+        return [self._image(f) for f in files]
+
+    def _sample(self, index: int, ids: torch.Tensor, labels: torch.Tensor, files: list[str]) -> Encoded:
         cut = len(ids) > self.max_length
         if cut:
             n = len(ids)
@@ -201,7 +214,7 @@ class LlavaDataset(torch.utils.data.Dataset):
                     f"truncated: no answer left within data.max_length {self.max_length} ({n} tokens); "
                     "raise data.max_length or shorten the sample"
                 )
-        pixels = torch.stack([self._image(f) for f in files]) if files else None
+        pixels = torch.stack(self.pixels(files)) if files else None
         sample = Encoded(self.sample_id(index), ids, labels, pixels, index, cut)
         if self.teacher_view is not None:
             sample.teacher = self._teacher_side(sample, files)
@@ -224,7 +237,11 @@ class LlavaDataset(torch.utils.data.Dataset):
         )
 
     def _encode_text(self, index: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        messages, files = parse_record(self.records[index], self.max_turns)
+        return self._encode_messages(*parse_record(self.records[index], self.max_turns))
+
+    def _encode_messages(
+        self, messages: list[dict], files: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         ids, labels = self.encoder.encode(messages)
         ids_t = torch.tensor(ids)
         n_vis = int((ids_t == self.encoder.image_id).sum())
@@ -252,6 +269,15 @@ class Batch:
     visual_mask: torch.Tensor  # (B, T) bool, True at visual-token positions
     indices: list[int] = field(default_factory=list)  # each sample's position in its data set
     teacher: Batch | None = None  # the teacher's view, where it sees with another grid (else None)
+    own: torch.Tensor | None = None  # (B,) bool: the sample's answers are the student's (no CE label)
+
+    @property
+    def ce_labels(self) -> torch.Tensor:
+        """`labels` where CE applies: the data's answers; a sample whose answers the student wrote
+        itself (on-policy) has none, its labels feed the KL terms only."""
+        if self.own is None:
+            return self.labels
+        return self.labels.masked_fill(self.own[:, None], IGNORE_INDEX)
 
     def apply(self, fn) -> Batch:
         """The same batch with `fn` applied to each tensor (the teacher's view's too)."""
@@ -264,6 +290,7 @@ class Batch:
             fn(self.visual_mask),
             self.indices,
             None if self.teacher is None else self.teacher.apply(fn),
+            None if self.own is None else fn(self.own),
         )
 
     @property
@@ -306,6 +333,7 @@ def collate(samples: list[Encoded], pad_id: int, image_id: int) -> Batch:
         input_ids == image_id,
         [s.index for s in samples],
         None if samples[0].teacher is None else collate([s.teacher for s in samples], pad_id, image_id),
+        torch.tensor([s.own for s in samples]) if any(s.own for s in samples) else None,
     )
 
 

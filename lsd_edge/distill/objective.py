@@ -27,22 +27,29 @@ TERMS = ("ce",) + DISTILL_TERMS
 
 @dataclass
 class Counts:
-    """Valid items in a whole accumulated batch: the denominators of every term."""
+    """Valid items in a whole accumulated batch: the denominators of every term. `response` counts
+    the answer positions the response KL reads (the data's answers and the student's own, on-policy),
+    `labelled` those CE reads (the data's answers only)."""
 
     response: int = 0
     visual: int = 0
     images: int = 0
     tokens: int = 0
+    labelled: int = 0
 
     @staticmethod
     def of(batches: list[Batch], n_image_tokens: int) -> Counts:
         c = Counts()
         for b in batches:
             c.response += int((b.labels[:, 1:] != IGNORE_INDEX).sum())
+            c.labelled += int((b.ce_labels[:, 1:] != IGNORE_INDEX).sum())
             c.visual += int(b.visual_mask.sum())
             c.images += int(b.visual_mask.sum()) // max(1, n_image_tokens)
             c.tokens += b.n_tokens
         return c
+
+    def as_list(self) -> list[int]:
+        return [self.response, self.visual, self.images, self.tokens, self.labelled]
 
 
 class LatentProjector(nn.Module):
@@ -108,7 +115,7 @@ def loss_terms(
     s = student_pass.run(student, batch, need_hidden)
     resp = batch.labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t+1
     s_resp_h = s.hidden[:, :-1][resp]  # (N, Ds)
-    targets = batch.labels[:, 1:][resp]  # (N,)
+    targets = batch.ce_labels[:, 1:][resp]  # (N,): -100 at the student's own answers (no CE)
     t = teacher.targets(batch, need_hidden) if need_teacher else None
     ce, kd = logit_sums(
         student,
@@ -118,7 +125,7 @@ def loss_terms(
         targets=targets,
         teacher=t.response if t is not None and w["response_kl"] > 0 else None,
     )
-    terms: dict[str, torch.Tensor] = {"ce": ce / max(1, counts.response)}
+    terms: dict[str, torch.Tensor] = {"ce": ce / max(1, counts.labelled)}
     if t is None:
         if latent is not None:  # no teacher targets: the maps have nothing to align
             terms["ce"] = with_unused(terms["ce"], [student_pass.unused_map(m, s) for m in latent.all_maps()])

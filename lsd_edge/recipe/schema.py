@@ -124,6 +124,17 @@ class DistillSchedule(Strict):
         return self.start * min(1.0, (step - self.warm_steps + 1) / self.ramp_steps)
 
 
+class OnPolicyConfig(Strict):
+    """On-policy distilled fine-tuning (GKD, Agarwal et al. 2024): with probability `lmbda` a
+    micro-batch's answers are the student's own, written by it at train time (greedy when
+    `temperature` = 0, else sampled, at most `max_new_tokens` per answer), and the online teacher's
+    distributions on them are the response-KL targets; they carry no CE label."""
+
+    lmbda: Annotated[float, Field(gt=0, le=1)] = 0.5
+    temperature: NonNegFloat = 1.0
+    max_new_tokens: PositiveInt = 64
+
+
 class StageConfig(Strict):
     name: str
     kind: StageKind
@@ -158,6 +169,9 @@ class StageConfig(Strict):
     # <output_dir>/regenerated/<stage>/ by greedy decoding, then used instead of the reference answers.
     regenerate: bool = False
     regenerate_max_new_tokens: PositiveInt = 64
+    # On-policy distillation (a distilling stage with an online teacher): see OnPolicyConfig. It
+    # combines with `regenerate`: the other micro-batches then train on the teacher's answers.
+    on_policy: OnPolicyConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -199,6 +213,8 @@ class StageConfig(Strict):
                 "loss.vision: the vision-tower term trains the student's tower, which this stage keeps "
                 "frozen; add 'vision' to trainable or set loss.vision = 0"
             )
+        if self.on_policy is not None:
+            self._check_on_policy()
         if self.cached:
             if self.kind not in DISTILLING_KINDS:
                 raise ValueError(
@@ -211,6 +227,23 @@ class StageConfig(Strict):
                     "keep ['projector', 'projector'] pairs, set loss.latent = 0, or teacher_cache = 'off'"
                 )
         return self
+
+    def _check_on_policy(self) -> None:
+        if self.kind not in DISTILLING_KINDS:
+            raise ValueError(
+                f"on_policy: a '{self.kind}' stage has no teacher to score the student's answers; "
+                f"use kind = 'd{self.kind}' or remove on_policy"
+            )
+        if self.loss.weight("response_kl") == 0:
+            raise ValueError(
+                "on_policy: loss.response_kl is 0, so nothing would learn from the student's answers; "
+                "give it a weight or remove on_policy"
+            )
+        if self.cached:
+            raise ValueError(
+                "on_policy: a teacher cache cannot hold targets for answers not yet written; "
+                "set teacher_cache = 'off' or remove on_policy"
+            )
 
     @property
     def cached(self) -> bool:

@@ -3,7 +3,10 @@
 A scheme is a chain of stage kinds, `pt-sft` or `dpt-sft-dft`. Each stage of a scheme takes its
 settings (data, lr, steps, batch) from the recipe's stage of the same kind, or from its twin
 (pt <-> dpt, sft <-> dft) with the distillation terms switched on or off, so schemes differ only in
-what the method changes and every scheme gets equal steps per stage.
+what the method changes and every scheme gets equal steps per stage. Switches after the chain change
+every stage of the scheme: `:no-TERM` turns a distillation term off, `:on-policy` makes each DFT
+stage on-policy (the recipe's DFT `on_policy` settings, or the defaults with answers as long as
+eval's `max_new_tokens`), so `dpt-sft-dft,dpt-sft-dft:on-policy` compares the two on one seed.
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from lsd_edge.errors import LsdEdgeError
 from lsd_edge.files import write_json
 from lsd_edge.progress import QuietReporter, Reporter
-from lsd_edge.recipe.schema import DEFAULT_DISTILL_WEIGHTS, DISTILL_TERMS, Recipe, StageConfig
+from lsd_edge.recipe.schema import DEFAULT_DISTILL_WEIGHTS, DISTILL_TERMS, OnPolicyConfig, Recipe, StageConfig
 from lsd_edge.train.pipeline import DistillOptions, distill
 from lsd_edge.workspace import Workspace
 
@@ -39,18 +44,35 @@ def stage_template(recipe: Recipe, kind: str) -> StageConfig:
     )
 
 
+ON_POLICY = "on-policy"
+
+
 def terms_off(scheme: str, switches: list[str]) -> list[str]:
-    """The distillation terms a scheme's `:no-TERM` switches turn off."""
+    """The distillation terms a scheme's `:no-TERM` switches turn off (`:on-policy` is not one)."""
     off = []
     for sw in switches:
         term = sw.removeprefix("no-")
+        if sw == ON_POLICY:
+            continue
         if not sw.startswith("no-") or term not in DISTILL_TERMS:
             raise LsdEdgeError(
                 f"scheme '{scheme}': '{sw}' is not a switch; turn a term off with :no-TERM, TERM one of "
-                f"{', '.join(DISTILL_TERMS)} (e.g. dpt-sft-dft:no-visual_kl)"
+                f"{', '.join(DISTILL_TERMS)} (e.g. dpt-sft-dft:no-visual_kl), or make DFT on-policy "
+                f"with :{ON_POLICY}"
             )
         off.append(term)
     return off
+
+
+def on_policy_dft(recipe: Recipe, scheme: str, st: StageConfig) -> StageConfig:
+    """A DFT stage made on-policy: its own `on_policy`, else the defaults with answers as long as
+    eval's (`eval.max_new_tokens`); checked as the recipe's stages are."""
+    op = st.on_policy or OnPolicyConfig(max_new_tokens=recipe.eval.max_new_tokens)
+    try:
+        return StageConfig.model_validate({**st.model_dump(mode="json"), "on_policy": op.model_dump()})
+    except ValidationError as e:
+        why = e.errors()[0]["msg"].removeprefix("Value error, ")
+        raise LsdEdgeError(f"scheme '{scheme}', stage '{st.name}': {why}") from None
 
 
 def scheme_stages(recipe: Recipe, scheme: str) -> list[StageConfig]:
@@ -58,6 +80,8 @@ def scheme_stages(recipe: Recipe, scheme: str) -> list[StageConfig]:
     weight to 0 in every stage (e.g. `dpt-sft-dft:no-visual_kl:no-relation`)."""
     chain, *switches = scheme.lower().split(":")
     off = terms_off(scheme, switches)
+    if ON_POLICY in switches and "dft" not in chain.split("-"):
+        raise LsdEdgeError(f"scheme '{scheme}': :{ON_POLICY} changes DFT stages, and the chain has none")
     kinds = chain.split("-")
     bad = [k for k in kinds if k not in TWIN]
     if not kinds or bad:
@@ -70,7 +94,10 @@ def scheme_stages(recipe: Recipe, scheme: str) -> list[StageConfig]:
         name = kind if used[kind] == 1 else f"{kind}{used[kind]}"
         st = stage_template(recipe, kind)
         loss = st.loss.model_copy(update=dict.fromkeys(off, 0.0))
-        stages.append(st.model_copy(update={"name": name, "loss": loss}))
+        st = st.model_copy(update={"name": name, "loss": loss})
+        if kind == "dft" and ON_POLICY in switches:
+            st = on_policy_dft(recipe, scheme, st)
+        stages.append(st)
     return stages
 
 
@@ -100,7 +127,10 @@ def ablate(
         rows[scheme] = {
             "accuracy": report["student"]["accuracy"],
             "steps": sum(s["steps"] for s in report["stages"]),
-            "stages": [{"name": s["name"], "steps": s["steps"]} for s in report["stages"]],
+            "stages": [
+                {"name": s["name"], "steps": s["steps"], "seconds": s.get("seconds")}
+                for s in report["stages"]
+            ],
             "path": report["student"]["path"],
         }
         teacher = report["teacher"]

@@ -26,6 +26,7 @@ from lsd_edge.data.loading import SlotReader, SlotSampler
 from lsd_edge.data.records import BadSampleLog
 from lsd_edge.data.sampling import IndexStream
 from lsd_edge.distill.objective import TERMS, Counts
+from lsd_edge.distill.onpolicy import Rollout
 from lsd_edge.distill.teacher import OnlineTeacher, Teacher
 from lsd_edge.errors import LsdEdgeError, TrainingError
 from lsd_edge.models.groups import set_activation_checkpointing
@@ -92,6 +93,7 @@ class StageSetup:
     bad: BadSampleLog
     checkpointing: bool
     shapes: tuple[ModelShape, ModelShape | None] | None = None  # student, online teacher: for MFU
+    rollout: Rollout | None = None  # writes the student's own answers (a stage with on_policy)
     step: int = 0
     position: int = 0
 
@@ -147,6 +149,7 @@ def prepare_stage(job: StageJob, reporter: Reporter) -> StageSetup:
         bad=BadSampleLog(),
         checkpointing=checkpointing,
         shapes=flop_shapes(model, teacher, job.device),
+        rollout=make_rollout(job, prepared),
     )
     found = TrainingProgress.load(job.state_dir)
     if found is not None:
@@ -158,6 +161,16 @@ def prepare_stage(job: StageJob, reporter: Reporter) -> StageSetup:
         reporter.message(f"[dim]{job.key}: resuming at step {progress.step}/{steps}[/dim]")
     s.reader = open_reader(job, s)
     return s
+
+
+def make_rollout(job: StageJob, prepared: Prepared) -> Rollout | None:
+    """What writes the student's answers in a stage with `on_policy` (None: a stage without)."""
+    if job.stage.on_policy is None:
+        return None
+    student = job.backend.generating_student(prepared)
+    return Rollout(
+        student, job.processor, job.dataset, job.stage.on_policy, job.run.seed, job.index, job.device
+    )
 
 
 def truncate_log(log_path: Path, key: str, step: int) -> None:
@@ -190,7 +203,7 @@ def global_counts(batches: list[Batch], n_img_tokens: int, dist: Dist, device) -
     c = Counts.of(batches, n_img_tokens)
     if not dist.active:
         return c
-    return Counts(*(int(v) for v in dist.sum_floats([c.response, c.visual, c.images, c.tokens], device)))
+    return Counts(*(int(v) for v in dist.sum_floats(c.as_list(), device)))
 
 
 def merged_bad(dist: Dist, bad: BadSampleLog) -> BadSampleLog:
@@ -250,6 +263,10 @@ def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
                 error = e
             dist.raise_together(error)
             s.position += stage.grad_accum * stage.batch_size
+            t_roll = time.perf_counter()
+            if s.rollout is not None:  # some micro-batches' answers become the student's own
+                slots = s.rollout.apply(slots, s.step, dist.micro_batches(stage.grad_accum))
+            t_roll = time.perf_counter() - t_roll
             counts = global_counts([b for b in slots if b is not None], n_img_tokens, dist, job.device)
             if counts.tokens == 0:  # every sample of the step was skipped: take the next ones
                 unusable += stage.grad_accum * stage.batch_size
@@ -280,7 +297,10 @@ def run_stage(job: StageJob, reporter: Reporter) -> StageResult:
                 "lr": p.scheduler.get_last_lr()[0],
                 "tokens": counts.tokens,
                 "tokens_per_s": tok_s,
+                "seconds": dt,
             }
+            if s.rollout is not None:  # the student's answer positions (all processes'), and its writing time
+                rec.update(own_answers=counts.response - counts.labelled, rollout_s=t_roll)
             if log is not None:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()

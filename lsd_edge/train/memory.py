@@ -5,7 +5,8 @@ hub is in reach), builds each model on the meta device to count its parameters, 
 `StepMemory` per stage: fp32 student weights, fp32 gradients and AdamW states of the trainable
 groups, teacher weights in their dtype, saved activations (with or without activation
 checkpointing) and the logits the losses hold at response and visual positions (one chunk at a time
-with `loss.chunk_size`; a stage with a teacher cache holds no teacher weights, forward or logits). The
+with `loss.chunk_size`; a stage with a teacher cache holds no teacher weights, forward or logits),
+and for a stage with `on_policy` the student's generation of its answers (`generation_bytes`). The
 sequence is the
 worst case: every sample `data.max_length` tokens long with one image, every other token an answer.
 
@@ -52,6 +53,7 @@ class StepMemory:
     activations: int
     logits: int
     teacher_forward: int
+    generation: int = 0  # on-policy: the student writing its answers (between steps; added to be safe)
 
     @property
     def total(self) -> int:
@@ -63,6 +65,7 @@ class StepMemory:
             + self.activations
             + self.logits
             + self.teacher_forward
+            + self.generation
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -142,6 +145,15 @@ def chunked_logits_bytes(
     return kept + rows * (vocab_s * e_s + vocab_t * e_t + vocab_s * 20)
 
 
+def generation_bytes(s: ModelShape, prompt: int, new_tokens: int) -> int:
+    """Bytes on-policy generation holds at its peak. The decode loop writes one answer at a time, so
+    that is one sequence's fp32 KV cache over the prompt and `new_tokens` answer tokens (2 x layers x
+    kv_hidden per position), and the prefill's working set of one layer over the prompt (residual,
+    normed input, MLP: (2 x hidden + 2 x intermediate) fp32 per position). It runs between steps,
+    when the step's activations are freed; the estimate adds it to them all the same."""
+    return 4 * (2 * s.layers * s.kv_hidden * (prompt + new_tokens) + prompt * 2 * (s.hidden + s.intermediate))
+
+
 def estimate_step(
     student: ModelShape,
     teacher: ModelShape | None,
@@ -187,6 +199,8 @@ def estimate_step(
         )  # fmt: skip
     else:
         logits = logits_bytes(student.vocab, vocab_t, n_resp, n_vis, e_act, e_t, response_kl, visual_kl)
+    op = stage.on_policy
+    generation = generation_bytes(student, T, op.max_new_tokens) if op is not None and distills else 0
     return StepMemory(
         stage=stage.name,
         kind=stage.kind,
@@ -201,6 +215,7 @@ def estimate_step(
         activations=activations,
         logits=logits,
         teacher_forward=teacher_fwd,
+        generation=generation,
     )
 
 

@@ -54,6 +54,27 @@ def test_validate_shows_how_teacher_and_student_see(monkeypatch, capsys):
     )
 
 
+def test_validate_refuses_on_policy_where_it_cannot_work(monkeypatch, capsys):
+    """on_policy needs a distilling stage and an online teacher: refused in one line at load."""
+    tiny = str(REPO / "recipes" / "tiny.toml")
+    code, _, err = run(monkeypatch, capsys, "validate", tiny, "--set", "stages[2].on_policy.lmbda=0.5")
+    assert code == 0, err
+    cases = [
+        (
+            ["stages[1].on_policy.lmbda=0.5"],
+            "on_policy: a 'sft' stage has no teacher to score the student's answers",
+        ),
+        (
+            ["stages[2].on_policy.lmbda=0.5", "stages[2].teacher_cache=auto"],
+            "on_policy: a teacher cache cannot hold targets for answers not yet written",
+        ),
+        (["stages[2].on_policy.lmbda=1.5"], "lmbda"),
+    ]
+    for sets, message in cases:
+        code, _, err = run(monkeypatch, capsys, "validate", tiny, *(a for s in sets for a in ("--set", s)))
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_validate_checks_a_choice_on_a_real_teacher_s_tower(monkeypatch, capsys, tmp_path):
     """A teacher read from its config.json (llava-interleave-qwen-7b's sizes): the student's tower
     cut to 224 px and 12 layers sees 256 tokens; a size off its 14 px patch is one red line."""
@@ -247,3 +268,5 @@ def test_distill_and_ablate(tmp_path, monkeypatch, capsys, recipe_dict):
     )
     code, _, err = run(monkeypatch, capsys, "ablate", str(p), "--schemes", "pt-xyz")
     assert code == 1 and "scheme 'pt-xyz'" in one_red_line(err)
+    code, _, err = run(monkeypatch, capsys, "ablate", str(p), "--schemes", "dpt-sft:on-policy")
+    assert code == 1 and ":on-policy changes DFT stages, and the chain has none" in one_red_line(err)

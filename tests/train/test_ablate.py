@@ -6,6 +6,7 @@ import pytest
 
 from lsd_edge.errors import LsdEdgeError
 from lsd_edge.recipe.load import parse_recipe
+from lsd_edge.recipe.schema import OnPolicyConfig
 from lsd_edge.train.ablate import scheme_stages
 
 
@@ -41,3 +42,26 @@ def test_a_switch_turns_a_term_off_in_every_stage(recipe_dict):
     for bad in ("dpt-sft:visual_kl", "dpt-sft:no-vis", "dpt-sft:"):
         with pytest.raises(LsdEdgeError, match=r"is not a switch; turn a term off with :no-TERM"):
             scheme_stages(r, bad)
+
+
+def test_the_on_policy_switch_makes_dft_on_policy(recipe_dict):
+    """`:on-policy` changes DFT stages alone: the recipe's on_policy settings, or the defaults with
+    answers as long as eval's; the rest of the chain is the plain scheme's."""
+    r = parse_recipe(recipe_dict)
+    plain, on = scheme_stages(r, "dpt-sft-dft"), scheme_stages(r, "dpt-sft-dft:on-policy")
+    assert plain[:2] == on[:2] and plain[2].on_policy is None
+    assert on[2].on_policy == OnPolicyConfig(max_new_tokens=r.eval.max_new_tokens)
+    assert on[2].model_copy(update={"on_policy": None}) == plain[2]
+    recipe_dict["stages"][2]["on_policy"] = {"lmbda": 1.0, "temperature": 0.0, "max_new_tokens": 3}
+    given = scheme_stages(parse_recipe(recipe_dict), "dft:on-policy")[0].on_policy
+    assert given == OnPolicyConfig(lmbda=1.0, temperature=0.0, max_new_tokens=3)
+    with pytest.raises(LsdEdgeError, match=r"^scheme 'dpt-sft:on-policy': :on-policy changes DFT stages"):
+        scheme_stages(r, "dpt-sft:on-policy")
+    with pytest.raises(
+        LsdEdgeError, match=r"^scheme 'dft:no-response_kl:on-policy', stage 'dft': on_policy: loss"
+    ):
+        scheme_stages(r, "dft:no-response_kl:on-policy")
+    recipe_dict["stages"][2].pop("on_policy")
+    recipe_dict["stages"][2]["teacher_cache"] = "auto"
+    with pytest.raises(LsdEdgeError, match="on_policy: a teacher cache cannot hold targets"):
+        scheme_stages(parse_recipe(recipe_dict), "dft:on-policy")

@@ -199,3 +199,46 @@ def test_deepspeed_zero2_and_zero3_train_alike_and_a_killed_zero3_run_resumes_an
     files = sorted(f.name for f in (state / "weights").glob("*.distcp") if f.stat().st_size > 0)
     assert len(files) == 2, files
     assert set(_chunks(state).values()) == {1}
+
+
+@pytest.mark.slow
+def test_on_policy_dft_on_two_ddp_processes_trains_what_one_does(tmp_path, recipe_dict):
+    """Each process writes the student's answers for its own micro-batches, drawn from the micro-
+    batch's place in the step, so 2 DDP processes write what 1 writes and train alike; FSDP2, which
+    shards the student, is refused in one line before the stage trains."""
+    recipe_dict["stages"][2]["on_policy"] = {"lmbda": 0.5, "temperature": 1.0, "max_new_tokens": 4}
+    recipe = _reference(tmp_path, recipe_dict)
+    _launch("ddp.yaml", recipe("ddp"))
+    _same_run(tmp_path / "ref", tmp_path / "ddp")
+    own = [
+        json.loads(x).get("own_answers") for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()
+    ]
+    assert any(own), "no step trained on the student's answers"
+
+    cmd, env = _command("fsdp.yaml", recipe("fsdp"))
+    p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0
+    assert "on_policy: FSDP2 shards the student, so a process cannot write its own answers alone" in p.stderr
+
+
+def test_an_engine_that_shards_the_student_refuses_on_policy_in_one_line(tiny_student):
+    """A process writes its answers alone only where it holds the whole student: one process, DDP and
+    ZeRO-2 hand it over; FSDP2 (sharded) and ZeRO-3 refuse, naming the engine and what to do."""
+    from lsd_edge.errors import TrainingError
+    from lsd_edge.train.backends.base import Backend, Prepared, StudentStep
+    from lsd_edge.train.backends.ddp import Ddp
+    from lsd_edge.train.backends.fsdp import Fsdp2
+    from lsd_edge.train.backends.zero import Zero
+
+    step = StudentStep(tiny_student, None)
+    p = Prepared(step, None, None, step)
+    for backend in (Backend(), Ddp(SINGLE, None), Zero(SINGLE, None, 2)):
+        assert backend.generating_student(p) is tiny_student
+    step.sharded = False
+    assert Fsdp2(SINGLE, None).generating_student(p) is tiny_student
+    step.sharded = True
+    for backend, engine in ((Fsdp2(SINGLE, None), "FSDP2"), (Zero(SINGLE, None, 3), "DeepSpeed ZeRO-3")):
+        with pytest.raises(
+            TrainingError, match=rf"^on_policy: {engine} shards the student, .*remove on_policy$"
+        ):
+            backend.generating_student(p)

@@ -165,3 +165,18 @@ def test_estimate_matches_measured_peak_on_cuda(tmp_path, stage):
     est = estimate_recipe(recipe)[stage]
     measured = measure_step(recipe, recipe.stages[stage], device=torch.device("cuda"), steps=2)
     assert 0.75 < est.total / measured.peak_bytes < 1.35, (est.as_dict(), measured.as_dict())
+
+
+def test_an_on_policy_stage_counts_its_generation(tmp_path):
+    """The student's answers are written one at a time: one sequence's KV cache over the prompt and
+    max_new_tokens, which grows with max_new_tokens, and only a stage with on_policy holds it."""
+    folder = write_small_configs(tmp_path, 192, 256, 4096)
+    plain = estimate_recipe(_recipe(folder))[2]
+    short, long = (
+        estimate_recipe(_recipe(folder, f"stages[2].on_policy.max_new_tokens={n}"))[2] for n in (16, 256)
+    )
+    assert plain.generation == 0 < short.generation < long.generation
+    assert long.total - plain.total == long.generation and short.logits == plain.logits
+    _, student = (ModelShape.of(c) for c in recipe_configs(_recipe(folder)))
+    per_position = 4 * 2 * student.layers * student.kv_hidden  # fp32 keys and values, every layer
+    assert long.generation - short.generation == per_position * (256 - 16)

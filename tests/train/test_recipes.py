@@ -268,3 +268,21 @@ def test_the_edge_recipe_runs_on_standins(standins, tmp_path):
         if p.shape == q.shape and not torch.equal(p, q.to(torch.bfloat16).float())
     ]
     assert moved, "DPT trained the student's tower"
+
+
+def test_on_policy_dft_runs_on_the_edge_recipe_s_standins(standins, tmp_path):
+    """recipes/qwen0.5b-edge.toml with on_policy in DFT (every micro-batch): the student writes its
+    answers with the real chat template and tokenizer, the bf16 teacher scores them on its own view
+    (another grid), CE has no labelled answer left, the response KL trains."""
+    sets = real_overrides(standins, "qwen0.5b", tmp_path / "run") + [
+        "student.image_size=14",
+        "stages[2].on_policy.lmbda=1.0",
+        "stages[2].on_policy.max_new_tokens=3",
+    ]
+    recipe = load_recipe(REPO / "recipes" / "qwen0.5b-edge.toml", sets)
+    report = distill(recipe)
+    assert [s["name"] for s in report["stages"]] == ["dpt", "sft", "dft"]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    dft = [r for r in log if r["stage"] == "dft"]
+    assert len(dft) == 2 and all(r["own_answers"] > 0 and r["ce"] == 0 for r in dft)
+    assert all(torch.isfinite(torch.tensor(r["response_kl"])) and r["response_kl"] > 0 for r in dft)

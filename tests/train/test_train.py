@@ -25,6 +25,7 @@ from lsd_edge.identity import Manifest
 from lsd_edge.models.load import resolve_device
 from lsd_edge.recipe.load import parse_recipe
 from lsd_edge.recipe.schema import StageConfig
+from lsd_edge.train import loop
 from lsd_edge.train.pipeline import DistillOptions, distill
 from lsd_edge.train.setup import lr_lambda, param_groups, total_steps
 from lsd_edge.train.teacher import teacher_manifest
@@ -419,6 +420,47 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, recipe_dict):
     lb = [json.loads(x) for x in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     strip = lambda rows: [(r["stage"], r["step"], r["loss"]) for r in rows]  # noqa: E731
     assert strip(la) == strip(lb)
+
+
+class _Cut(Exception):
+    pass
+
+
+def test_an_on_policy_run_cut_and_resumed_matches_an_uncut_one(tmp_path, recipe_dict, monkeypatch):
+    """The student's answers are drawn from (seed, stage, step, micro-batch), so a DFT with on_policy
+    cut after its checkpoint at step 2 and resumed writes the same answers: the same log, the same
+    weights as a run never cut."""
+    recipe_dict["stages"][2]["on_policy"] = {"lmbda": 0.5, "temperature": 1.0, "max_new_tokens": 4}
+    recipe_dict["stages"][2]["max_steps"] = 6
+    ref = copy.deepcopy(recipe_dict)
+    ref["run"]["output_dir"] = str(tmp_path / "ref")
+    distill(_recipe(ref))
+    cut = copy.deepcopy(recipe_dict)
+    cut["run"]["output_dir"] = str(tmp_path / "cut")
+    real = loop.check_finite
+
+    def cut_at_step_4(job, sums, step):
+        if job.key == "dft" and step == 3:
+            raise _Cut
+        real(job, sums, step)
+
+    monkeypatch.setattr(loop, "check_finite", cut_at_step_4)
+    with pytest.raises(_Cut):
+        distill(_recipe(cut))
+    monkeypatch.setattr(loop, "check_finite", real)
+    distill(_recipe(cut), DistillOptions(resume=True))
+
+    rows = {}
+    for run in ("ref", "cut"):
+        log = [json.loads(x) for x in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        dft = [r for r in log if r["stage"] == "dft"]
+        rows[run] = [(r["step"], r["loss"], r["ce"], r["own_answers"]) for r in dft]
+    assert rows["ref"] == rows["cut"] and len(rows["ref"]) == 6
+    own = [row[-1] for row in rows["ref"]]
+    assert any(own) and not all(own), "some steps train on the student's answers, some on the data's alone"
+    wa = load_file(tmp_path / "ref" / "student" / "model.safetensors")
+    wb = load_file(tmp_path / "cut" / "student" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_a_teacher_stage_made_with_other_settings_is_refused(recipe_dict):

@@ -33,6 +33,12 @@ from lsd_edge.models.tokens import IGNORE_INDEX
 from lsd_edge.recipe.schema import StageConfig
 from lsd_edge.train.distributed import SINGLE, Dist
 
+# An engine that shards the student's weights runs every forward together on all processes, which
+# answers of different lengths per process cannot do.
+SHARDED_ROLLOUT = (
+    "on_policy: {engine} shards the student, so a process cannot write its own answers alone; "
+    "train this stage with DDP (a plain multi-GPU launch) or one process, or remove on_policy"
+)
 OPTIONS = StateDictOptions(ignore_frozen_params=True)  # frozen weights come from the previous stage
 # Putting back: the frozen weights are absent by design; every trainable one was read (DCP refuses
 # a checkpoint that lacks a key asked for).
@@ -164,6 +170,11 @@ class Backend:
 
     def plain_student(self, p: Prepared, device: torch.device) -> nn.Module:
         """The trained student as a plain model on every process (evaluation and checkpoints read it)."""
+        return p.step.student
+
+    def generating_student(self, p: Prepared) -> nn.Module:
+        """The student as on-policy generation runs it: whole in this process, each process writing
+        the answers of its own micro-batches (no collective in its forward)."""
         return p.step.student
 
     def shard_teacher(self, model: nn.Module) -> int:

@@ -12,7 +12,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from lsd_edge.train.backends.base import Prepared, rebuilt
+from lsd_edge.errors import TrainingError
+from lsd_edge.train.backends.base import SHARDED_ROLLOUT, Prepared, rebuilt
 from lsd_edge.train.backends.ddp import Ddp
 from lsd_edge.train.launch import check_wrap_classes
 
@@ -34,6 +35,11 @@ class Fsdp2(Ddp):
             return student
         full = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True))
         return rebuilt(student, full, device)
+
+    def generating_student(self, p: Prepared) -> nn.Module:
+        if p.step.sharded:
+            raise TrainingError(SHARDED_ROLLOUT.format(engine="FSDP2"))
+        return p.step.student
 
     def shard_teacher(self, model: nn.Module) -> int:
         return shard_decoder_layers(model)

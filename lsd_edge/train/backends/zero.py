@@ -33,7 +33,7 @@ from lsd_edge.data.dataset import Batch
 from lsd_edge.distill.forward import Forward, StudentPass, image_features
 from lsd_edge.errors import TrainingError
 from lsd_edge.recipe.schema import StageConfig
-from lsd_edge.train.backends.base import Backend, Prepared, StudentStep, rebuilt
+from lsd_edge.train.backends.base import SHARDED_ROLLOUT, Backend, Prepared, StudentStep, rebuilt
 from lsd_edge.train.backends.fsdp import shard_decoder_layers
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
@@ -144,6 +144,11 @@ class Zero(Backend):
         """Gathered (ZeRO-3), and free of the engine's hooks."""
         student = p.step.student
         return rebuilt(student, full_weights(student), device)
+
+    def generating_student(self, p: Prepared) -> nn.Module:
+        if self.stage == 3:
+            raise TrainingError(SHARDED_ROLLOUT.format(engine="DeepSpeed ZeRO-3"))
+        return p.step.student
 
     def shard_teacher(self, model: nn.Module) -> int:
         # ZeRO-3's gathers of the student's weights run on the default group: the teacher's on its own
