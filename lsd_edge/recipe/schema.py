@@ -96,6 +96,10 @@ class LossConfig(Strict):
     # Response and visual logit losses from hidden states and lm_head weights, this many positions at
     # a time, so B x T x V logits are never whole in memory; 0 = the plain path (whole logits).
     chunk_size: NonNegInt = 0
+    # A student with another tokenizer than the teacher (lsd_edge.distill.cross_vocab): the response
+    # and visual logit terms compare the two distributions sorted by probability (ULD), or match the
+    # tokens both vocabularies hold exactly and sort the rest (GOLD). Unused with one vocabulary.
+    cross_tokenizer: Literal["uld", "gold"] = "uld"
 
     def weight(self, term: str) -> float:
         value = getattr(self, term)
@@ -306,6 +310,24 @@ class StudentConfig(ModelConfig):
     # to its first N layers; None keeps it as it is.
     image_size: PositiveInt | None = None
     vision_layers: PositiveInt | None = None
+    # A tiny student's own tokenizer, trained on the recipe's text (lsd_edge.models.bpe): "word"
+    # (word-level) or "bpe" (byte-level BPE of at most tokenizer_vocab tokens); None: the teacher's.
+    # The student is then distilled across the two vocabularies (loss.cross_tokenizer).
+    tokenizer: Literal["word", "bpe"] | None = None
+    tokenizer_vocab: Annotated[int, Field(ge=300)] | None = None
+
+    @model_validator(mode="after")
+    def _own_tokenizer(self) -> StudentConfig:
+        if self.tokenizer is not None and self.tiny is None:
+            raise ValueError(
+                "tokenizer: only a tiny student trains a tokenizer of its own; a student.path model "
+                "brings its own processor (a different one is distilled across tokenizers)"
+            )
+        if self.tokenizer_vocab is not None and self.tokenizer != "bpe":
+            raise ValueError(
+                "tokenizer_vocab: the size of a BPE tokenizer; set tokenizer = 'bpe' or remove it"
+            )
+        return self
 
 
 class Recipe(Strict):

@@ -135,6 +135,9 @@ def distill(
     teacher.load()
     model, processor = build_student(recipe, teacher.model, teacher.processor, ctx.device)
     inputs = StageInputs(ctx, teacher, processor)
+    for st in stages:  # across tokenizers: refuse a stage that cannot work before any stage trains
+        if st.distills:
+            inputs.vocab(st)
     model, stage_reports = run_stages(ctx, inputs, stages, model, processor, options.evaluate_stages)
     report: dict[str, Any] = {}
     if ctx.dist.main:  # the other processes return an empty report
