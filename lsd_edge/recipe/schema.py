@@ -311,8 +311,9 @@ class StudentConfig(ModelConfig):
     image_size: PositiveInt | None = None
     vision_layers: PositiveInt | None = None
     # A tiny student's own tokenizer, trained on the recipe's text (lsd_edge.models.bpe): "word"
-    # (word-level) or "bpe" (byte-level BPE of at most tokenizer_vocab tokens); None: the teacher's.
-    # The student is then distilled across the two vocabularies (loss.cross_tokenizer).
+    # (word-level) or "bpe" (byte-level BPE of at most tokenizer_vocab tokens: at the default 512 a
+    # tiny teacher's own); None: the teacher's. A vocabulary other than the teacher's is distilled
+    # across the two (loss.cross_tokenizer).
     tokenizer: Literal["word", "bpe"] | None = None
     tokenizer_vocab: Annotated[int, Field(ge=300)] | None = None
 

@@ -190,3 +190,26 @@ def test_a_teacher_cache_is_not_made_across_tokenizers(recipe_dict):
     r = parse_recipe(_words(recipe_dict))
     with pytest.raises(LsdEdgeError, match="a teacher cache .* cannot serve it"):
         cache_teacher(r, "dft")
+
+
+def test_a_tiny_students_own_bpe_is_another_vocabulary_only_at_another_size(recipe_dict):
+    """`student.tokenizer = "bpe"` trains the tiny models' BPE on the recipe's text: at the default size
+    it is the tiny teacher's own tokenizer (no view, no cross-vocabulary terms), smaller it is not."""
+    from lsd_edge.data.prepare import corpus_texts, prepare_data
+    from lsd_edge.models.build import build_tiny_processor
+    from lsd_edge.progress import QuietReporter
+    from lsd_edge.recipe.schema import VisionSize
+    from lsd_edge.train.sight import vocab_map
+    from lsd_edge.train.student import tiny_student_processor
+
+    r = parse_recipe(recipe_dict)
+    prepare_data(r, QuietReporter())
+    teacher = build_tiny_processor(VisionSize(**TINY_VISION), corpus_texts(r))
+    recipe_dict["student"]["tokenizer"] = "bpe"
+    same = tiny_student_processor(parse_recipe(recipe_dict), teacher)
+    assert vocab_map(teacher, same, r.stages[2]) is None and teacher_view(teacher, same) is None
+    recipe_dict["student"]["tokenizer_vocab"] = 300
+    small = tiny_student_processor(parse_recipe(recipe_dict), teacher)
+    assert len(small.tokenizer) == 300 < len(teacher.tokenizer)
+    vmap = vocab_map(teacher, small, r.stages[2])
+    assert vmap is not None and vmap.mode == "uld" and teacher_view(teacher, small).encoder is not None
