@@ -220,6 +220,23 @@ class StageConfig(Strict):
     def cached(self) -> bool:
         return self.teacher_cache != "off"
 
+    def one_tokenization(self, cached: bool | None = None) -> str | None:
+        """What of this stage needs teacher and student to read one token sequence, in words, or None:
+        a teacher cache (`cached`, default the stage's own: keyed by the student's positions) or a
+        layer latent pair (text positions one to one). Refused for a student with another tokenizer."""
+        if self.cached if cached is None else cached:
+            return (
+                "a teacher cache (keyed by the student's token positions) cannot serve it; set "
+                "teacher_cache = 'off' (the online teacher reads each sample in its own tokens)"
+            )
+        layers = [p for p in self.loss.latent_pairs if p != ("projector", "projector")]
+        if self.loss.weight("latent") > 0 and layers:
+            return (
+                f"text positions do not pair one to one and loss.latent_pairs {list(layers[0])} cannot "
+                "align layers; keep only ['projector', 'projector'] pairs or set loss.latent = 0"
+            )
+        return None
+
     @property
     def distills(self) -> bool:
         return self.kind in DISTILLING_KINDS and any(self.loss.weight(t) > 0 for t in DISTILL_TERMS)

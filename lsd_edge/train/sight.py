@@ -18,7 +18,7 @@ from lsd_edge.distill.cross_vocab import VocabMap
 from lsd_edge.distill.grid import GridMap
 from lsd_edge.errors import LsdEdgeError, RecipeError
 from lsd_edge.models.tokens import num_image_tokens, processor_image_size, same_vocabulary
-from lsd_edge.recipe.schema import StageConfig
+from lsd_edge.recipe.schema import Recipe, StageConfig
 
 
 def teacher_view(teacher_processor, student_processor) -> TeacherView | None:
@@ -46,20 +46,25 @@ def vocab_map(teacher_processor, student_processor, stage: StageConfig) -> Vocab
     )
 
 
+def check_own_tokenizer(recipe: Recipe, stages: list[StageConfig]) -> None:
+    """Before the teacher loads (or trains): a tiny student's own tokenizer that surely differs from the
+    teacher's (word-level, a BPE of another size, or any under a loaded teacher) refuses the first
+    stage that needs one tokenization (`vocab_map` checks every other case once both are built)."""
+    s = recipe.student
+    other = s.tokenizer == "word" or s.tokenizer_vocab is not None or recipe.teacher.tiny is None
+    if s.tokenizer is not None and other:
+        for st in stages:
+            if st.distills:
+                check_cross_tokenizer(st, st.cached)
+
+
 def check_cross_tokenizer(stage: StageConfig, cached: bool) -> None:
-    """What cannot work with two tokenizations of one sample, each refused in one line: a teacher cache
-    (`cached`: the stage distils from one, or one is being made for it), layer-latent pairs."""
-    where = f"stage '{stage.name}': the student's tokenizer differs from the teacher's, so "
-    if cached:
+    """What cannot work with two tokenizations of one sample, refused in one line: a teacher cache
+    (`cached`: the stage distils from one, or one is being made for it), layer latent pairs."""
+    problem = stage.one_tokenization(cached)
+    if problem:
         raise LsdEdgeError(
-            where + "a teacher cache (keyed by the student's token positions) cannot serve it; set "
-            "teacher_cache = 'off' (the online teacher reads each sample in its own tokens)"
-        )
-    layers = [p for p in stage.loss.latent_pairs if p[0] != "projector" or p[1] != "projector"]
-    if stage.loss.weight("latent") > 0 and layers:
-        raise LsdEdgeError(
-            where + f"text positions do not pair one to one and loss.latent_pairs {list(layers[0])} cannot "
-            "align layers; keep only ['projector', 'projector'] pairs or set loss.latent = 0"
+            f"stage '{stage.name}': the student's tokenizer differs from the teacher's, so {problem}"
         )
 
 

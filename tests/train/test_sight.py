@@ -139,8 +139,8 @@ def test_a_student_with_another_tokenizer_distils_every_term(recipe_dict, mode):
     assert report["student"]["accuracy"] == scored_here(r, student)
 
 
-def test_a_saved_student_with_its_own_tokenizer_is_distilled(recipe_dict, tmp_path):
-    """student.path: a LLaVA folder with a word-level processor of its own (a hub id or local folder)."""
+def _saved_word_student(recipe_dict, out: Path) -> Path:
+    """A tiny LLaVA with a word-level processor of its own trained on the recipe's data, saved to `out`."""
     from lsd_edge.data.prepare import corpus_texts, prepare_data
     from lsd_edge.data.shapes import vocabulary
     from lsd_edge.models.build import build_tiny_model, build_tiny_processor, with_own_tokenizer
@@ -150,15 +150,19 @@ def test_a_saved_student_with_its_own_tokenizer_is_distilled(recipe_dict, tmp_pa
 
     r = parse_recipe(recipe_dict)
     prepare_data(r, QuietReporter())
-    words = with_own_tokenizer(
-        build_tiny_processor(VisionSize(**TINY_VISION), vocabulary()), "word", corpus_texts(r)
-    )
+    base = build_tiny_processor(VisionSize(**TINY_VISION), vocabulary())
+    words = with_own_tokenizer(base, "word", corpus_texts(r))
     tiny = TinyConfig(
         hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32, vision=TINY_VISION
     )
-    save_model(build_tiny_model(tiny, words), words, tmp_path / "saved")
+    save_model(build_tiny_model(tiny, words), words, out)
+    return out
+
+
+def test_a_saved_student_with_its_own_tokenizer_is_distilled(recipe_dict, tmp_path):
+    """student.path: a LLaVA folder with a word-level processor of its own (a hub id or local folder)."""
     d = _words(recipe_dict)
-    d["student"] = {"path": str(tmp_path / "saved")}
+    d["student"] = {"path": str(_saved_word_student(d, tmp_path / "saved"))}
     r = parse_recipe(d)
     distill(r)
     rows = _distilled_terms(r)
@@ -181,7 +185,14 @@ def test_what_needs_one_tokenization_is_refused_before_any_stage_trains(recipe_d
     r = parse_recipe(d)
     with pytest.raises(LsdEdgeError, match=r"stage 'dft': the student's tokenizer differs .*" + message):
         distill(r)
-    assert not (Path(r.run.output_dir) / "dpt").exists(), "nothing trained"
+    # a word-level student surely reads other tokens: refused before the teacher is even trained
+    assert not (Path(r.run.output_dir) / "teacher").exists(), "nothing trained"
+    # a saved student's tokenizer is known once it is loaded: refused before any stage trains
+    d["student"] = {"path": str(_saved_word_student(d, Path(r.run.output_dir).parent / "saved"))}
+    r = parse_recipe(d)
+    with pytest.raises(LsdEdgeError, match=r"stage 'dft': the student's tokenizer differs .*" + message):
+        distill(r)
+    assert (Path(r.run.output_dir) / "teacher").exists() and not (Path(r.run.output_dir) / "dpt").exists()
 
 
 def test_a_teacher_cache_is_not_made_across_tokenizers(recipe_dict):
