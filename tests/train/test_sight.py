@@ -224,3 +224,21 @@ def test_a_tiny_students_own_bpe_is_another_vocabulary_only_at_another_size(reci
     assert len(small.tokenizer) == 300 < len(teacher.tokenizer)
     vmap = vocab_map(teacher, small, r.stages[2])
     assert vmap is not None and vmap.mode == "uld" and teacher_view(teacher, small).encoder is not None
+
+
+def test_the_cli_refuses_layer_pairs_across_tokenizers_in_one_red_line(
+    recipe_dict, tmp_path, monkeypatch, capsys
+):
+    from lsd_edge.recipe.toml import dumps_toml
+
+    from ..helpers import red_line_after_progress, run
+
+    d = _words(recipe_dict)
+    d["stages"][0]["loss"]["latent_pairs"] = [["projector", "projector"], [-1, -1]]
+    path = tmp_path / "r.toml"
+    path.write_text(dumps_toml(d))
+    code, _, err = run(monkeypatch, capsys, "distill", str(path))
+    assert code == 1
+    line = red_line_after_progress(err)
+    assert "stage 'dpt': the student's tokenizer differs from the teacher's" in line
+    assert "keep only ['projector', 'projector'] pairs or set loss.latent = 0" in line
