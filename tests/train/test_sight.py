@@ -229,16 +229,10 @@ def test_a_tiny_students_own_bpe_is_another_vocabulary_only_at_another_size(reci
 def test_the_cli_refuses_layer_pairs_across_tokenizers_in_one_red_line(
     recipe_dict, tmp_path, monkeypatch, capsys
 ):
-    from lsd_edge.recipe.toml import dumps_toml
-
-    from ..helpers import red_line_after_progress, run
+    from ..helpers import distill_red_line
 
     d = _words(recipe_dict)
     d["stages"][0]["loss"]["latent_pairs"] = [["projector", "projector"], [-1, -1]]
-    path = tmp_path / "r.toml"
-    path.write_text(dumps_toml(d))
-    code, _, err = run(monkeypatch, capsys, "distill", str(path))
-    assert code == 1
-    line = red_line_after_progress(err)
+    line = distill_red_line(monkeypatch, capsys, d, tmp_path)
     assert "stage 'dpt': the student's tokenizer differs from the teacher's" in line
     assert "keep only ['projector', 'projector'] pairs or set loss.latent = 0" in line
