@@ -256,6 +256,18 @@ def red_line_after_progress(err: str) -> str:
     return lines[-1]
 
 
+def distill_red_line(monkeypatch, capsys, recipe_dict: dict, tmp_path: Path) -> str:
+    """`lsd-edge distill` of `recipe_dict` (written to tmp_path/r.toml) that fails: exit 1 and its one
+    red line after the progress lines, returned."""
+    from lsd_edge.recipe.toml import dumps_toml
+
+    path = tmp_path / "r.toml"
+    path.write_text(dumps_toml(recipe_dict))
+    code, _, err = run(monkeypatch, capsys, "distill", str(path))
+    assert code == 1
+    return red_line_after_progress(err)
+
+
 def require_dev(name: str):
     """Import a dev dependency (pyproject's [dev] extra): a test that needs it skips without it, and
     fails instead under LSD_EDGE_REQUIRE_DEV=1 (CI), where a broken import must not pass as a skip."""

@@ -7,26 +7,32 @@ of indices is the trainer's (`lsd_edge.data.sampling`), so a batch is a pure fun
 A student that sees with another visual grid than its teacher (METHOD.md, "edge vision") trains on
 batches that carry the teacher's view of the same samples (`Batch.teacher`): the same text, each
 image's run of the student's visual tokens replaced by the teacher's, and the images made by the
-teacher's image processor (`TeacherView`).
+teacher's image processor (`TeacherView`). A teacher with another tokenizer than its student reads
+each record in its own tokens (`TeacherView.encoder`): its view is then the record encoded by its
+chat encoder, and both sides mark the answer tokens where the two tokenizations start a token at the
+same character of the same answer (`Encoded.kd`, `lsd_edge.data.chat.common_starts`): the logit
+terms compare the distributions predicting those tokens.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lsd_edge.data.chat import ChatEncoder, text_digest
+from lsd_edge.data.chat import ChatEncoder, common_starts
+from lsd_edge.data.decoded import (
+    SHARED_PIXELS,
+    SHARED_TEXT,
+    TEXT_CACHE_RECORDS,
+    file_key,
+    processor_key,
+)
 from lsd_edge.data.records import BadSample, BadSampleLog, load_image, parse_record, read_records
 from lsd_edge.errors import DataError
 from lsd_edge.models.tokens import IGNORE_INDEX, image_tokens_at
-
-TEXT_CACHE_RECORDS = 200_000
-PIXEL_CACHE_BYTES = 1 << 29  # 512 MiB of decoded images; the embedded default needs about half
-TEXT_CACHE_BYTES = 1 << 28  # 256 MiB of token ids and labels; the embedded default needs about 60
 
 
 @dataclass
@@ -37,17 +43,22 @@ class Encoded:
     pixel_values: torch.Tensor | None  # (n_images, 3, H, W)
     index: int = -1  # position in its data set (what a teacher cache is keyed by)
     truncated: bool = False  # cut at data.max_length (labels on what remains)
-    teacher: Encoded | None = None  # the teacher's view, where it sees with another grid
+    teacher: Encoded | None = None  # the teacher's view, where it sees with another grid or tokenizer
     own: bool = False  # its answers are the student's own (on-policy): KL targets, no CE label
+    # (T,) bool: the answer tokens a teacher with another tokenizer also starts (None: every label)
+    kd: torch.Tensor | None = None
+    pad_image: tuple[int, int] | None = None  # (pad, image) ids of another tokenizer (the teacher's)
 
 
 @dataclass(frozen=True)
 class TeacherView:
     """How the teacher sees what the student sees with another grid: its image processor and the
-    visual tokens it gives one image (`n_image_tokens`)."""
+    visual tokens it gives one image (`n_image_tokens`); with another tokenizer, its chat encoder
+    (`encoder`: the teacher reads each record in its own tokens)."""
 
     image_processor: Any
     n_image_tokens: int
+    encoder: ChatEncoder | None = None
 
 
 def regrid(ids: torch.Tensor, labels: torch.Tensor, image_id: int, per_image: int, new_per_image: int):
@@ -71,42 +82,6 @@ def truncate(
     if kept < n_images:
         cut = min(cut, int(at[kept * per_image]))
     return ids[:cut], labels[:cut], kept
-
-
-class SharedCache:
-    """Decoded data shared by every data set of a process, within a byte budget.
-
-    A run's stages (the teacher's PT and SFT, the student's DPT, SFT and DFT) read the same files, so
-    each image is decoded, and each record rendered and tokenized, once per run rather than once per
-    stage. Keys name the file by path, size and modification time, and the processor by its
-    settings, so an edited file or another processor is decoded again.
-    """
-
-    def __init__(self, budget: int):
-        self.budget = budget
-        self.used = 0
-        self._items: dict[tuple, Any] = {}
-
-    def get(self, key: tuple | None) -> Any:
-        return None if key is None else self._items.get(key)
-
-    def put(self, key: tuple | None, value: Any, size: int) -> None:
-        if key is not None and key not in self._items and self.used + size <= self.budget:
-            self._items[key] = value
-            self.used += size
-
-
-def file_key(path: Path) -> tuple | None:
-    """A file as a cache key names it: resolved path, size, modification time (None if unreadable)."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
-
-
-SHARED_PIXELS = SharedCache(PIXEL_CACHE_BYTES)
-SHARED_TEXT = SharedCache(TEXT_CACHE_BYTES)
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -142,9 +117,9 @@ class LlavaDataset(torch.utils.data.Dataset):
         if self.cache:
             self._file = file_key(self.path)
             self._text_key = self.encoder.key
-            self._pixel_key = _processor_key(self.image_processor)
+            self._pixel_key = processor_key(self.image_processor)
             if teacher_view is not None:
-                self._teacher_pixel_key = _processor_key(teacher_view.image_processor)
+                self._teacher_pixel_key = processor_key(teacher_view.image_processor)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -184,24 +159,31 @@ class LlavaDataset(torch.utils.data.Dataset):
             if not self.cache or self._file is None
             else (self._file, index, self.max_turns, self._text_key)
         )
-        text = SHARED_TEXT.get(key)
-        if text is None:
-            text = self._encode_text(index)
-            ids, labels, _ = text
-            SHARED_TEXT.put(key, text, (ids.numel() + labels.numel()) * 8 + 512)
-        return self._sample(index, *text)
+        return self._sample(index, *self._text(index, self.encoder, key))
 
     def rewritten(self, index: int, messages: list[dict], files: list[str]) -> Encoded:
         """Sample `index` encoded from chat `messages` showing image `files` instead of its record (its
         answers rewritten, say; a blank answer is one too, its label the end of the turn), as
         `__getitem__` encodes a record: cut to max_length, with the teacher's view; never cached."""
-        return self._sample(index, *self._encode_messages(messages, files))
+        encoded = self._encode_messages(messages, files, self.encoder)
+        return self._sample(index, *encoded, source=(messages, files))
 
     def pixels(self, files: list[str]) -> list[torch.Tensor]:
         """(3, H, W) pixel values of image files of this data set, as its samples hold them."""
         return [self._image(f) for f in files]
 
-    def _sample(self, index: int, ids: torch.Tensor, labels: torch.Tensor, files: list[str]) -> Encoded:
+    def _sample(
+        self,
+        index: int,
+        ids: torch.Tensor,
+        labels: torch.Tensor,
+        files: list[str],
+        starts: torch.Tensor,
+        source: tuple[list[dict], list[str]] | None = None,
+    ) -> Encoded:
+        """A sample from its token ids, labels, image files and answer starts: cut to max_length, its
+        pixels, the teacher's view. `source`: the messages and files it was encoded from, where they
+        are not its record's (a teacher with another tokenizer encodes the same)."""
         cut = len(ids) > self.max_length
         if cut:
             n = len(ids)
@@ -216,9 +198,61 @@ class LlavaDataset(torch.utils.data.Dataset):
                 )
         pixels = torch.stack(self.pixels(files)) if files else None
         sample = Encoded(self.sample_id(index), ids, labels, pixels, index, cut)
-        if self.teacher_view is not None:
+        if self.teacher_view is not None and self.teacher_view.encoder is not None:
+            sample.teacher = self._teacher_tokens(sample, files, starts[: len(ids)], source)
+        elif self.teacher_view is not None:
             sample.teacher = self._teacher_side(sample, files)
         return sample
+
+    def _text(self, index: int, encoder: ChatEncoder, key: tuple | None):
+        """(ids, labels, image files, answer starts) of a record by `encoder`, from the process's cache."""
+        text = SHARED_TEXT.get(key)
+        if text is None:
+            text = self._encode_text(index, encoder)
+            ids, labels, _, starts = text
+            SHARED_TEXT.put(key, text, (ids.numel() + labels.numel() + starts.numel()) * 8 + 512)
+        return text
+
+    def _teacher_tokens(
+        self,
+        sample: Encoded,
+        files: list[str],
+        starts: torch.Tensor,
+        source: tuple[list[dict], list[str]] | None = None,
+    ) -> Encoded:
+        """The teacher's view of a sample where it has another tokenizer: the record (or `source`'s
+        messages and files) encoded by its own chat encoder, cut to the images the student kept (an
+        image the student's cut dropped is dropped with every token after it), its pixels; both
+        sides' `kd` masks of the answer tokens whose starts both tokenizations share (`common_starts`)."""
+        view = self.teacher_view
+        enc = view.encoder
+        if source is not None:
+            ids, labels, t_files, t_starts = self._encode_messages(*source, enc)
+        else:
+            key = (
+                None
+                if not self.cache or self._file is None
+                else (self._file, sample.index, self.max_turns, enc.key)
+            )
+            ids, labels, t_files, t_starts = self._text(sample.index, enc, key)
+        if len(t_files) > len(files):
+            at = (ids == enc.image_id).nonzero().flatten()
+            cut = int(at[len(files) * enc.n_image_tokens])
+            ids, labels, t_starts = ids[:cut], labels[:cut], t_starts[:cut]
+        s_keep, t_keep = common_starts(starts.tolist(), t_starts.tolist())
+        sample.kd = torch.tensor(s_keep, dtype=torch.bool)
+        key = self.cache and self._teacher_pixel_key
+        pixels = [self._pixels(self.image_dir / f, view.image_processor, key) for f in files]
+        return Encoded(
+            sample.id,
+            ids,
+            labels,
+            torch.stack(pixels) if pixels else None,
+            sample.index,
+            sample.truncated,
+            kd=torch.tensor(t_keep, dtype=torch.bool),
+            pad_image=(enc.tokenizer.pad_token_id or 0, enc.image_id),  # padding is masked out
+        )
 
     def _teacher_side(self, sample: Encoded, files: list[str]) -> Encoded:
         """The teacher's view of an encoded sample: the same tokens with its visual-token runs, its pixels."""
@@ -236,27 +270,26 @@ class LlavaDataset(torch.utils.data.Dataset):
             sample.id, ids, labels, torch.stack(pixels) if pixels else None, sample.index, sample.truncated
         )
 
-    def _encode_text(self, index: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        return self._encode_messages(*parse_record(self.records[index], self.max_turns))
+    def _encode_text(
+        self, index: int, encoder: ChatEncoder
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
+        return self._encode_messages(*parse_record(self.records[index], self.max_turns), encoder)
 
     def _encode_messages(
-        self, messages: list[dict], files: list[str]
-    ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        ids, labels = self.encoder.encode(messages)
+        self, messages: list[dict], files: list[str], encoder: ChatEncoder
+    ) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
+        """(ids, labels, image files, answer starts) of chat `messages` showing `files`, by `encoder`."""
+        ids, labels, starts = encoder.encode_with_starts(messages)
         ids_t = torch.tensor(ids)
-        n_vis = int((ids_t == self.encoder.image_id).sum())
-        if n_vis != len(files) * self.encoder.n_image_tokens:
+        n_vis = int((ids_t == encoder.image_id).sum())
+        if n_vis != len(files) * encoder.n_image_tokens:
             raise BadSample(
                 f"image token mismatch: the text holds {n_vis} image tokens, not {len(files)} image(s) x "
-                f"{self.encoder.n_image_tokens} (an image token typed in the text?)"
+                f"{encoder.n_image_tokens} (an image token typed in the text?)"
             )
         if all(lab == IGNORE_INDEX for lab in labels[1:]):
             raise BadSample("no answer tokens: every answer is empty")
-        return ids_t, torch.tensor(labels), files
-
-
-def _processor_key(image_processor) -> str:
-    return text_digest(json.dumps(image_processor.to_dict(), sort_keys=True, default=str))
+        return ids_t, torch.tensor(labels), files, torch.tensor(starts)
 
 
 @dataclass
@@ -268,8 +301,9 @@ class Batch:
     pixel_values: torch.Tensor | None  # (n_images, 3, H, W), images in sample order
     visual_mask: torch.Tensor  # (B, T) bool, True at visual-token positions
     indices: list[int] = field(default_factory=list)  # each sample's position in its data set
-    teacher: Batch | None = None  # the teacher's view, where it sees with another grid (else None)
+    teacher: Batch | None = None  # the teacher's view, where it sees with another grid or tokenizer
     own: torch.Tensor | None = None  # (B,) bool: the sample's answers are the student's (no CE label)
+    kd: torch.Tensor | None = None  # (B, T) bool: tokens the response KD predicts (None: every label)
 
     @property
     def ce_labels(self) -> torch.Tensor:
@@ -291,7 +325,16 @@ class Batch:
             self.indices,
             None if self.teacher is None else self.teacher.apply(fn),
             None if self.own is None else fn(self.own),
+            None if self.kd is None else fn(self.kd),
         )
+
+    @property
+    def kd_positions(self) -> torch.Tensor:
+        """(B, T-1) bool: the positions whose next-token distribution the response KD compares (position
+        t predicts token t+1): every labelled one, or where a teacher with another tokenizer aligns."""
+        if self.kd is None:
+            return self.labels[:, 1:] != IGNORE_INDEX
+        return self.kd[:, 1:]
 
     @property
     def teacher_view(self) -> Batch:
@@ -324,6 +367,15 @@ def collate(samples: list[Encoded], pad_id: int, image_id: int) -> Batch:
         attention[i, :n] = 1
     pix = [s.pixel_values for s in samples if s.pixel_values is not None]
     pixel_values = torch.cat(pix) if pix else None
+    kd = None
+    if samples[0].kd is not None:
+        kd = torch.zeros((B, T), dtype=torch.bool)
+        for i, s in enumerate(samples):
+            kd[i, : len(s.kd)] = s.kd
+    teacher = None
+    if samples[0].teacher is not None:
+        t_pad, t_image = samples[0].teacher.pad_image or (pad_id, image_id)
+        teacher = collate([s.teacher for s in samples], t_pad, t_image)
     return Batch(
         [s.id for s in samples],
         input_ids,
@@ -332,8 +384,9 @@ def collate(samples: list[Encoded], pad_id: int, image_id: int) -> Batch:
         pixel_values,
         input_ids == image_id,
         [s.index for s in samples],
-        None if samples[0].teacher is None else collate([s.teacher for s in samples], pad_id, image_id),
+        teacher,
         torch.tensor([s.own for s in samples]) if any(s.own for s in samples) else None,
+        kd,
     )
 
 

@@ -8,11 +8,11 @@ produce (`vocab_rows`), so padded embedding rows never enter a distribution.
 Shapes: N = positions already gathered (response or visual tokens), V = vocabulary rows,
 K = visual tokens per image, I = images, D = hidden size, k = cached teacher log-probs per position.
 
-The teacher side of a logit loss is `DenseTargets` (its hidden states and lm_head: the whole
-distribution), `TopKTargets` (a cache's top-k log-probs plus the remaining mass as one bucket) or
-`LogProbTargets` (log-probs made elsewhere: a mixture pooled onto a smaller visual grid by `grid`).
-`chunked_logit_sums` computes the same sums from hidden states and lm_head weights a chunk of
-positions at a time, so B x T x V logits are never whole in memory for either model.
+The teacher side of a logit loss is `DenseTargets` (its hidden states and lm_head), `TopKTargets` (a
+cache's top-k log-probs plus the remaining mass as one bucket), `LogProbTargets` (log-probs made
+elsewhere: a mixture pooled by `grid`) or targets over another vocabulary that score themselves
+(`cross_vocab`). `chunked_logit_sums` computes the same sums from hidden states and lm_head weights
+a chunk of positions at a time, so B x T x V logits are never whole in memory for either model.
 """
 
 from __future__ import annotations
@@ -92,10 +92,10 @@ def distill_divergence(
         raise ValueError(f"teacher log-probs have {t.shape[-1]} rows, the loss compares {rows}")
     log_s = log_probs(student_logits, temperature, rows)
     log_t = t if made else log_probs(t, temperature, rows)
-    return _divergence(log_s, log_t, kind, jsd_beta, skew_lambda) * (temperature**2)
+    return divergence(log_s, log_t, kind, jsd_beta, skew_lambda) * (temperature**2)
 
 
-def _divergence(
+def divergence(
     log_s: torch.Tensor, log_t: torch.Tensor, kind: str, jsd_beta: float, skew_lambda: float
 ) -> torch.Tensor:
     """The four divergences between two (N, B) log-distributions -> (N,)."""
@@ -275,13 +275,13 @@ def sparse_kd_sum(
     if target.ids.shape[-1] < log_s.shape[-1]:
         picked = torch.cat([picked, _tail_log_mass(log_s, target.ids).unsqueeze(-1)], -1)
         log_t = torch.cat([log_t, target.tail.float().unsqueeze(-1)], -1)
-    return (_divergence(picked, log_t, kind, jsd_beta, skew_lambda) * (temperature**2)).sum()
+    return (divergence(picked, log_t, kind, jsd_beta, skew_lambda) * (temperature**2)).sum()
 
 
-def divergence_sum(
-    student_logits: torch.Tensor, target: DenseTargets | TopKTargets | LogProbTargets, **kw
-) -> torch.Tensor:
+def divergence_sum(student_logits: torch.Tensor, target: DenseTargets | TopKTargets | LogProbTargets, **kw):
     """`kd_sum` against a dense teacher or teacher log-probs, `sparse_kd_sum` against cached top-k targets."""
+    if hasattr(target, "divergence_sum"):  # over another vocabulary: scores itself (`cross_vocab`)
+        return target.divergence_sum(student_logits, **kw)
     if isinstance(target, TopKTargets):
         return sparse_kd_sum(student_logits, target, **kw)
     teacher = target if isinstance(target, LogProbTargets) else target.logits(kw.get("vocab_rows"))

@@ -4,7 +4,9 @@ L = ce*L_reg + lambda * (alpha*L_res + beta*L_vis + gamma*L_rel + delta*L_lat + 
 from `lsd_edge.distill.losses` divided by its count over the whole accumulated batch (`Counts`, summed
 over processes too), so any split of a step into micro-batches and processes trains the same step.
 A teacher that sees with another grid hands its targets over already pooled onto the student's
-(`lsd_edge.distill.teacher`), so the terms read the same here whatever the two grids.
+(`lsd_edge.distill.teacher`), so the terms read the same here whatever the two grids; one with
+another tokenizer hands over targets that score themselves across the two vocabularies
+(`lsd_edge.distill.cross_vocab`), at the answer tokens both tokenizations start.
 """
 
 from __future__ import annotations
@@ -117,14 +119,15 @@ def loss_terms(
     s_resp_h = s.hidden[:, :-1][resp]  # (N, Ds)
     targets = batch.ce_labels[:, 1:][resp]  # (N,): -100 at the student's own answers (no CE)
     t = teacher.targets(batch, need_hidden) if need_teacher else None
+    resp_t = t.response if t is not None and w["response_kl"] > 0 else None
+    # A teacher with another tokenizer is compared at the answer tokens both tokenizations start
+    # (`Batch.kd_positions`), CE at every label; one tokenizer: the same rows for both, in one pass.
+    aligned = batch.kd is not None and resp_t is not None
     ce, kd = logit_sums(
-        student,
-        s_resp_h,
-        lc,
-        vocab_rows,
-        targets=targets,
-        teacher=t.response if t is not None and w["response_kl"] > 0 else None,
+        student, s_resp_h, lc, vocab_rows, targets=targets, teacher=None if aligned else resp_t
     )
+    if aligned:
+        _, kd = logit_sums(student, s.hidden[:, :-1][batch.kd_positions], lc, vocab_rows, teacher=resp_t)
     terms: dict[str, torch.Tensor] = {"ce": ce / max(1, counts.labelled)}
     if t is None:
         if latent is not None:  # no teacher targets: the maps have nothing to align

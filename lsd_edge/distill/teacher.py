@@ -11,6 +11,11 @@ batch's teacher view, and its visual-position targets are pooled onto the studen
 RDist's tokens, the projector features, and per-layer states re-laid onto the student's positions
 (text positions one to one, visual positions pooled). The losses then read them as they read a
 teacher that sees as the student does.
+
+A teacher with another tokenizer than the student runs on its own tokenization of each record (the
+batch's teacher view); its response targets are taken at the answer tokens both tokenizations start
+at the same character (`Batch.kd_positions`), and its response and visual targets are wrapped to be
+scored across the two vocabularies (`lsd_edge.distill.cross_vocab`: ULD or GOLD).
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ import torch
 
 from lsd_edge.data.dataset import Batch
 from lsd_edge.distill import losses
+from lsd_edge.distill.cross_vocab import VocabMap
 from lsd_edge.distill.forward import Forward, forward, n_images, per_image
 from lsd_edge.distill.grid import GridMap, pool_features, pooled_log_probs
-from lsd_edge.models.tokens import IGNORE_INDEX
 
 
 class Teacher(Protocol):
@@ -40,14 +45,23 @@ def vision_width(config) -> int:
 
 
 def online_targets(
-    teacher, batch: Batch, need_hidden: bool, grid: GridMap | None = None
+    teacher, batch: Batch, need_hidden: bool, grid: GridMap | None = None, vocab: VocabMap | None = None
 ) -> losses.TeacherTargets:
     """The teacher side of a micro-batch from a forward pass of the teacher (no graph), on the
-    student's grid: `grid` maps the teacher's visual positions onto it (None: the grids are equal)."""
+    student's grid: `grid` maps the teacher's visual positions onto it (None: the grids are equal);
+    `vocab` maps its vocabulary onto the student's (None: one vocabulary)."""
+    targets = _online_targets(teacher, batch, need_hidden, grid)
+    if vocab is not None:
+        targets.response = vocab.wrap(targets.response)
+        targets.visual = vocab.wrap(targets.visual)
+    return targets
+
+
+def _online_targets(teacher, batch: Batch, need_hidden: bool, grid: GridMap | None) -> losses.TeacherTargets:
     tb = batch.teacher_view
     with torch.no_grad():
         t = forward(teacher, tb, hidden_states=need_hidden)
-        resp = tb.labels[:, 1:] != IGNORE_INDEX
+        resp = tb.kd_positions
         weight = teacher.lm_head.weight
         t_vis = t.hidden[tb.visual_mask]  # (I*Kt, Dt), gathered once
         response = losses.DenseTargets(t.hidden[:, :-1][resp], weight)
@@ -98,11 +112,13 @@ def relaid_states(t: Forward, batch: Batch, tb: Batch, grid: GridMap) -> tuple[t
 
 class OnlineTeacher:
     """The frozen teacher model, run on each micro-batch without a graph; `grid` maps its visual
-    positions onto a student that sees with another grid (None: the same grid)."""
+    positions onto a student that sees with another grid (None: the same grid), `vocab` its
+    vocabulary onto a student with another tokenizer (None: the same one)."""
 
-    def __init__(self, model, grid: GridMap | None = None):
+    def __init__(self, model, grid: GridMap | None = None, vocab: VocabMap | None = None):
         self.model = model.eval()
         self.grid = grid
+        self.vocab = vocab
 
     @property
     def hidden_size(self) -> int:
@@ -113,4 +129,4 @@ class OnlineTeacher:
         return vision_width(self.model.config)
 
     def targets(self, batch: Batch, need_hidden: bool) -> losses.TeacherTargets:
-        return online_targets(self.model, batch, need_hidden, self.grid)
+        return online_targets(self.model, batch, need_hidden, self.grid, self.vocab)

@@ -20,6 +20,11 @@ every sequence.) ShapesVQA's text is closed (some fifty words), so the trainer r
 under 400 tokens with every word one token. `MAX_VOCAB` caps a larger corpus (another tiny
 recipe's data) so the embedding tables stay tiny, at the cost of rarer words in pieces.
 
+A student distilled across tokenizers (`student.tokenizer`, `lsd_edge.distill.cross_vocab`) may
+instead have a BPE of another size (`bpe_tokenizer(texts, max_vocab)`: rarer words in pieces) or a
+word-level tokenizer (`word_tokenizer`: one token per bare word, "red" rather than "Ġred", ids in
+order of frequency), so its vocabulary shares few strings and almost no ids with the teacher's.
+
 Deterministic: the same texts give a byte-identical tokenizer.json (merges are ranked by count, ties
 broken by the pair, and the counts do not depend on the texts' order).
 """
@@ -29,7 +34,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
 from tokenizers import models as tokenizer_models
 from transformers import PreTrainedTokenizerFast
 
@@ -64,6 +69,27 @@ def bpe_tokenizer(texts: Iterable[str], max_vocab: int = MAX_VOCAB) -> PreTraine
     decoding that gives the text back as it was (no clean-up of spaces before punctuation)."""
     return PreTrainedTokenizerFast(
         tokenizer_object=train_bpe(texts, max_vocab),
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        bos_token=None,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer trained on `texts` (and the chat roles): each run of word characters or
+    of punctuation one token, whitespace dropped (decoded words are joined by one space), the shared
+    special tokens first; `<pad>`, `<unk>`, `<|im_end|>` as EOS, no BOS."""
+    tok = Tokenizer(tokenizer_models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    texts = [t.replace(IMAGE_TOKEN, " ") for t in texts]
+    tok.train_from_iterator(itertools.chain(texts, CHAT_ROLES), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
         pad_token="<pad>",
         unk_token="<unk>",
         eos_token="<|im_end|>",

@@ -23,7 +23,7 @@ from transformers import (
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from lsd_edge.errors import ModelError
-from lsd_edge.models.bpe import bpe_tokenizer
+from lsd_edge.models.bpe import MAX_VOCAB, bpe_tokenizer, word_tokenizer
 from lsd_edge.models.load import check_ref, first_line, load_llava, set_generation_config
 from lsd_edge.models.tokens import (
     CHAT_TEMPLATE,
@@ -66,6 +66,22 @@ def tiny_processor(texts: list[str], image_size: int, patch_size: int):
         tokenizer=fast,
         patch_size=patch_size,
         vision_feature_select_strategy="full",
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+    )
+
+
+def with_own_tokenizer(processor, kind: str, texts: list[str], max_vocab: int | None = None):
+    """A copy of a tiny processor (its image processor, patch and visual tokens) that speaks through a
+    tokenizer of its own trained on `texts`: word-level (`kind` "word") or a byte-level BPE of at most
+    `max_vocab` tokens ("bpe"), with the tiny models' ChatML template (`student.tokenizer`)."""
+    tok = word_tokenizer(texts) if kind == "word" else bpe_tokenizer(texts, max_vocab or MAX_VOCAB)
+    return LlavaProcessor(
+        image_processor=processor.image_processor,
+        tokenizer=tok,
+        patch_size=processor.patch_size,
+        vision_feature_select_strategy=processor.vision_feature_select_strategy,
+        num_additional_image_tokens=processor.num_additional_image_tokens,
         chat_template=CHAT_TEMPLATE,
         image_token=IMAGE_TOKEN,
     )

@@ -103,14 +103,15 @@ def image_token_id(processor) -> int:
     return int(processor.image_token_id)
 
 
-def check_tokenizers(teacher_tok, student_tok) -> None:
-    """Logit distillation compares distributions over one vocabulary: refuse tokenizers that differ.
+def same_vocabulary(teacher_tok, student_tok) -> bool:
+    """Whether two tokenizers map every token to the same id (padded embedding rows, a model's
+    vocab_size above the tokenizer's length, are not a difference)."""
+    return teacher_tok.get_vocab() == student_tok.get_vocab()
 
-    Padded embedding rows (a model's vocab_size above the tokenizer's length) are not a difference.
-    """
+
+def vocabulary_difference(teacher_tok, student_tok) -> str:
+    """What differs between two vocabularies, in a few words with examples."""
     tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
-    if tv == sv:
-        return
     only_t = sorted(set(tv) - set(sv), key=lambda t: tv[t])
     only_s = sorted(set(sv) - set(tv), key=lambda t: sv[t])
     moved = sorted((t for t in set(tv) & set(sv) if tv[t] != sv[t]), key=lambda t: tv[t])
@@ -124,10 +125,46 @@ def check_tokenizers(teacher_tok, student_tok) -> None:
             f"{len(moved)} token(s) with different ids, e.g. "
             + ", ".join(f"{t!r}: {tv[t]} vs {sv[t]}" for t in moved[:5])
         )
-    raise ModelError(
-        "teacher and student tokenizers differ (" + "; ".join(parts) + "); logit distillation needs one "
-        "vocabulary: give the student an LLM of the teacher's family, or the teacher's tokenizer"
-    )
+    return "; ".join(parts)
+
+
+def check_tokenizers(teacher, student, texts: Callable[[], Iterable[str]] | None = None) -> None:
+    """A student whose tokenizer differs from the teacher's is distilled across the two vocabularies
+    (`lsd_edge.distill.cross_vocab`); refuse only a student tokenizer that cannot read the data.
+
+    `teacher`, `student`: processors (or bare tokenizers). With one vocabulary nothing is checked.
+    Otherwise the student's must have a chat template, keep its image token as one token, be a fast
+    tokenizer (answers are aligned by character offsets) and read `texts()` (some of the data's
+    text) without unknown tokens where the teacher's reads them without.
+    """
+    t_tok, s_tok = getattr(teacher, "tokenizer", teacher), getattr(student, "tokenizer", student)
+    if same_vocabulary(t_tok, s_tok):
+        return
+    why = "the student's tokenizer differs from the teacher's and "
+    fix = "; give the student a tokenizer that has it, or the teacher's tokenizer"
+    template = getattr(student, "chat_template", None) or getattr(s_tok, "chat_template", None)
+    if not template:
+        raise ModelError(why + "has no chat template, so the data cannot be written for it" + fix)
+    image = getattr(student, "image_token", IMAGE_TOKEN)
+    if len(s_tok(image, add_special_tokens=False)["input_ids"]) != 1:
+        raise ModelError(why + f"does not keep the image token {image} as one token" + fix)
+    if not getattr(s_tok, "is_fast", False):
+        raise ModelError(
+            why + "is not a fast tokenizer: answers are aligned by character offsets, which only fast "
+            "tokenizers give; save the student with its tokenizer.json"
+        )
+    unk = s_tok.unk_token_id
+    if unk is None or texts is None:
+        return
+    for text in texts():
+        if (
+            unk in s_tok(text, add_special_tokens=False)["input_ids"]
+            and t_tok.unk_token_id not in t_tok(text, add_special_tokens=False)["input_ids"]
+        ):
+            raise ModelError(
+                why + f"reads the data's text {text[:60]!r} with unknown tokens ({s_tok.unk_token}), where "
+                "the teacher's reads it whole; give the student a tokenizer that covers the data"
+            )
 
 
 def check_llm_tokenizer(llm_tok, llava_tok) -> None:
@@ -137,4 +174,8 @@ def check_llm_tokenizer(llm_tok, llava_tok) -> None:
     moved = [t for t in set(lv) & set(tv) if lv[t] != tv[t]]
     extra = [t for t in set(lv) - set(tv)]
     if moved or extra:
-        check_tokenizers(llava_tok, llm_tok)
+        raise ModelError(
+            f"student.llm's tokenizer differs from the teacher's ({vocabulary_difference(llava_tok, llm_tok)}); "
+            "a composed student speaks through the teacher's tokenizer: give an LLM of the teacher's "
+            "family, or a LLaVA student with its own processor (student.path) to distil across tokenizers"
+        )

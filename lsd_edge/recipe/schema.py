@@ -96,6 +96,10 @@ class LossConfig(Strict):
     # Response and visual logit losses from hidden states and lm_head weights, this many positions at
     # a time, so B x T x V logits are never whole in memory; 0 = the plain path (whole logits).
     chunk_size: NonNegInt = 0
+    # A student with another tokenizer than the teacher (lsd_edge.distill.cross_vocab): the response
+    # and visual logit terms compare the two distributions sorted by probability (ULD), or match the
+    # tokens both vocabularies hold exactly and sort the rest (GOLD). Unused with one vocabulary.
+    cross_tokenizer: Literal["uld", "gold"] = "uld"
 
     def weight(self, term: str) -> float:
         value = getattr(self, term)
@@ -249,6 +253,23 @@ class StageConfig(Strict):
     def cached(self) -> bool:
         return self.teacher_cache != "off"
 
+    def one_tokenization(self, cached: bool | None = None) -> str | None:
+        """What of this stage needs teacher and student to read one token sequence, in words, or None:
+        a teacher cache (`cached`, default the stage's own: keyed by the student's positions) or a
+        layer latent pair (text positions one to one). Refused for a student with another tokenizer."""
+        if self.cached if cached is None else cached:
+            return (
+                "a teacher cache (keyed by the student's token positions) cannot serve it; set "
+                "teacher_cache = 'off' (the online teacher reads each sample in its own tokens)"
+            )
+        layers = [p for p in self.loss.latent_pairs if p != ("projector", "projector")]
+        if self.loss.weight("latent") > 0 and layers:
+            return (
+                f"text positions do not pair one to one and loss.latent_pairs {list(layers[0])} cannot "
+                "align layers; keep only ['projector', 'projector'] pairs or set loss.latent = 0"
+            )
+        return None
+
     @property
     def distills(self) -> bool:
         return self.kind in DISTILLING_KINDS and any(self.loss.weight(t) > 0 for t in DISTILL_TERMS)
@@ -339,6 +360,25 @@ class StudentConfig(ModelConfig):
     # to its first N layers; None keeps it as it is.
     image_size: PositiveInt | None = None
     vision_layers: PositiveInt | None = None
+    # A tiny student's own tokenizer, trained on the recipe's text (lsd_edge.models.bpe): "word"
+    # (word-level) or "bpe" (byte-level BPE of at most tokenizer_vocab tokens: at the default 512 a
+    # tiny teacher's own); None: the teacher's. A vocabulary other than the teacher's is distilled
+    # across the two (loss.cross_tokenizer).
+    tokenizer: Literal["word", "bpe"] | None = None
+    tokenizer_vocab: Annotated[int, Field(ge=300)] | None = None
+
+    @model_validator(mode="after")
+    def _own_tokenizer(self) -> StudentConfig:
+        if self.tokenizer is not None and self.tiny is None:
+            raise ValueError(
+                "tokenizer: only a tiny student trains a tokenizer of its own; a student.path model "
+                "brings its own processor (a different one is distilled across tokenizers)"
+            )
+        if self.tokenizer_vocab is not None and self.tokenizer != "bpe":
+            raise ValueError(
+                "tokenizer_vocab: the size of a BPE tokenizer; set tokenizer = 'bpe' or remove it"
+            )
+        return self
 
 
 class Recipe(Strict):

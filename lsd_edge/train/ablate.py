@@ -7,6 +7,12 @@ what the method changes and every scheme gets equal steps per stage. Switches af
 every stage of the scheme: `:no-TERM` turns a distillation term off, `:on-policy` makes each DFT
 stage on-policy (the recipe's DFT `on_policy` settings, or the defaults with answers as long as
 eval's `max_new_tokens`), so `dpt-sft-dft,dpt-sft-dft:on-policy` compares the two on one seed.
+
+A student with its own tokenizer (`student.tokenizer`, `--set student.tokenizer=word`) is distilled
+across the two vocabularies; a scheme's `:uld` or `:gold` switch picks the loss that does it
+(`loss.cross_tokenizer`), e.g. `dpt-sft-dft:ce,dpt-sft-dft:uld,dpt-sft-dft:gold`: the plain CE
+baseline (`:ce`, every distillation term off) beside ULD and GOLD on the same teacher, student, stages
+and steps.
 """
 
 from __future__ import annotations
@@ -45,20 +51,25 @@ def stage_template(recipe: Recipe, kind: str) -> StageConfig:
 
 
 ON_POLICY = "on-policy"
+CROSS_TOKENIZER = ("uld", "gold")
 
 
 def terms_off(scheme: str, switches: list[str]) -> list[str]:
-    """The distillation terms a scheme's `:no-TERM` switches turn off (`:on-policy` is not one)."""
+    """The distillation terms a scheme's `:no-TERM` switches turn off (`:ce` all of them; `:on-policy`,
+    `:uld` and `:gold` are not terms)."""
     off = []
     for sw in switches:
-        term = sw.removeprefix("no-")
-        if sw == ON_POLICY:
+        if sw in CROSS_TOKENIZER or sw == ON_POLICY:
             continue
+        if sw == "ce":  # the plain CE baseline on the same stages and steps
+            off += list(DISTILL_TERMS)
+            continue
+        term = sw.removeprefix("no-")
         if not sw.startswith("no-") or term not in DISTILL_TERMS:
             raise LsdEdgeError(
                 f"scheme '{scheme}': '{sw}' is not a switch; turn a term off with :no-TERM, TERM one of "
-                f"{', '.join(DISTILL_TERMS)} (e.g. dpt-sft-dft:no-visual_kl), or make DFT on-policy "
-                f"with :{ON_POLICY}"
+                f"{', '.join(DISTILL_TERMS)} (e.g. dpt-sft-dft:no-visual_kl), make DFT on-policy with "
+                f":{ON_POLICY}, or pick the cross-tokenizer loss with :uld or :gold"
             )
         off.append(term)
     return off
@@ -77,11 +88,15 @@ def on_policy_dft(recipe: Recipe, scheme: str, st: StageConfig) -> StageConfig:
 
 def scheme_stages(recipe: Recipe, scheme: str) -> list[StageConfig]:
     """A scheme's stages: kinds joined by '-', then `:no-TERM` switches that set a distillation term's
-    weight to 0 in every stage (e.g. `dpt-sft-dft:no-visual_kl:no-relation`)."""
+    weight to 0 in every stage (e.g. `dpt-sft-dft:no-visual_kl:no-relation`; `:ce` all of them), and `:uld` or `:gold`,
+    the loss a student with another tokenizer is distilled with (`loss.cross_tokenizer`), which also
+    keeps only the projector pair of `loss.latent_pairs` (text positions of two tokenizers do not
+    pair one to one)."""
     chain, *switches = scheme.lower().split(":")
     off = terms_off(scheme, switches)
     if ON_POLICY in switches and "dft" not in chain.split("-"):
         raise LsdEdgeError(f"scheme '{scheme}': :{ON_POLICY} changes DFT stages, and the chain has none")
+    cross = [sw for sw in switches if sw in CROSS_TOKENIZER]
     kinds = chain.split("-")
     bad = [k for k in kinds if k not in TWIN]
     if not kinds or bad:
@@ -94,6 +109,10 @@ def scheme_stages(recipe: Recipe, scheme: str) -> list[StageConfig]:
         name = kind if used[kind] == 1 else f"{kind}{used[kind]}"
         st = stage_template(recipe, kind)
         loss = st.loss.model_copy(update=dict.fromkeys(off, 0.0))
+        if cross:
+            pairs = [p for p in loss.latent_pairs if p == ("projector", "projector")]
+            update = {"cross_tokenizer": cross[-1], "latent_pairs": pairs}
+            loss = loss.model_copy(update=update if pairs else {**update, "latent": 0.0})
         st = st.model_copy(update={"name": name, "loss": loss})
         if kind == "dft" and ON_POLICY in switches:
             st = on_policy_dft(recipe, scheme, st)

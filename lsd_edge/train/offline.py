@@ -5,7 +5,9 @@ cache-teacher` and `lsd-edge regenerate` commands that make them ahead of a run.
 A stage trains on its recipe data set, or on the teacher's answers to it (`regenerate = true`), and
 distils from the teacher model, or from a cache (`teacher_cache`), in which case the teacher leaves
 memory for the stage. Where the student sees with another visual grid than the teacher, a distilling
-stage's data carries the teacher's view and its teacher pools onto the student's grid (`sight`).
+stage's data carries the teacher's view and its teacher pools onto the student's grid (`sight`);
+where it has another tokenizer, the view is the teacher's own tokenization and the online teacher
+scores across the two vocabularies (a cache is refused).
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from lsd_edge.errors import LsdEdgeError
 from lsd_edge.files import atomic_dir, files_hash, read_json, write_json
 from lsd_edge.identity import Manifest
 from lsd_edge.models.load import resolve_device
+from lsd_edge.models.tokens import same_vocabulary
 from lsd_edge.progress import QuietReporter, Reporter
 from lsd_edge.recipe.schema import DISTILLING_KINDS, Recipe, StageConfig
 from lsd_edge.train.context import RunContext
 from lsd_edge.train.setup import autocast, pick_stage
-from lsd_edge.train.sight import grid_map, teacher_view, visual_grid
+from lsd_edge.train.sight import check_cross_tokenizer, grid_map, teacher_view, visual_grid, vocab_map
 from lsd_edge.train.student import student_processor_of
 from lsd_edge.train.teacher import TeacherSlot
 from lsd_edge.workspace import Workspace
@@ -76,6 +79,10 @@ class StageInputs:
     def grid(self, stage: StageConfig) -> GridMap | None:
         """How the teacher's visual positions map onto the student's for this stage (None: equal grids)."""
         return grid_map(self.teacher_processor(), self.student_processor, stage.loss.temperature)
+
+    def vocab(self, stage: StageConfig):
+        """How the teacher's vocabulary meets the student's for this stage (None: one vocabulary)."""
+        return vocab_map(self.teacher_processor(), self.student_processor, stage)
 
     # -- the data a stage trains on
 
@@ -190,6 +197,8 @@ class StageInputs:
         """The stage's teacher cache and whether it was made now. Distilling (`remake` False) makes a
         missing 'auto' cache and refuses a stale one; the `cache-teacher` command (`remake`) makes a
         missing or stale one again, or one with another k when `top_k` is given; `force` always."""
+        if not same_vocabulary(self.teacher_processor().tokenizer, self.student_processor.tokenizer):
+            check_cross_tokenizer(stage, cached=True)
         folder = self.cache_folder(stage)
         identity, parts = self.cache_manifest(stage), needed_parts(stage)
         vocab_rows = identity.tied_to["vocab_rows"]
@@ -235,7 +244,7 @@ class StageInputs:
         if not stage.distills:
             return None
         if not stage.cached:
-            return OnlineTeacher(self.teacher.get(), self.grid(stage))
+            return OnlineTeacher(self.teacher.get(), self.grid(stage), self.vocab(stage))
         cache, _ = self.cache(stage)
         self.teacher.release()
         self.ctx.reporter.message(

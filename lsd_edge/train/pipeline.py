@@ -33,6 +33,7 @@ from lsd_edge.train.distributed import threads_per_process
 from lsd_edge.train.loop import run_stage
 from lsd_edge.train.offline import StageInputs, check_cache_paths
 from lsd_edge.train.report import build_report, card_facts, offline_facts, plot_losses
+from lsd_edge.train.sight import check_own_tokenizer
 from lsd_edge.train.student import build_student, trainable_student
 from lsd_edge.train.teacher import TeacherSlot
 from lsd_edge.workspace import Workspace, default_export_dir, is_complete
@@ -131,10 +132,14 @@ def distill(
     ctx.dist.on_main(set_up_output)
     check_data_files(recipe, stages)
     check_cache_paths(stages)
+    check_own_tokenizer(recipe, stages)
     teacher = TeacherSlot(ctx, options.teacher_dir)
     teacher.load()
     model, processor = build_student(recipe, teacher.model, teacher.processor, ctx.device)
     inputs = StageInputs(ctx, teacher, processor)
+    for st in stages:  # across tokenizers: refuse a stage that cannot work before any stage trains
+        if st.distills:
+            inputs.vocab(st)
     model, stage_reports = run_stages(ctx, inputs, stages, model, processor, options.evaluate_stages)
     report: dict[str, Any] = {}
     if ctx.dist.main:  # the other processes return an empty report

@@ -1,27 +1,71 @@
-"""How teacher and student see the same image: whether a stage needs the teacher's own view of its
-data (`teacher_view`) and each one's patch grid (`visual_grid`), from their processors.
+"""How teacher and student see the same sample: whether a stage needs the teacher's own view of its
+data (`teacher_view`), each one's patch grid (`visual_grid`) and, where their tokenizers differ, how
+their vocabularies meet (`vocab_map`), from their processors.
 
 A student whose tower sees at another resolution, or through another tower, reads other pixels and
 (at another resolution or patch) another number of visual tokens than its teacher (METHOD.md, "edge
 vision"); distilling stages then feed the teacher its own view, and pool its targets from its grid
-onto the student's (`lsd_edge.distill.grid`).
+onto the student's (`lsd_edge.distill.grid`). A student with another tokenizer is distilled across
+the two vocabularies (`lsd_edge.distill.cross_vocab`): the teacher reads each record in its own
+tokens, and what needs one token sequence for both (layer-latent pairs, a teacher cache) is refused.
 """
 
 from __future__ import annotations
 
+from lsd_edge.data.chat import ChatEncoder
 from lsd_edge.data.dataset import TeacherView
+from lsd_edge.distill.cross_vocab import VocabMap
 from lsd_edge.distill.grid import GridMap
-from lsd_edge.errors import RecipeError
-from lsd_edge.models.tokens import num_image_tokens, processor_image_size
+from lsd_edge.errors import LsdEdgeError, RecipeError
+from lsd_edge.models.tokens import num_image_tokens, processor_image_size, same_vocabulary
+from lsd_edge.recipe.schema import Recipe, StageConfig
 
 
 def teacher_view(teacher_processor, student_processor) -> TeacherView | None:
-    """The teacher's view of a student's samples, or None where it reads the same pixels and tokens."""
+    """The teacher's view of a student's samples, or None where it reads the same pixels and tokens;
+    with its own chat encoder where its tokenizer differs (it reads each record in its own tokens)."""
     if student_processor is teacher_processor:
         return None
     kt, ks = num_image_tokens(teacher_processor), num_image_tokens(student_processor)
     same = teacher_processor.image_processor.to_dict() == student_processor.image_processor.to_dict()
-    return None if same and kt == ks else TeacherView(teacher_processor.image_processor, kt)
+    one_vocab = same_vocabulary(teacher_processor.tokenizer, student_processor.tokenizer)
+    if same and kt == ks and one_vocab:
+        return None
+    encoder = None if one_vocab else ChatEncoder(teacher_processor)
+    return TeacherView(teacher_processor.image_processor, kt, encoder)
+
+
+def vocab_map(teacher_processor, student_processor, stage: StageConfig) -> VocabMap | None:
+    """How the teacher's vocabulary meets the student's for a distilling stage (`loss.cross_tokenizer`),
+    or None where they have one vocabulary; a stage that needs one token sequence for both is refused."""
+    if same_vocabulary(teacher_processor.tokenizer, student_processor.tokenizer):
+        return None
+    check_cross_tokenizer(stage, stage.cached)
+    return VocabMap.between(
+        teacher_processor.tokenizer, student_processor.tokenizer, stage.loss.cross_tokenizer
+    )
+
+
+def check_own_tokenizer(recipe: Recipe, stages: list[StageConfig]) -> None:
+    """Before the teacher loads (or trains): a tiny student's own tokenizer that surely differs from the
+    teacher's (word-level, a BPE of another size, or any under a loaded teacher) refuses the first
+    stage that needs one tokenization (`vocab_map` checks every other case once both are built)."""
+    s = recipe.student
+    other = s.tokenizer == "word" or s.tokenizer_vocab is not None or recipe.teacher.tiny is None
+    if s.tokenizer is not None and other:
+        for st in stages:
+            if st.distills:
+                check_cross_tokenizer(st, st.cached)
+
+
+def check_cross_tokenizer(stage: StageConfig, cached: bool) -> None:
+    """What cannot work with two tokenizations of one sample, refused in one line: a teacher cache
+    (`cached`: the stage distils from one, or one is being made for it), layer latent pairs."""
+    problem = stage.one_tokenization(cached)
+    if problem:
+        raise LsdEdgeError(
+            f"stage '{stage.name}': the student's tokenizer differs from the teacher's, so {problem}"
+        )
 
 
 def same_grid(teacher_processor, student_processor) -> bool:

@@ -15,7 +15,7 @@ from lsd_edge.cli.main import main
 from lsd_edge.recipe.load import parse_recipe
 from lsd_edge.recipe.toml import dumps_toml
 
-from ..helpers import REPO, one_red_line, red_line_after_progress, run, scored_here
+from ..helpers import REPO, distill_red_line, one_red_line, run, scored_here
 
 
 def test_help_and_version(monkeypatch, capsys):
@@ -178,11 +178,7 @@ def test_a_training_error_is_a_red_line_and_exit_1(tmp_path, monkeypatch, capsys
 
     real = losses.relation_sum
     monkeypatch.setattr(losses, "relation_sum", lambda s, t: real(s, t) * float("nan"))
-    p = tmp_path / "r.toml"
-    p.write_text(dumps_toml(recipe_dict))
-    code, _, err = run(monkeypatch, capsys, "distill", str(p))
-    assert code == 1
-    line = red_line_after_progress(err)
+    line = distill_red_line(monkeypatch, capsys, recipe_dict, tmp_path)
     assert "dpt step 1: loss term 'relation' is nan; the last good checkpoint is kept" in line
 
 

@@ -258,14 +258,17 @@ def test_pixels_and_text_are_decoded_once_per_process(tmp_path, img_dir, process
     """Data sets over the same files share decoded pixels and encoded text; an edited file is read
     again, and a cached record is still cut to each data set's max_length."""
     import lsd_edge.data.dataset as llava
+    from lsd_edge.data import decoded
 
-    monkeypatch.setattr(llava, "SHARED_PIXELS", llava.SharedCache(llava.PIXEL_CACHE_BYTES))
-    monkeypatch.setattr(llava, "SHARED_TEXT", llava.SharedCache(llava.TEXT_CACHE_BYTES))
+    monkeypatch.setattr(llava, "SHARED_PIXELS", decoded.SharedCache(decoded.PIXEL_CACHE_BYTES))
+    monkeypatch.setattr(llava, "SHARED_TEXT", decoded.SharedCache(decoded.TEXT_CACHE_BYTES))
     opened, encoded = [], []
-    real_load, real_encode = llava.load_image, llava.ChatEncoder.encode
+    real_load, real_encode = llava.load_image, llava.ChatEncoder.encode_with_starts
     monkeypatch.setattr(llava, "load_image", lambda path: opened.append(path.name) or real_load(path))
     monkeypatch.setattr(
-        llava.ChatEncoder, "encode", lambda self, messages: encoded.append(1) or real_encode(self, messages)
+        llava.ChatEncoder,
+        "encode_with_starts",
+        lambda self, messages: encoded.append(1) or real_encode(self, messages),
     )
     conv = [{"from": "human", "value": "<image>\nis it red ?"}, {"from": "gpt", "value": "yes"}]
     data = _write(tmp_path, [{"id": "a", "image": "rgb.png", "conversations": conv}], "a.json")

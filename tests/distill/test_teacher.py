@@ -78,3 +78,42 @@ def test_targets_pooled_onto_a_smaller_grid_match_a_plain_reference(shapes_dir, 
         torch.testing.assert_close(laid[batch.visual_mask], h[tb.visual_mask].view(3, 4, -1).mean(1))
     # the response positions are the same tokens in both views
     assert torch.equal(batch.labels[batch.labels != -100], tb.labels[tb.labels != -100])
+
+
+def test_a_teacher_with_another_tokenizer_reads_its_own_tokens_and_scores_across_vocabularies(
+    shapes_dir, processor, tiny_teacher
+):
+    """The student speaks a word-level tokenizer, the teacher the tiny BPE: the teacher's view is the
+    record in its own tokens (its pad and image ids), the response targets are taken at the answer
+    tokens both start at the same character, in the same order, and score themselves by ULD."""
+    from lsd_edge.data.chat import ChatEncoder
+    from lsd_edge.data.records import read_records
+    from lsd_edge.distill import losses
+    from lsd_edge.distill.cross_vocab import CrossTargets, VocabMap
+    from lsd_edge.models.build import with_own_tokenizer
+
+    texts = [t["value"] for r in read_records(shapes_dir / "instruct.json") for t in r["conversations"]]
+    words = with_own_tokenizer(processor, "word", texts)
+    batch = _batch(shapes_dir, words, TeacherView(processor.image_processor, 4, ChatEncoder(processor)))
+    tb = batch.teacher
+    assert tb.visual_mask.sum() == batch.visual_mask.sum() == 12
+    assert torch.equal(tb.input_ids[tb.visual_mask], torch.full((12,), processor.image_token_id))
+    # every student answer word has a teacher token starting at the same character: the same words
+    s_words = words.tokenizer.convert_ids_to_tokens(batch.input_ids[batch.kd].tolist())
+    t_words = processor.tokenizer.convert_ids_to_tokens(tb.input_ids[tb.kd].tolist())
+    assert [w.lstrip("Ġ") for w in t_words] == s_words and "<|im_end|>" in s_words
+    assert batch.kd_positions.sum() == tb.kd_positions.sum() == len(s_words)
+    vmap = VocabMap.between(processor.tokenizer, words.tokenizer, "uld")
+    t = online_targets(tiny_teacher, batch, need_hidden=False, vocab=vmap)
+    assert isinstance(t.response, CrossTargets) and isinstance(t.visual, CrossTargets)
+    with torch.no_grad():
+        ref = forward(tiny_teacher, tb)
+    assert torch.equal(t.response.target.hidden, ref.hidden[:, :-1][tb.kd[:, 1:]])
+    student_logits = torch.randn(len(s_words), len(words.tokenizer))
+    rows = len(processor.tokenizer)
+    want = losses.log_probs(tiny_teacher.lm_head(t.response.target.hidden), 1.0, rows).exp()
+    got = losses.divergence_sum(student_logits, t.response, vocab_rows=len(words.tokenizer))
+    ps = F.softmax(student_logits, -1).sort(-1, descending=True).values
+    pt = want.sort(-1, descending=True).values
+    cross_ref = (F.pad(ps, (0, rows - ps.shape[-1])) - pt).abs().sum()
+    torch.testing.assert_close(got, cross_ref)

@@ -228,9 +228,9 @@ def test_distill_with_a_cache_keeps_no_teacher_in_memory(recipe_dict, monkeypatc
             assert refs and all(r() is None for r in refs), "the teacher model is still alive"
         return real_run_stage(job, reporter)
 
-    def spy_online(teacher, batch, need_hidden, grid=None):
+    def spy_online(teacher, batch, need_hidden, *args, **kw):
         assert current["stage"] != "dft", "the teacher ran during the cached stage"
-        return real_online(teacher, batch, need_hidden, grid)
+        return real_online(teacher, batch, need_hidden, *args, **kw)
 
     monkeypatch.setattr(StageInputs, "teacher_for", spy_teacher_for)
     monkeypatch.setattr(teacher_module, "online_targets", spy_online)

@@ -10,7 +10,7 @@ import torch
 
 from lsd_edge.data.shapes import vocabulary
 from lsd_edge.errors import ModelError
-from lsd_edge.models.build import build_tiny_model, build_tiny_processor, compose_llava
+from lsd_edge.models.build import build_tiny_model, build_tiny_processor, compose_llava, with_own_tokenizer
 from lsd_edge.models.groups import count_params, set_trainable
 from lsd_edge.models.info import model_info
 from lsd_edge.models.load import load_llava, save_model
@@ -70,14 +70,29 @@ def test_set_trainable_groups(tiny_student):
     assert any("language_model" in n for n in names) and not any("vision_tower" in n for n in names)
 
 
-def test_tokenizer_mismatch_is_refused(processor):
-    # the same tokenizer plus one word (a retrained BPE would also move ids: that is refused too)
-    other = build_tiny_processor(
-        VisionSize(image_size=16, patch_size=8, hidden_size=32, num_heads=2), vocabulary()
-    )
+def test_another_tokenizer_passes_and_one_that_cannot_read_the_data_is_refused(processor):
+    """A student with another vocabulary is distilled across tokenizers; refused only where its
+    tokenizer cannot read the data, each in one line saying why."""
+    vision = VisionSize(image_size=16, patch_size=8, hidden_size=32, num_heads=2)
+    other = build_tiny_processor(vision, vocabulary())
     other.tokenizer.add_tokens(["hexagon"])
-    with pytest.raises(ModelError, match=r"tokenizers differ.*'hexagon'"):
-        check_tokenizers(processor.tokenizer, other.tokenizer)
+    check_tokenizers(processor, other)  # another vocabulary: passes
+    words = with_own_tokenizer(processor, "word", ["what color is the circle ?", "red"])
+    data = ["what color is the circle ?", "what color is the hexagon ?"]
+    check_tokenizers(processor, words, lambda: data[:1])
+    with pytest.raises(
+        ModelError, match=r"reads the data's text 'what color is the hexagon \?' with unknown"
+    ):
+        check_tokenizers(processor, words, lambda: data)
+    no_template = copy.deepcopy(words)
+    no_template.chat_template = None
+    no_template.tokenizer.chat_template = None
+    with pytest.raises(ModelError, match="has no chat template"):
+        check_tokenizers(processor, no_template)
+    split = with_own_tokenizer(processor, "word", ["red"])
+    split.image_token = "[img]"  # not a token of its vocabulary: read as pieces
+    with pytest.raises(ModelError, match=r"does not keep the image token \[img\] as one token"):
+        check_tokenizers(processor, split)
 
 
 def test_padded_vocab_rows_are_not_a_difference(processor, tiny_teacher):
@@ -167,7 +182,7 @@ def test_compose_refuses_other_tokenizer(tmp_path, tiny_teacher, processor):
     )
     Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "llm")
     other.tokenizer.save_pretrained(tmp_path / "llm")
-    with pytest.raises(ModelError, match="tokenizers differ"):
+    with pytest.raises(ModelError, match="student.llm's tokenizer differs from the teacher's.*student.path"):
         compose_llava(ModelConfig(llm=str(tmp_path / "llm"), vision="teacher"), tiny_teacher, processor)
 
 

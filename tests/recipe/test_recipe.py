@@ -110,6 +110,21 @@ BROKEN = [
         "student.vision: a folder and [student.tiny.vision] sizes",
     ),
     (
+        "a tokenizer of its own on a saved student",
+        lambda d: d.update(student={"path": "some/model", "tokenizer": "word"}),
+        "student: tokenizer: only a tiny student trains a tokenizer of its own",
+    ),
+    (
+        "a vocabulary size without a bpe",
+        lambda d: d["student"].update(tokenizer="word", tokenizer_vocab=400),
+        "student: tokenizer_vocab: the size of a BPE tokenizer",
+    ),
+    (
+        "bad cross-tokenizer loss",
+        lambda d: d["stages"][2].update(loss={"cross_tokenizer": "kl"}),
+        "stages[2].loss.cross_tokenizer",
+    ),
+    (
         "temperature zero",
         lambda d: d["stages"][2].update(loss={"temperature": 0}),
         "stages[2].loss.temperature",
@@ -122,6 +137,21 @@ def test_broken_recipes_name_the_key(recipe_dict, name, mutate, key):
     mutate(recipe_dict)
     problems = _problems(recipe_dict)
     assert any(p.startswith(key) for p in problems), problems
+
+
+def test_student_tokenizer_choices_parse(recipe_dict):
+    recipe_dict["student"].update(tokenizer="bpe", tokenizer_vocab=320)
+    recipe_dict["stages"][2]["loss"] = {"cross_tokenizer": "gold"}
+    r = parse_recipe(recipe_dict)
+    assert (r.student.tokenizer, r.student.tokenizer_vocab, r.stages[2].loss.cross_tokenizer) == (
+        "bpe",
+        320,
+        "gold",
+    )
+    assert (
+        parse_recipe(recipe_dict | {"stages": recipe_dict["stages"][:2]}).stages[0].loss.cross_tokenizer
+        == "uld"
+    )
 
 
 def test_edge_vision_choices_parse(recipe_dict):

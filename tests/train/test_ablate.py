@@ -65,3 +65,25 @@ def test_the_on_policy_switch_makes_dft_on_policy(recipe_dict):
     recipe_dict["stages"][2]["teacher_cache"] = "auto"
     with pytest.raises(LsdEdgeError, match="on_policy: a teacher cache cannot hold targets"):
         scheme_stages(parse_recipe(recipe_dict), "dft:on-policy")
+
+
+def test_cross_tokenizer_switches_pick_the_loss_and_ce_turns_every_term_off(recipe_dict):
+    recipe_dict["stages"][2]["loss"] = {"latent": 1.0}  # default pairs: the projector and layer -1
+    r = parse_recipe(recipe_dict)
+    gold = scheme_stages(r, "dpt-sft-dft:gold")
+    assert [s.loss.cross_tokenizer for s in gold] == ["gold"] * 3
+    # text positions of two tokenizers do not pair: only the projector pair is kept
+    assert gold[2].loss.latent_pairs == [("projector", "projector")] and gold[2].loss.weight("latent") == 1.0
+    assert scheme_stages(r, "dpt-sft-dft:gold:uld")[0].loss.cross_tokenizer == "uld"
+    assert scheme_stages(r, "dpt-sft-dft")[2].loss.latent_pairs == r.stages[2].loss.latent_pairs
+    ce = scheme_stages(r, "dpt-sft-dft:ce")
+    assert [s.kind for s in ce] == ["dpt", "sft", "dft"] and not any(s.distills for s in ce)
+    assert [s.max_steps for s in ce] == [s.max_steps for s in r.stages]
+    with pytest.raises(LsdEdgeError, match=r"or pick the cross-tokenizer loss with :uld or :gold"):
+        scheme_stages(r, "dpt-sft-dft:ulD2")
+
+
+def test_a_layer_only_latent_term_is_dropped_by_a_cross_tokenizer_switch(recipe_dict):
+    recipe_dict["stages"][2]["loss"] = {"latent": 1.0, "latent_pairs": [[-1, -1]]}
+    stages = scheme_stages(parse_recipe(recipe_dict), "dpt-sft-dft:uld")
+    assert stages[2].loss.latent_pairs == [] and stages[2].loss.weight("latent") == 0.0

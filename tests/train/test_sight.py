@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lsd_edge.errors import RecipeError
+from lsd_edge.errors import LsdEdgeError, RecipeError
 from lsd_edge.models.build import student_processor
 from lsd_edge.recipe.load import parse_recipe
 from lsd_edge.train.pipeline import distill
 from lsd_edge.train.sight import grid_map, same_grid, teacher_view, visual_grid
 
-from ..helpers import scored_here
+from ..helpers import TINY_VISION, scored_here
 
 
 def _edge(recipe_dict, **loss):
@@ -96,3 +96,143 @@ def test_a_tower_whose_tokens_are_not_a_grid_is_refused(processor):
     cls.num_additional_image_tokens = 1
     with pytest.raises(RecipeError, match="the student gives 2 visual tokens for a 1x1 patch grid"):
         grid_map(processor, cls, 1.0)
+
+
+# ------------------------------------------------------------------------ a student with another tokenizer
+
+
+def _words(recipe_dict, mode="uld"):
+    """The recipe's tiny student with a word-level tokenizer of its own, distilled by `mode`."""
+    recipe_dict["student"]["tokenizer"] = "word"
+    for st in recipe_dict["stages"]:
+        if st["kind"] in ("dpt", "dft"):
+            st["loss"] = {
+                "latent": 1.0,
+                "latent_pairs": [["projector", "projector"]],
+                "cross_tokenizer": mode,
+            }
+    return recipe_dict
+
+
+def _distilled_terms(r) -> dict[str, list[dict]]:
+    log = [json.loads(x) for x in (Path(r.run.output_dir) / "log.jsonl").read_text().splitlines()]
+    return {st: [x for x in log if x["stage"] == st] for st in ("dpt", "dft")}
+
+
+@pytest.mark.parametrize("mode", ["uld", "gold"])
+def test_a_student_with_another_tokenizer_distils_every_term(recipe_dict, mode):
+    """A word-level student under a BPE teacher: every distillation term computed and finite in DPT
+    and DFT (ULD or GOLD on the logit terms), the student saved with its own tokenizer and evaluated."""
+    d = _words(_edge(recipe_dict) if mode == "gold" else recipe_dict, mode)
+    r = parse_recipe(d)
+    report = distill(r)
+    for stage, rows in _distilled_terms(r).items():
+        assert rows, stage
+        for term in ("ce", "response_kl", "visual_kl", "relation", "latent"):
+            assert all(torch.isfinite(torch.tensor(x[term])) for x in rows), (stage, term)
+            assert any(x[term] != 0 for x in rows), (stage, term)
+    student = Path(r.run.output_dir) / "student"
+    vocab = json.loads((student / "tokenizer.json").read_text())["model"]
+    assert vocab["type"] == "WordLevel" and "red" in vocab["vocab"]
+    teacher_vocab = json.loads((Path(r.run.output_dir) / "teacher" / "tokenizer.json").read_text())["model"]
+    assert teacher_vocab["type"] == "BPE"
+    assert report["student"]["accuracy"] == scored_here(r, student)
+
+
+def _saved_word_student(recipe_dict, out: Path) -> Path:
+    """A tiny LLaVA with a word-level processor of its own trained on the recipe's data, saved to `out`."""
+    from lsd_edge.data.prepare import corpus_texts, prepare_data
+    from lsd_edge.data.shapes import vocabulary
+    from lsd_edge.models.build import build_tiny_model, build_tiny_processor, with_own_tokenizer
+    from lsd_edge.models.load import save_model
+    from lsd_edge.progress import QuietReporter
+    from lsd_edge.recipe.schema import TinyConfig, VisionSize
+
+    r = parse_recipe(recipe_dict)
+    prepare_data(r, QuietReporter())
+    base = build_tiny_processor(VisionSize(**TINY_VISION), vocabulary())
+    words = with_own_tokenizer(base, "word", corpus_texts(r))
+    tiny = TinyConfig(
+        hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32, vision=TINY_VISION
+    )
+    save_model(build_tiny_model(tiny, words), words, out)
+    return out
+
+
+def test_a_saved_student_with_its_own_tokenizer_is_distilled(recipe_dict, tmp_path):
+    """student.path: a LLaVA folder with a word-level processor of its own (a hub id or local folder)."""
+    d = _words(recipe_dict)
+    d["student"] = {"path": str(_saved_word_student(d, tmp_path / "saved"))}
+    r = parse_recipe(d)
+    distill(r)
+    rows = _distilled_terms(r)
+    assert all(any(x["response_kl"] != 0 for x in rows[st]) for st in ("dpt", "dft"))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"teacher_cache": "auto"}, r"a teacher cache .* cannot serve it; set teacher_cache = 'off'"),
+        (
+            {"loss": {"latent": 1.0, "latent_pairs": [["projector", "projector"], [-1, -1]]}},
+            r"text positions do not pair one to one and loss.latent_pairs \[-1, -1\] cannot align",
+        ),
+    ],
+)
+def test_what_needs_one_tokenization_is_refused_before_any_stage_trains(recipe_dict, change, message):
+    d = _words(recipe_dict)
+    d["stages"][2].update(change)
+    r = parse_recipe(d)
+    with pytest.raises(LsdEdgeError, match=r"stage 'dft': the student's tokenizer differs .*" + message):
+        distill(r)
+    # a word-level student surely reads other tokens: refused before the teacher is even trained
+    assert not (Path(r.run.output_dir) / "teacher").exists(), "nothing trained"
+    # a saved student's tokenizer is known once it is loaded: refused before any stage trains
+    d["student"] = {"path": str(_saved_word_student(d, Path(r.run.output_dir).parent / "saved"))}
+    r = parse_recipe(d)
+    with pytest.raises(LsdEdgeError, match=r"stage 'dft': the student's tokenizer differs .*" + message):
+        distill(r)
+    assert (Path(r.run.output_dir) / "teacher").exists() and not (Path(r.run.output_dir) / "dpt").exists()
+
+
+def test_a_teacher_cache_is_not_made_across_tokenizers(recipe_dict):
+    from lsd_edge.train.offline import cache_teacher
+
+    r = parse_recipe(_words(recipe_dict))
+    with pytest.raises(LsdEdgeError, match="a teacher cache .* cannot serve it"):
+        cache_teacher(r, "dft")
+
+
+def test_a_tiny_students_own_bpe_is_another_vocabulary_only_at_another_size(recipe_dict):
+    """`student.tokenizer = "bpe"` trains the tiny models' BPE on the recipe's text: at the default size
+    it is the tiny teacher's own tokenizer (no view, no cross-vocabulary terms), smaller it is not."""
+    from lsd_edge.data.prepare import corpus_texts, prepare_data
+    from lsd_edge.models.build import build_tiny_processor
+    from lsd_edge.progress import QuietReporter
+    from lsd_edge.recipe.schema import VisionSize
+    from lsd_edge.train.sight import vocab_map
+    from lsd_edge.train.student import tiny_student_processor
+
+    r = parse_recipe(recipe_dict)
+    prepare_data(r, QuietReporter())
+    teacher = build_tiny_processor(VisionSize(**TINY_VISION), corpus_texts(r))
+    recipe_dict["student"]["tokenizer"] = "bpe"
+    same = tiny_student_processor(parse_recipe(recipe_dict), teacher)
+    assert vocab_map(teacher, same, r.stages[2]) is None and teacher_view(teacher, same) is None
+    recipe_dict["student"]["tokenizer_vocab"] = 300
+    small = tiny_student_processor(parse_recipe(recipe_dict), teacher)
+    assert len(small.tokenizer) == 300 < len(teacher.tokenizer)
+    vmap = vocab_map(teacher, small, r.stages[2])
+    assert vmap is not None and vmap.mode == "uld" and teacher_view(teacher, small).encoder is not None
+
+
+def test_the_cli_refuses_layer_pairs_across_tokenizers_in_one_red_line(
+    recipe_dict, tmp_path, monkeypatch, capsys
+):
+    from ..helpers import distill_red_line
+
+    d = _words(recipe_dict)
+    d["stages"][0]["loss"]["latent_pairs"] = [["projector", "projector"], [-1, -1]]
+    line = distill_red_line(monkeypatch, capsys, d, tmp_path)
+    assert "stage 'dpt': the student's tokenizer differs from the teacher's" in line
+    assert "keep only ['projector', 'projector'] pairs or set loss.latent = 0" in line
