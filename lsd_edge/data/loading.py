@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from lsd_edge.data.dataset import Batch, BatchLoader, LlavaDataset
+from lsd_edge.data.batch import Batch
+from lsd_edge.data.dataset import BatchLoader, LlavaDataset
 from lsd_edge.data.records import BadSampleLog
 from lsd_edge.data.sampling import IndexStream
 from lsd_edge.errors import DataError

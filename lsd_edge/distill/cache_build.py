@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lsd_edge.data.dataset import Batch, BatchLoader, LlavaDataset
+from lsd_edge.data.batch import Batch
+from lsd_edge.data.dataset import BatchLoader, LlavaDataset
 from lsd_edge.data.records import BadSampleLog
 from lsd_edge.distill import losses
 from lsd_edge.distill.teacher_cache import FORMAT, token_checksum

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lsd_edge.data.dataset import Batch
+from lsd_edge.data.batch import Batch
 from lsd_edge.errors import TrainingError
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lsd_edge.data.dataset import Batch
+from lsd_edge.data.batch import Batch
 from lsd_edge.distill import losses
 from lsd_edge.distill.forward import PLAIN, Forward, StudentPass, n_images, output_weight, per_image
 from lsd_edge.distill.teacher import Teacher

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lsd_edge.data.dataset import Batch, Encoded, LlavaDataset, collate
+from lsd_edge.data.batch import Batch, Encoded, collate
+from lsd_edge.data.dataset import LlavaDataset
 from lsd_edge.data.questions import n_images
 from lsd_edge.data.records import BadSample, parse_record
-from lsd_edge.recipe.schema import OnPolicyConfig
+from lsd_edge.recipe.distill import OnPolicyConfig
 from lsd_edge.runtime.textgen import SamplingParams
 from lsd_edge.runtime.torch_runner import TorchRunner
 

@@ -24,7 +24,7 @@ from typing import Protocol
 
 import torch
 
-from lsd_edge.data.dataset import Batch
+from lsd_edge.data.batch import Batch
 from lsd_edge.distill import losses
 from lsd_edge.distill.cross_vocab import VocabMap
 from lsd_edge.distill.forward import Forward, forward, n_images, per_image

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lsd_edge.data.dataset import Batch
+from lsd_edge.data.batch import Batch
 from lsd_edge.distill import losses
 from lsd_edge.errors import TrainingError
 from lsd_edge.files import read_json

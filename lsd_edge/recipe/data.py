@@ -7,16 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from lsd_edge.errors import RecipeError
-
-NonNegInt = Annotated[int, Field(ge=0)]
-PositiveInt = Annotated[int, Field(gt=0)]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from lsd_edge.recipe.types import NonNegInt, PositiveInt, Strict
 
 
 class ShapesConfig(Strict):

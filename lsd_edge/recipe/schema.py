@@ -11,15 +11,16 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lsd_edge.recipe.data import DataConfig
 from lsd_edge.recipe.deploy import BenchConfig, EvalConfig, ExportConfig
+from lsd_edge.recipe.distill import DistillSchedule, LossConfig, OnPolicyConfig
 from lsd_edge.recipe.toml import dumps_toml
+from lsd_edge.recipe.types import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, Strict
 
 StageKind = Literal["pt", "dpt", "sft", "dft"]
 Group = Literal["vision", "projector", "llm"]
-KLKind = Literal["forward", "reverse", "jsd", "skew"]
 
 DISTILLING_KINDS = ("dpt", "dft")
 # METHOD.md: LLaVA-KD trains the projector alone in (D)PT and projector + LLM in SFT/DFT.
@@ -43,15 +44,6 @@ DISTILL_TERMS = tuple(DEFAULT_DISTILL_WEIGHTS)
 # of a teacher or stage made before them still holds.
 UNSET_UNLESS_GIVEN = ("vision",)
 
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegFloat = Annotated[float, Field(ge=0)]
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
 
 class RunConfig(Strict):
     name: str = "run"
@@ -69,74 +61,6 @@ class RunConfig(Strict):
     report_to: list[Literal["tensorboard", "trackio", "wandb"]] = []
     # torch.compile the student's decoder layers (worth it on CUDA; the first steps compile).
     compile: bool = False
-
-
-class LossConfig(Strict):
-    """Loss weights and the KL flavour; weights left out are filled from the stage's kind."""
-
-    ce: NonNegFloat = 1.0
-    response_kl: NonNegFloat | None = None
-    visual_kl: NonNegFloat | None = None
-    relation: NonNegFloat | None = None
-    latent: NonNegFloat | None = None
-    # The vision-tower feature term (METHOD.md, "edge vision"): the student tower's feature layer,
-    # projected to the teacher tower's width, against the teacher's (pooled onto the student's grid).
-    vision: NonNegFloat | None = None
-    kl: KLKind = "forward"
-    temperature: PositiveFloat = 1.0
-    jsd_beta: Annotated[float, Field(gt=0, lt=1)] = 0.5
-    skew_lambda: Annotated[float, Field(gt=0, lt=1)] = 0.1
-    latent_kind: Literal["mse", "cosine"] = "cosine"
-    # (student layer, teacher layer) pairs of hidden states to align; "projector" is the projector
-    # output (the visual tokens right after modality alignment), -1 the final layer.
-    latent_pairs: list[tuple[int | Literal["projector"], int | Literal["projector"]]] = [
-        ("projector", "projector"),
-        (-1, -1),
-    ]
-    # Response and visual logit losses from hidden states and lm_head weights, this many positions at
-    # a time, so B x T x V logits are never whole in memory; 0 = the plain path (whole logits).
-    chunk_size: NonNegInt = 0
-    # A student with another tokenizer than the teacher (lsd_edge.distill.cross_vocab): the response
-    # and visual logit terms compare the two distributions sorted by probability (ULD), or match the
-    # tokens both vocabularies hold exactly and sort the rest (GOLD). Unused with one vocabulary.
-    cross_tokenizer: Literal["uld", "gold"] = "uld"
-
-    def weight(self, term: str) -> float:
-        value = getattr(self, term)
-        return 0.0 if value is None else float(value)
-
-
-class DistillSchedule(Strict):
-    """How the distillation weight (lambda) moves over a stage; it multiplies every KD term."""
-
-    kind: Literal["constant", "linear_decay", "warm_start"] = "constant"
-    start: NonNegFloat = 1.0
-    end: NonNegFloat = 0.0
-    warm_steps: NonNegInt = 0
-    ramp_steps: NonNegInt = 0
-
-    def factor(self, step: int, total: int) -> float:
-        if self.kind == "constant":
-            return self.start
-        if self.kind == "linear_decay":
-            frac = min(1.0, step / max(1, total - 1))
-            return self.start + (self.end - self.start) * frac
-        if step < self.warm_steps:
-            return 0.0
-        if self.ramp_steps == 0:
-            return self.start
-        return self.start * min(1.0, (step - self.warm_steps + 1) / self.ramp_steps)
-
-
-class OnPolicyConfig(Strict):
-    """On-policy distilled fine-tuning (GKD, Agarwal et al. 2024): with probability `lmbda` a
-    micro-batch's answers are the student's own, written by it at train time (greedy when
-    `temperature` = 0, else sampled, at most `max_new_tokens` per answer), and the online teacher's
-    distributions on them are the response-KL targets; they carry no CE label."""
-
-    lmbda: Annotated[float, Field(gt=0, le=1)] = 0.5
-    temperature: NonNegFloat = 1.0
-    max_new_tokens: PositiveInt = 64
 
 
 class StageConfig(Strict):

@@ -25,7 +25,8 @@ from pydantic import ValidationError
 from lsd_edge.errors import LsdEdgeError
 from lsd_edge.files import write_json
 from lsd_edge.progress import QuietReporter, Reporter
-from lsd_edge.recipe.schema import DEFAULT_DISTILL_WEIGHTS, DISTILL_TERMS, OnPolicyConfig, Recipe, StageConfig
+from lsd_edge.recipe.distill import OnPolicyConfig
+from lsd_edge.recipe.schema import DEFAULT_DISTILL_WEIGHTS, DISTILL_TERMS, Recipe, StageConfig
 from lsd_edge.train.pipeline import DistillOptions, distill
 from lsd_edge.workspace import Workspace
 

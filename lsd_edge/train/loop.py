@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from lsd_edge.data.dataset import Batch, LlavaDataset
+from lsd_edge.data.batch import Batch
+from lsd_edge.data.dataset import LlavaDataset
 from lsd_edge.data.loading import SlotReader, SlotSampler
 from lsd_edge.data.records import BadSampleLog
 from lsd_edge.data.sampling import IndexStream

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lsd_edge.data.dataset import Batch
+from lsd_edge.data.batch import Batch
 from lsd_edge.distill.objective import Counts
 from lsd_edge.distill.teacher import OnlineTeacher
 from lsd_edge.models.groups import compile_layers

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lsd_edge.data.dataset import Batch
+from lsd_edge.data.batch import Batch
 from lsd_edge.data.prepare import open_dataset, prepare_data
 from lsd_edge.distill import losses
 from lsd_edge.distill.cache_build import build_cache

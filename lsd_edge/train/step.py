@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lsd_edge.data.dataset import Batch
+from lsd_edge.data.batch import Batch
 from lsd_edge.distill.objective import TERMS, Counts, LatentProjector
 from lsd_edge.distill.teacher import OnlineTeacher, Teacher, vision_width
 from lsd_edge.models.groups import set_activation_checkpointing, set_trainable

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lsd_edge.data.dataset import BatchLoader, LlavaDataset, collate
+from lsd_edge.data.batch import collate
+from lsd_edge.data.dataset import BatchLoader, LlavaDataset
 from lsd_edge.data.records import BadSample, BadSampleLog, load_image, read_records, to_messages
 from lsd_edge.errors import DataError
 from lsd_edge.models.tokens import IGNORE_INDEX, num_image_tokens

@@ -16,7 +16,8 @@ from lsd_edge.distill.onpolicy import Rollout, slot_rng
 from lsd_edge.distill.teacher import OnlineTeacher
 from lsd_edge.models.build import build_tiny_model, student_processor
 from lsd_edge.models.tokens import IGNORE_INDEX
-from lsd_edge.recipe.schema import OnPolicyConfig, StageConfig, TinyConfig
+from lsd_edge.recipe.distill import OnPolicyConfig
+from lsd_edge.recipe.schema import StageConfig, TinyConfig
 
 
 def _dataset(shapes_dir, processor, view=None):

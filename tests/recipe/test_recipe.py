@@ -238,7 +238,7 @@ def test_dumps_toml_nested():
 
 
 def test_distill_schedule_factors():
-    from lsd_edge.recipe.schema import DistillSchedule
+    from lsd_edge.recipe.distill import DistillSchedule
 
     assert DistillSchedule().factor(5, 10) == 1.0
     lin = DistillSchedule(kind="linear_decay", start=1.0, end=0.0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lsd_edge.errors import LsdEdgeError
+from lsd_edge.recipe.distill import OnPolicyConfig
 from lsd_edge.recipe.load import parse_recipe
-from lsd_edge.recipe.schema import OnPolicyConfig
 from lsd_edge.train.ablate import scheme_stages
 
 

@@ -6,6 +6,7 @@ The launched runs use the shipped configs (recipes/accelerate/ddp.yaml and fsdp.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -100,8 +102,15 @@ def _launch_and_kill(config: str, recipe: Path, stage: str, step: int, tmp_path:
     while not all(Path(f"{mark}{r}").exists() for r in range(2)):
         assert p.poll() is None and time.time() < deadline, "the run ended before the kill point"
         time.sleep(0.2)
+    # the launcher's workers may sit in sessions of their own (torchrun's agent): kill the whole tree,
+    # or they would wait on a dead rendezvous for the rest of the test session
+    tree = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
     os.killpg(p.pid, signal.SIGKILL)
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
     p.wait()
+    psutil.wait_procs(tree, timeout=60)
 
 
 def _losses(run: Path) -> list[tuple[str, int, float]]:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from lsd_edge.data.dataset import Batch
+from lsd_edge.data.batch import Batch
 from lsd_edge.distill.forward import PLAIN, StudentPass
 from lsd_edge.distill.objective import Counts, LatentProjector, loss_terms, weighted_total
 from lsd_edge.distill.teacher import Teacher

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lsd_edge.data.dataset import Batch
+from lsd_edge.data.batch import Batch
 from lsd_edge.distill.forward import Forward, StudentPass, image_features
 from lsd_edge.errors import TrainingError
 from lsd_edge.recipe.schema import StageConfig
