@@ -9,7 +9,10 @@ template) beside the weights, so every command loads any model the same way.
 
 from __future__ import annotations
 
+import copy
+
 import torch
+from tokenizers import AddedToken
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -28,10 +31,10 @@ from lsd_edge.models.load import check_ref, first_line, load_llava, set_generati
 from lsd_edge.models.tokens import (
     CHAT_TEMPLATE,
     IMAGE_TOKEN,
-    check_llm_tokenizer,
     image_token_id,
     image_tokens,
     num_image_tokens,
+    shares_vocabulary,
 )
 from lsd_edge.models.vision import (
     Tower,
@@ -256,15 +259,14 @@ def compose_llava(spec: ModelConfig, teacher=None, teacher_processor=None, *, de
         llm = AutoModelForCausalLM.from_pretrained(
             llm_ref, dtype=torch.float32, use_safetensors=True, trust_remote_code=spec.trust_remote_code
         )
-        llm_tok = AutoTokenizer.from_pretrained(llm_ref, trust_remote_code=spec.trust_remote_code)
     except Exception as e:  # any failure to read a user's folder is a bad input, not a crash
         raise ModelError(
             f"cannot load student.llm '{spec.llm}': {first_line(e)}; give a local folder"
         ) from None
-    check_llm_tokenizer(llm_tok, processor.tokenizer)
+    processor = llm_processor(processor, spec)
     text_config = llm.config
     img_id = image_token_id(processor)
-    vocab = max(text_config.vocab_size, img_id + 1)
+    vocab = max(text_config.vocab_size, len(processor.tokenizer), img_id + 1)
     config = composed_llava_config(spec, tower, text_config, img_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -288,6 +290,49 @@ def compose_llava(spec: ModelConfig, teacher=None, teacher_processor=None, *, de
     # The vision config came from the teacher, with its dtype (bf16 for a bf16 teacher): the composed
     # student starts in fp32 throughout.
     return model.float().to(device), processor
+
+
+def llm_processor(processor, spec: ModelConfig):
+    """The processor a composed student speaks through: `processor` (the tower's: the teacher's, at
+    the student's image size) when `student.llm`'s tokenizer has the teacher's vocabulary; otherwise
+    the same images and chat template over the LLM's own tokenizer, with the image token and the
+    template's special tokens it lacks added (`llava_tokenizer_for`): a student with another tokenizer,
+    distilled across the two vocabularies (`lsd_edge.distill.cross_vocab`)."""
+    try:
+        llm_tok = AutoTokenizer.from_pretrained(
+            check_ref(spec.llm, "student.llm"), trust_remote_code=spec.trust_remote_code
+        )
+    except Exception as e:  # any failure to read a user's folder is a bad input, not a crash
+        raise ModelError(
+            f"cannot load the tokenizer of student.llm '{spec.llm}': {first_line(e)}; give a local folder"
+        ) from None
+    if shares_vocabulary(llm_tok, processor.tokenizer):
+        return processor
+    return LlavaProcessor(
+        image_processor=processor.image_processor,
+        tokenizer=llava_tokenizer_for(llm_tok, processor),
+        patch_size=processor.patch_size,
+        vision_feature_select_strategy=processor.vision_feature_select_strategy,
+        num_additional_image_tokens=processor.num_additional_image_tokens,
+        chat_template=processor.chat_template,
+        image_token=processor.image_token,
+    )
+
+
+def llava_tokenizer_for(llm_tok, processor):
+    """`llm_tok` as a LLaVA student speaks through it: a copy with `processor`'s image token and the
+    special tokens of its chat template (`<|im_start|>`, `<|im_end|>`) that it lacks added as special
+    tokens (so a turn ends on one token, as generation stops), and a pad token (its end of text where
+    it has none)."""
+    tok = copy.deepcopy(llm_tok)
+    template = processor.chat_template or ""
+    specials = [t.content for t in processor.tokenizer.added_tokens_decoder.values() if t.special]
+    wanted = dict.fromkeys([processor.image_token] + [t for t in specials if t in template])
+    have = tok.get_vocab()
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in wanted if t not in have])
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def student_processor(processor, spec: ModelConfig):

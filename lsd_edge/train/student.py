@@ -10,6 +10,7 @@ from lsd_edge.models.build import (
     build_tiny_model,
     build_tiny_processor,
     compose_llava,
+    llm_processor,
     student_processor,
     with_own_tokenizer,
 )
@@ -66,7 +67,7 @@ def student_processor_of(recipe: Recipe, load_teacher, teacher_processor):
     if spec.tiny is not None:
         return tiny_student_processor(recipe, teacher_processor)
     if spec.llm is not None and spec.vision in (None, "teacher"):
-        return student_processor(teacher_processor, spec)
+        return llm_processor(student_processor(teacher_processor, spec), spec)
     return build_student(recipe, load_teacher(), teacher_processor, torch.device("cpu"))[1]
 
 

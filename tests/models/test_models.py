@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from lsd_edge.data.shapes import vocabulary
 from lsd_edge.errors import ModelError
@@ -14,7 +15,7 @@ from lsd_edge.models.build import build_tiny_model, build_tiny_processor, compos
 from lsd_edge.models.groups import count_params, set_trainable
 from lsd_edge.models.info import model_info
 from lsd_edge.models.load import load_llava, save_model
-from lsd_edge.models.tokens import check_tokenizers
+from lsd_edge.models.tokens import check_tokenizers, image_tokens
 from lsd_edge.recipe.schema import ModelConfig, TinyConfig, VisionSize
 
 from ..helpers import tiny_llm_folder
@@ -166,24 +167,47 @@ def test_compose_from_parts(tmp_path, tiny_teacher, processor):
     assert torch.isfinite(student(input_ids=ids, pixel_values=px).logits).all()
 
 
-def test_compose_refuses_other_tokenizer(tmp_path, tiny_teacher, processor):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def test_compose_with_an_llm_of_another_vocabulary_speaks_through_its_own_tokenizer(
+    tmp_path, tiny_teacher, processor
+):
+    """student.llm with another vocabulary (SmolLM2 or Llama under a Qwen teacher): the student reads
+    images as the teacher does and text in the LLM's own tokens, with the image token and the chat
+    template's turn tokens the LLM lacks added as single special tokens (a turn ends on one token),
+    its embeddings grown to hold them; distilled across the two vocabularies afterwards."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tokenizer_models
+    from transformers import PreTrainedTokenizerFast
 
-    other = build_tiny_processor(
-        VisionSize(image_size=16, patch_size=8, hidden_size=32, num_heads=2), ["alpha", "beta"]
+    words = ["what", "color", "is", "the", "shape", "?", "red", "blue", "<eos>", "<pad>"]
+    raw = Tokenizer(tokenizer_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    llm_tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>")
+    tiny_llm_folder(tmp_path / "llm", llm_tok)
+    student, proc = compose_llava(
+        ModelConfig(llm=str(tmp_path / "llm"), vision="teacher"), tiny_teacher, processor
     )
-    cfg = Qwen2Config(
-        vocab_size=len(other.tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "llm")
-    other.tokenizer.save_pretrained(tmp_path / "llm")
-    with pytest.raises(ModelError, match="student.llm's tokenizer differs from the teacher's.*student.path"):
-        compose_llava(ModelConfig(llm=str(tmp_path / "llm"), vision="teacher"), tiny_teacher, processor)
+    tok = proc.tokenizer
+    assert tok.get_vocab() != processor.tokenizer.get_vocab()
+    assert all(tok.convert_tokens_to_ids(w) == i for i, w in enumerate(words))  # the LLM's own ids
+    for special in ("<image>", "<|im_start|>", "<|im_end|>"):
+        assert len(tok(special, add_special_tokens=False)["input_ids"]) == 1, special
+    assert tok.pad_token_id is not None  # batches pad with it
+    assert student.config.image_token_id == tok.convert_tokens_to_ids("<image>") >= len(words)
+    assert student.get_input_embeddings().weight.shape[0] >= len(tok)
+    assert proc.image_processor is processor.image_processor and proc.chat_template == processor.chat_template
+    # it encodes a conversation, image included, and runs on it
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "what color is the shape ?"}],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+    ]
+    text = proc.apply_chat_template(messages)
+    inputs = proc(images=Image.new("RGB", (32, 32), "red"), text=text, return_tensors="pt")
+    assert int((inputs["input_ids"] == student.config.image_token_id).sum()) == image_tokens(student.config)
+    assert torch.isfinite(student(**inputs).logits).all()
+    check_tokenizers(processor, proc)  # another vocabulary that covers the data: distilled across
 
 
 def test_safe_loading_defaults(teacher_dir):

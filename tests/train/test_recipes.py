@@ -27,7 +27,7 @@ from lsd_edge.recipe.load import load_recipe
 from lsd_edge.recipe.schema import ModelConfig
 from lsd_edge.train.pipeline import distill
 
-from ..helpers import REPO, scored_here
+from ..helpers import REPO, scored_here, tiny_llm_folder
 
 REAL = {"qwen0.5b": "llm_tied", "qwen1.8b": "llm_untied"}
 
@@ -286,3 +286,31 @@ def test_on_policy_dft_runs_on_the_edge_recipe_s_standins(standins, tmp_path):
     dft = [r for r in log if r["stage"] == "dft"]
     assert len(dft) == 2 and all(r["own_answers"] > 0 and r["ce"] == 0 for r in dft)
     assert all(torch.isfinite(torch.tensor(r["response_kl"])) and r["response_kl"] > 0 for r in dft)
+
+
+def test_a_student_llm_with_another_tokenizer_distils_on_the_standins(standins, tmp_path):
+    """recipes/qwen0.5b.toml with `student.llm` an LLM of another vocabulary (a word-level tokenizer
+    over the data, as SmolLM2 or Llama 3.2 would be under a Qwen teacher): composed, it reads images
+    as the teacher does and text in its own tokens, and every stage distils across the two
+    vocabularies (ULD on the response and visual logits, answers aligned by their text)."""
+    from lsd_edge.data.prepare import corpus_texts, prepare_data
+    from lsd_edge.models.bpe import word_tokenizer
+    from lsd_edge.progress import QuietReporter
+
+    sets = real_overrides(standins, "qwen0.5b", tmp_path / "run")
+    recipe = load_recipe(REPO / "recipes" / "qwen0.5b.toml", sets)
+    prepare_data(recipe, QuietReporter())
+    words = word_tokenizer(corpus_texts(recipe))
+    tiny_llm_folder(tmp_path / "llm", words)
+    recipe = load_recipe(REPO / "recipes" / "qwen0.5b.toml", sets + [f"student.llm={tmp_path / 'llm'}"])
+    report = distill(recipe)
+    assert [s["name"] for s in report["stages"]] == ["dpt", "sft", "dft"]
+    student, proc = load_llava(str(tmp_path / "run" / "student"))
+    teacher, teacher_proc = load_llava(str(standins["teacher"]))
+    assert proc.tokenizer.get_vocab() != teacher_proc.tokenizer.get_vocab()
+    assert proc.tokenizer.convert_tokens_to_ids("red") == words.convert_tokens_to_ids("red")
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    for stage in ("dpt", "dft"):
+        rows = [r for r in log if r["stage"] == stage]
+        assert rows and all(r["response_kl"] > 0 and r["visual_kl"] > 0 for r in rows), stage
+    assert report["stages"][-1]["accuracy"] == scored_here(recipe, tmp_path / "run" / "dft")
