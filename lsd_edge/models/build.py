@@ -10,6 +10,7 @@ template) beside the weights, so every command loads any model the same way.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from tokenizers import AddedToken
@@ -292,16 +293,24 @@ def compose_llava(spec: ModelConfig, teacher=None, teacher_processor=None, *, de
     return model.float().to(device), processor
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def llm_processor(processor, spec: ModelConfig):
     """The processor a composed student speaks through: `processor` (the tower's: the teacher's, at
     the student's image size) when `student.llm`'s tokenizer has the teacher's vocabulary; otherwise
     the same images and chat template over the LLM's own tokenizer, with the image token and the
     template's special tokens it lacks added (`llava_tokenizer_for`): a student with another tokenizer,
     distilled across the two vocabularies (`lsd_edge.distill.cross_vocab`)."""
-    try:
-        llm_tok = AutoTokenizer.from_pretrained(
-            check_ref(spec.llm, "student.llm"), trust_remote_code=spec.trust_remote_code
+    ref = check_ref(spec.llm, "student.llm")
+    # transformers makes an empty tokenizer from a folder without one: refuse it by name instead
+    if Path(ref).is_dir() and not any((Path(ref) / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(
+            f"student.llm '{spec.llm}' holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "save the LLM's tokenizer beside its weights"
         )
+    try:
+        llm_tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=spec.trust_remote_code)
     except Exception as e:  # any failure to read a user's folder is a bad input, not a crash
         raise ModelError(
             f"cannot load the tokenizer of student.llm '{spec.llm}': {first_line(e)}; give a local folder"

@@ -232,3 +232,13 @@ def test_a_processor_that_is_not_the_vision_tower_s_is_refused(tmp_path, teacher
         match=r"expands <image> to 16 visual tokens but its vision tower gives 4 \(16 px, patch 8\)",
     ):
         load_llava(str(folder))
+
+
+def test_an_llm_folder_without_a_tokenizer_is_one_line(tmp_path, tiny_teacher, processor):
+    tiny_llm_folder(tmp_path / "llm", processor.tokenizer)
+    for f in (tmp_path / "llm").glob("*token*"):
+        f.unlink()
+    with pytest.raises(
+        ModelError, match=r"^student.llm '.*llm' holds no tokenizer .*save the LLM's tokenizer"
+    ):
+        compose_llava(ModelConfig(llm=str(tmp_path / "llm"), vision="teacher"), tiny_teacher, processor)
