@@ -59,7 +59,7 @@ def gold_distance(
     (`shared_s`, `shared_t`, pairwise) -> (N,) w * D(p_t[M_t], p_s[M_s]) + (1 - w) * ULD(rest), w = M / Vt.
 
     D is the stage's divergence (`kind`: forward KL(p_t || p_s), reverse, jsd with `jsd_beta`, skew with
-    `skew_lambda`; `losses.distilldivergence`) on the matched probabilities as they are; the rest is
+    `skew_lambda`; `losses.distill_divergence`) on the matched probabilities as they are; the rest is
     every row of each side outside its matched ones."""
     w = shared_t.numel() / log_t.shape[-1]
     matched = divergence(log_s[:, shared_s], log_t[:, shared_t], kind, jsd_beta, skew_lambda)
