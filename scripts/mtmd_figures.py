@@ -131,7 +131,8 @@ def measure(a, folders: dict[Path, str]) -> None:
             for t in a.threads:
                 for folder, name in folders.items():
                     stem = raw / f"{name}-{t}t-r{r + a.first_round}"
-                    sides = ["mtmd", "onnx"] if r % 2 == 0 else ["onnx", "mtmd"]
+                    sides = [x for x in ("mtmd", "onnx") if x in a.side]
+                    sides = sides if r % 2 == 0 else sides[::-1]
                     for side in sides:
                         print(f"round {r + a.first_round}: {side} {name} on {t} thread(s)", flush=True)
                         if side == "mtmd":
@@ -231,10 +232,14 @@ def write_table(out: Path) -> str:
     labels = sorted({m[0] for m in machine.values()})
     loads = [m[1] + m[2] for m in machine.values()]
     lo, hi = (min(x for x in sum(loads, [])), max(x for x in sum(loads, []))) if loads else (0, 0)
-    md = (
+    where = (
         f"Machine: {', '.join(labels)}; load average {lo:.2f}-{hi:.2f} at the starts and ends of the "
-        f"lsd-edge benches. Each side: the median of a round's answers, the best of the rounds.\n\n"
-        + table(llama, onnx)
+        "lsd-edge benches."
+        if labels
+        else "llama.cpp's side alone (no lsd-edge bench in raw/)."
+    )
+    md = f"{where} Each side: the median of a round's answers, the best of the rounds.\n\n" + table(
+        llama, onnx
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "figures.md").write_text(md, encoding="utf-8")
@@ -250,6 +255,9 @@ def main() -> None:
     )
     ap.add_argument("--llm-quant", action="append", default=None, help="(repeatable; default: q8_0 and q4_0)")
     ap.add_argument("--mmproj-quant", action="append", default=None, help="(repeatable; default: q8_0)")
+    ap.add_argument(
+        "--side", action="append", choices=("mtmd", "onnx"), default=None, help="(repeatable; default: both)"
+    )
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--first-round", type=int, default=0, help="the first round's number in raw/ file names")
     ap.add_argument("--mtmd-prompts", type=int, default=2, help="questions llama-mtmd-cli answers per round")
@@ -268,6 +276,7 @@ def main() -> None:
             )
         names = a.arch or list(EDGE)
         a.threads = a.threads or [1, 2]
+        a.side = a.side or ["mtmd", "onnx"]
         a.llm_quant = a.llm_quant or list(EQUAL_BITS.values())
         a.mmproj_quant = a.mmproj_quant or ["q8_0"]
         write_ggufs(names, a.gguf_dir, a.llm_quant, a.mmproj_quant)
