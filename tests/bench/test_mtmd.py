@@ -11,9 +11,9 @@ import pytest
 from lsd_edge.bench.mtmd import parse_mtmd, run_mtmd
 from lsd_edge.errors import BenchError
 
-# The timing lines of a llama-mtmd-cli run (llama-cpp-python 0.3.36's vendored llama.cpp, built as
-# docs/BENCHMARKS.md says): qwen0.5b-edge-168's mmproj (q8_0) and a Q8_0 LLM on 2 threads, one
-# ShapesVQA image, -n 32 --ignore-eos; the lines between them cut.
+# A captured llama-mtmd-cli log (llama-cpp-python 0.3.36's vendored llama.cpp, built as
+# docs/BENCHMARKS.md says, `--perf -v`): qwen0.5b-edge-168's mmproj (q8_0) and a Q8_0 LLM on 1 thread,
+# one image, -n 32 --ignore-eos; the model-loading lines before the chat template cut.
 CAPTURED = Path(__file__).with_name("mtmd_cli_sample.log").read_text()
 # what its lines say
 ENCODE_MS, IMAGE_DECODE_MS, PROMPT_EVAL_MS, PROMPT_TOKENS, EVAL_MS, LOAD_MS = (
