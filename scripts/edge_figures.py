@@ -39,6 +39,14 @@ def exports(names: list[str], cache: Path, threads: int) -> dict[Path, str]:
     return out
 
 
+def onnx_settings(variants: list[str], threads: int, prompts: int, repeats: int, new_tokens: int):
+    """The bench's settings for ONNX rows of speed alone: one warm-up, no accuracy pass."""
+    return BenchSettings(
+        variants=variants, threads=threads, prompts=prompts, repeats=repeats, max_new_tokens=new_tokens,
+        warmup=1, accuracy=False, copy_mb=256,
+    )  # fmt: skip
+
+
 def table(rows: list[tuple[int, BenchRow]], names: dict[Path, str]) -> str:
     """One Markdown table over every thread count, with each row's TTFT against qwen0.5b's."""
     arch = {id(r): names[Path(r.path).resolve()] for _, r in rows}
@@ -81,16 +89,7 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[int, BenchRow]] = []
     for t in threads:
-        settings = BenchSettings(
-            variants=a.variant or ["int8", "int4"],
-            threads=t,
-            prompts=a.prompts,
-            repeats=a.repeats,
-            max_new_tokens=a.max_new_tokens,
-            warmup=1,
-            accuracy=False,
-            copy_mb=256,
-        )
+        settings = onnx_settings(a.variant or ["int8", "int4"], t, a.prompts, a.repeats, a.max_new_tokens)
         print(
             f"bench on {t} thread(s): {len(folders)} exports x {len(settings.variants)} variants", flush=True
         )
