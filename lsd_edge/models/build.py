@@ -80,14 +80,20 @@ def with_own_tokenizer(processor, kind: str, texts: list[str], max_vocab: int | 
     tokenizer of its own trained on `texts`: word-level (`kind` "word") or a byte-level BPE of at most
     `max_vocab` tokens ("bpe"), with the tiny models' ChatML template (`student.tokenizer`)."""
     tok = word_tokenizer(texts) if kind == "word" else bpe_tokenizer(texts, max_vocab or MAX_VOCAB)
+    return with_tokenizer(processor, tok, CHAT_TEMPLATE, IMAGE_TOKEN)
+
+
+def with_tokenizer(processor, tokenizer, chat_template: str, image_token: str):
+    """A LLaVA processor that prepares images as `processor` does (its image processor, patch and
+    visual tokens) and text through `tokenizer`, `chat_template` and `image_token`."""
     return LlavaProcessor(
         image_processor=processor.image_processor,
-        tokenizer=tok,
+        tokenizer=tokenizer,
         patch_size=processor.patch_size,
         vision_feature_select_strategy=processor.vision_feature_select_strategy,
         num_additional_image_tokens=processor.num_additional_image_tokens,
-        chat_template=CHAT_TEMPLATE,
-        image_token=IMAGE_TOKEN,
+        chat_template=chat_template,
+        image_token=image_token,
     )
 
 
@@ -317,15 +323,8 @@ def llm_processor(processor, spec: ModelConfig):
         ) from None
     if shares_vocabulary(llm_tok, processor.tokenizer):
         return processor
-    return LlavaProcessor(
-        image_processor=processor.image_processor,
-        tokenizer=llava_tokenizer_for(llm_tok, processor),
-        patch_size=processor.patch_size,
-        vision_feature_select_strategy=processor.vision_feature_select_strategy,
-        num_additional_image_tokens=processor.num_additional_image_tokens,
-        chat_template=processor.chat_template,
-        image_token=processor.image_token,
-    )
+    tokenizer = llava_tokenizer_for(llm_tok, processor)
+    return with_tokenizer(processor, tokenizer, processor.chat_template, processor.image_token)
 
 
 def llava_tokenizer_for(llm_tok, processor):
