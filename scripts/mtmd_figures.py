@@ -15,8 +15,9 @@ For each architecture (default: `qwen0.5b` and the three edge students of script
 2. the ONNX exports (`lsd-edge bench --arch`'s cache, runs/bench-arch, as edge_figures.py makes them).
 3. rounds (--rounds, the order of the two sides swapped each round): on each thread count,
    llama-mtmd-cli answers the first --mtmd-prompts ShapesVQA questions (one image each; the bench's
-   generated set) with the Q8_0 and the Q4_0 LLM, greedy, `-n` new tokens, and `lsd-edge bench --onnx
-   <export> --variant int8 --variant int4` answers --prompts questions x --repeats.
+   generated set) with each --llm-quant LLM (Q8_0 and Q4_0), greedy, `-n` new tokens, and `lsd-edge
+   bench --onnx <export> --variant V` answers --prompts questions x --repeats at the same bits (int8
+   for Q8_0, int4 for Q4_0; int4 with the runner's default prefill, the int8 GEMM).
 Writes raw/<arch>-<T>t-r<round>-{mtmd,onnx}.json and figures.md: per architecture, bits and threads,
 llama.cpp's image encode, prompt eval and decode beside lsd-edge's vision, prefill and decode (each
 side's best round of its medians), with the TTFT and prefill ratios. `--table-only` rebuilds
@@ -115,7 +116,8 @@ def mtmd_side(a, name: str, threads: int, prompts: list[dict]) -> list[dict]:
 
 
 def onnx_side(a, folder: Path, threads: int, out: Path) -> None:
-    settings = onnx_settings(list(EQUAL_BITS), threads, a.prompts, a.repeats, a.max_new_tokens)
+    variants = [v for v, q in EQUAL_BITS.items() if q in a.llm_quant]  # at the bits llama.cpp runs
+    settings = onnx_settings(variants, threads, a.prompts, a.repeats, a.max_new_tokens)
     result = bench(
         onnx=[folder], settings=settings, reporter=RichReporter(), command=f"mtmd_figures.py {threads}t"
     )

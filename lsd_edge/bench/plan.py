@@ -20,6 +20,7 @@ from lsd_edge.models import archs as archs_module
 from lsd_edge.recipe.load import folder_recipe
 from lsd_edge.recipe.schema import BenchConfig
 from lsd_edge.runtime.onnx.layout import VARIANT_SUFFIX, variants_in
+from lsd_edge.runtime.onnx.prefill import PREFILL_MODES
 from lsd_edge.workspace import RUNS_ROOT, is_export_folder, is_model_folder, latest_run
 
 DEVICES = ("cpu", "cuda")
@@ -41,6 +42,7 @@ class BenchSettings:
     data: Path | None = None  # LLaVA-format eval JSON (default: the recipe's eval split)
     images: Path | None = None
     variants: list[str] | None = None  # ONNX variants to measure (default: all in each folder)
+    prefill: str = "auto"  # ONNX rows: OnnxRunner's prompt path (auto | gemm | exported)
     threads: int | None = None  # per worker (default: every core)
     copy_mb: int = 1024  # bandwidth measurement: MiB copied
     cache: Path | None = None  # --arch ONNX exports (default runs/bench-arch)
@@ -57,6 +59,8 @@ class BenchSettings:
             v = getattr(self, k)
             if v is not None and v < 1:
                 raise BenchError(f"--{k.replace('_', '-')} {v}: must be at least 1")
+        if self.prefill not in PREFILL_MODES:
+            raise BenchError(f"--prefill {self.prefill}: choose one of {', '.join(PREFILL_MODES)}")
         if self.warmup is not None and self.warmup < 0:
             raise BenchError(f"--warmup {self.warmup}: must be 0 or more")
         if self.device == "cuda":

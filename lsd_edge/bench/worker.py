@@ -43,6 +43,7 @@ class RowSpec:
     path: str | None = None  # a model folder (torch) or an export folder (onnx)
     arch: dict | None = None  # {"config": LlavaConfig dict, "seed": int}: random weights, torch only
     variant: str | None = None  # onnx: fp32 | int8 | int4 | fp16
+    prefill: str = "auto"  # onnx: auto | gemm | exported (OnnxRunner)
     dtype: str = "float32"  # torch
     threads: int = 1
     prompts: list[dict] = field(default_factory=list)
@@ -170,7 +171,12 @@ def load(spec: RowSpec):
         from lsd_edge.runtime.onnx.runner import OnnxRunner
 
         runner = OnnxRunner(
-            spec.path, device=spec.device, name=spec.name, variant=spec.variant, threads=spec.threads
+            spec.path,
+            device=spec.device,
+            name=spec.name,
+            variant=spec.variant,
+            threads=spec.threads,
+            prefill=spec.prefill,
         )
         return runner, onnx_decode_bytes(runner)
     raise RuntimeModelError(f"backend '{spec.backend}': choose torch or onnx")

@@ -33,10 +33,7 @@ def export_(
     fp16: Annotated[bool, typer.Option("--fp16", help="Add float16 graphs (*_fp16.onnx).")] = False,
     fp32: Annotated[bool, typer.Option("--fp32", help="Write the fp32 graphs only.")] = False,
     target: Annotated[
-        str | None,
-        typer.Option(
-            "--target", help="cpu (dynamic int8) or cuda (MatMulNBits); default: the recipe's export.target."
-        ),
+        str | None, typer.Option("--target", help="cpu or cuda (default: the recipe's export.target).")
     ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", help="Export folder (default <run>/onnx, or <MODEL_DIR>-onnx).")
@@ -54,8 +51,7 @@ def export_(
     ] = None,
     opset: Annotated[int | None, typer.Option("--opset", min=17, max=23, help="ONNX opset.")] = None,
     decoder: Annotated[
-        str | None,
-        typer.Option("--decoder", help="auto (the model builder's where it can), builder, or traced."),
+        str | None, typer.Option("--decoder", help="auto (the builder's where it can), builder, traced.")
     ] = None,
     gguf: Annotated[bool, typer.Option("--gguf", help="Write <name>.gguf + mmproj for llama.cpp.")] = False,
     quant: Annotated[
@@ -144,6 +140,9 @@ def bench_(
         list[str] | None,
         typer.Option("--variant", help="ONNX variants to measure (repeatable; default: every one exported)."),
     ] = None,
+    prefill: Annotated[
+        str, typer.Option("--prefill", help="ONNX rows' prompt path: auto, gemm (int8 GEMM) or exported.")
+    ] = "auto",
     prompts: Annotated[
         int | None,
         typer.Option(
@@ -209,6 +208,7 @@ def bench_(
         data=data,
         images=images,
         variants=variant or None,
+        prefill=prefill,
         threads=threads,
         copy_mb=copy_mb,
         llama_bench=llama_bench,

@@ -349,6 +349,7 @@ def test_eval_questions_are_single_image_first_turns(shapes_dir):
         (["--teacher", "TEACHER", "--device", "tpu"], "--device tpu: choose cpu or cuda"),
         (["--teacher", "TEACHER", "--prompts", "0"], "--prompts 0: must be at least 1"),
         (["--teacher", "TEACHER", "--dtype", "int8"], "--dtype int8: choose one of"),
+        (["--onnx", "ONNX", "--prefill", "fast"], "--prefill fast: choose one of auto, gemm, exported"),
         (["--arch", "gpt5"], "--arch gpt5: unknown; choose from qwen0.5b"),
         (["--teacher", "TEACHER", "--data", "nope.json"], "--data nope.json: no such file"),
         ([], "no finished run under runs/"),
@@ -361,6 +362,16 @@ def test_bad_input_isone_red_line(tmp_path, monkeypatch, capsys, teacher_dir, on
     code, _, err = run(monkeypatch, capsys, "bench", *[subs.get(a, a) for a in args])
     assert code == 1
     assert needle in one_red_line(err)
+
+
+def test_a_prefill_the_variant_cannot_run_is_one_line(monkeypatch, capsys, onnx_dir, shapes_dir):
+    code, _, err = run(
+        monkeypatch, capsys, "bench", "--onnx", str(onnx_dir), "--variant", "fp32", "--prefill", "gemm",
+        *_small(shapes_dir),
+    )  # fmt: skip
+    assert code == 1 and "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]  # after the progress lines
+    assert "the fp32 decoder has no MatMulNBits weights" in line and "use 'exported'" in line
 
 
 def test_a_failing_worker_is_one_line(tmp_path, monkeypatch, capsys, onnx_dir, shapes_dir):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from lsd_edge.errors import ExportError
@@ -112,6 +114,14 @@ def test_builder_int4_with_external_data(tmp_path, onnx_student_dir, shapes_dir)
         and "4 bits" in r.report["decoder"]["int4"]["quantized"]
     )
     assert r.report["parity"]["variants"]["int4"]["samples"] > 0
-    assert (
-        OnnxRunner(r.output).generate(None, "how many shapes are there ?", 4, ignore_eos=True).new_tokens == 4
-    )
+    # the gate ran the int4 prompts through the int8 GEMM prefill, its weights read from <file>_data
+    assert r.report["parity"]["variants"]["int4"]["prefill"] == "gemm"
+    assert r.report["parity"]["variants"]["fp32"]["prefill"] == "exported"
+    gemm, exported = OnnxRunner(r.output), OnnxRunner(r.output, prefill="exported")
+    assert gemm.generate(None, "how many shapes are there ?", 4, ignore_eos=True).new_tokens == 4
+    # auto on the CPU: a 4-bit image and prompt through the int8 GEMM, the vision encoder replaced
+    assert gemm.gemm_graphs == ["vision_encoder", "decoder_model_merged"] and exported.gemm_graphs == []
+    image = next((shapes_dir / "images").glob("*.png"))
+    pixels = gemm.pixel_values(Image.open(image))
+    got, want = gemm.image_features(pixels), exported.image_features(pixels)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05

@@ -8,6 +8,9 @@
   preallocated host arrays and the last position's logits land in one preallocated buffer: a
   decode step allocates nothing. The attention mask's length tells the graph how much of the buffer
   is filled. A generation longer than the capacity moves to a buffer twice as long.
+
+A runner with an int8 GEMM prefill (`lsd_edge.runtime.onnx.prefill`) runs calls of more than one
+token through that session instead: with a shared cache, bound to the same buffers.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ def concat_step(runner, embeds: np.ndarray, cache: ConcatCache) -> tuple[np.ndar
     if runner.has_position_ids:
         feed["position_ids"] = np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy()
     dec = runner.sessions["decoder_model_merged"]
+    if s > 1 and runner.prefill_session is not None:
+        dec = runner.prefill_session
     if not runner.io_binding:
         outs = dec.run(["logits", *runner.present_names], {**feed, **cache.tensors})
         return outs[0], ConcatCache(dict(zip(runner.past_names, outs[1:], strict=True)), p + s)
@@ -67,11 +72,16 @@ class SharedCache:
         self.runner = runner
         self.length = 0
         self.capacity = 0
-        self.binding = runner.sessions["decoder_model_merged"].io_binding()
+        dec = runner.sessions["decoder_model_merged"]
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type(
             [1, 1, runner.logit_rows], runner.logits_dtype
         )
-        self.binding.bind_ortvalue_output("logits", self.logits)
+        # (session, binding) pairs sharing the buffers: the prompt's (int8 GEMM prefill), then each token's
+        self.bindings = [(dec, dec.io_binding())]
+        if runner.prefill_session is not None:
+            self.bindings.insert(0, (runner.prefill_session, runner.prefill_session.io_binding()))
+        for _, binding in self.bindings:
+            binding.bind_ortvalue_output("logits", self.logits)
         self.buffers: dict[str, ort.OrtValue] = {}
         self._allocate(max(int(capacity), 1))
 
@@ -90,9 +100,10 @@ class SharedCache:
                 new[n].update_inplace(kept)
         self.buffers, self.capacity = new, capacity
         self.mask = np.ones((1, capacity), dtype=np.int64)
-        for past, present in zip(r.past_names, r.present_names_by_past, strict=True):
-            self.binding.bind_ortvalue_input(past, new[past])
-            self.binding.bind_ortvalue_output(present, new[past])
+        for _, binding in self.bindings:
+            for past, present in zip(r.past_names, r.present_names_by_past, strict=True):
+                binding.bind_ortvalue_input(past, new[past])
+                binding.bind_ortvalue_output(present, new[past])
 
     def step(self, embeds: np.ndarray) -> np.ndarray:
         """embeds (1, S, D) after the filled positions -> the last position's logits (1, 1, V)."""
@@ -101,11 +112,11 @@ class SharedCache:
             self._allocate(max(2 * self.capacity, self.length + s))
         r = self.runner
         embeds = np.ascontiguousarray(embeds, dtype=r.embeds_dtype)
-        b = self.binding
+        session, b = self.bindings[0] if s > 1 else self.bindings[-1]
         b.bind_input("inputs_embeds", "cpu", 0, r.embeds_dtype, list(embeds.shape), embeds.ctypes.data)
         n = self.length + s
         b.bind_input("attention_mask", "cpu", 0, np.int64, [1, n], self.mask.ctypes.data)
-        r.sessions["decoder_model_merged"].run_with_iobinding(b)
+        session.run_with_iobinding(b)
         self.length = n
         return self.logits.numpy()
 

@@ -27,6 +27,7 @@ from lsd_edge.runtime.onnx.layout import (
     read_json_file,
     variants_in,
 )
+from lsd_edge.runtime.onnx.prefill import PREFILL_MODES, nbits_in, prefill_graph
 from lsd_edge.runtime.onnx.prompt import PromptBuilder
 from lsd_edge.runtime.runner import RunnerBase
 from lsd_edge.runtime.textgen import Generation, PartTimer, SamplingParams, generate_tokens
@@ -57,6 +58,14 @@ class OnnxRunner(RunnerBase):
     each graph's intra-op threads (default: every core), and a small graph gets fewer
     (`graph_threads`). `session_config` entries go to every session (e.g.
     {"session.intra_op.allow_spinning": "0"} beside busy PyTorch work).
+
+    `prefill`: how the image and a prompt (more than one token) go through the model. "gemm": their
+    `MatMulNBits` weights run as ONNX Runtime's int8 GEMM (`lsd_edge.runtime.onnx.prefill`): the
+    prompt through a copy of the decoder that shares the KV cache with the decoder running each new
+    token, the image through a rewritten vision encoder in place of the exported one; "exported":
+    the graphs as exported; "auto" (default): "gemm" for a 4-bit decoder on the CPU, where it is
+    faster than the block format on long prompts, "exported" otherwise. `gemm_graphs` names the
+    graphs it rewrote.
     """
 
     backend = "onnx"
@@ -70,6 +79,7 @@ class OnnxRunner(RunnerBase):
         threads: int | None = None,
         io_binding: bool | None = None,
         session_config: dict[str, str] | None = None,
+        prefill: str = "auto",
     ):
         self.ort = ort
         self.path = Path(folder)
@@ -100,8 +110,13 @@ class OnnxRunner(RunnerBase):
         gen_path = self.path / "generation_config.json"
         self.generation_config = read_json_file(gen_path, "generation config") if gen_path.is_file() else {}
         self.graph_threads: dict[str, int] = {}
-        self.sessions = {g: self._session(g) for g in GRAPHS}
+        self.prefill = self._pick_prefill(prefill)
+        self.gemm_graphs: list[str] = []
+        self.sessions = {g: self._graph_session(g) for g in GRAPHS}
         self._inspect_graphs()
+        self.prefill_session = None
+        if self.prefill == "gemm":
+            self.prefill_session = self._gemm_session("decoder_model_merged", keep_outputs=True)
         self.prompts = PromptBuilder(self.path, self.n_image_tokens)
         self.preprocess = ImagePreprocessor.from_folder(self.path)
         self.stop_ids = self._stop_ids()
@@ -125,7 +140,8 @@ class OnnxRunner(RunnerBase):
                 raise RuntimeModelError(f"{f}: missing {variant} graph{found}; re-run `lsd-edge export`")
         return variant
 
-    def _session(self, graph: str):
+    def _session(self, graph: str, made: Path | None = None):
+        """A session of one graph file of the variant, or of `made` (a graph made from `graph`'s)."""
         ort = self.ort
         path = self.path / graph_file(graph, self.variant)
         opts = ort.SessionOptions()
@@ -135,7 +151,7 @@ class OnnxRunner(RunnerBase):
         for k, v in self.session_config.items():
             opts.add_session_config_entry(k, v)
         try:
-            return ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
+            return ort.InferenceSession(str(made or path), sess_options=opts, providers=self.providers)
         except Exception as e:  # ORT raises its own exception types for bad files; all mean the same here
             raise RuntimeModelError(
                 f"{path}: cannot load ({first_line(e)}); the file is corrupt or incomplete, re-run `lsd-edge export`"
@@ -176,6 +192,39 @@ class OnnxRunner(RunnerBase):
         feats = self.sessions["vision_encoder"].get_outputs()[0]
         k = feats.shape[1]
         self.n_image_tokens = int(k) if isinstance(k, int) else int(self.config.get("image_seq_length", 0))
+
+    def _pick_prefill(self, mode: str) -> str:
+        if mode not in PREFILL_MODES:
+            raise RuntimeModelError(f"prefill '{mode}': choose one of {', '.join(PREFILL_MODES)}")
+        if mode == "exported":
+            return mode
+        bits = nbits_in(self.path / graph_file("decoder_model_merged", self.variant))
+        if mode == "auto":
+            return "gemm" if self.device == "cpu" and 4 in bits else "exported"
+        if self.device != "cpu":
+            raise RuntimeModelError(
+                "prefill 'gemm' runs on the CPU (ONNX Runtime's int8 GEMM); use 'exported' on cuda"
+            )
+        if not bits:
+            raise RuntimeModelError(
+                f"prefill 'gemm': the {self.variant} decoder has no MatMulNBits weights; it is for the "
+                "int8 and int4 exports, use 'exported'"
+            )
+        return mode
+
+    def _graph_session(self, graph: str):
+        """A graph's session: the exported one, or with prefill "gemm" a vision encoder with
+        `MatMulNBits` weights rewritten for the int8 GEMM (all of it runs once per image)."""
+        path = self.path / graph_file(graph, self.variant)
+        if graph == "vision_encoder" and self.prefill == "gemm" and nbits_in(path):
+            return self._gemm_session(graph, keep_outputs=False)
+        return self._session(graph)
+
+    def _gemm_session(self, graph: str, keep_outputs: bool):
+        """`graph` rewritten for the int8 GEMM, on the graph's thread count."""
+        with prefill_graph(self.path / graph_file(graph, self.variant), keep_outputs) as made:
+            self.gemm_graphs.append(graph)
+            return self._session(graph, made)
 
     def _text_config(self) -> dict:
         return self.config.get("text_config") or {}
@@ -222,6 +271,8 @@ class OnnxRunner(RunnerBase):
             "device": self.device,
             "providers": self.sessions["decoder_model_merged"].get_providers(),
             "kv_cache": self.kv_cache,
+            "prefill": self.prefill,
+            "gemm_graphs": list(self.gemm_graphs),
             "threads": dict(self.graph_threads),
         }
 
