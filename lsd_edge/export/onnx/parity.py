@@ -81,7 +81,7 @@ def parity_report(
     rep: dict[str, Any] = {"source": source, "variants": {}}
     for v in variants:
         rep["variants"][v] = compare(torch_runner, runners[v], items, max_new_tokens)
-        rep["variants"][v]["prefill"] = runners[v].prefill  # the prompt path the runner took (gemm/decoder)
+        rep["variants"][v]["prefill"] = runners[v].prefill  # the prompt path the runner took (gemm/exported)
         if reporter is not None:
             reporter.advance(1, f"{v} parity")
     rep["max_rel_logit_diff"] = rep["variants"]["fp32"]["max_rel_logit_diff"]

@@ -75,13 +75,11 @@ def zero_points(zp: np.ndarray | None, bits: int, n: int, blocks: int, dtype) ->
     symmetric default 2^(bits-1)."""
     if zp is None:
         return np.full((n, blocks, 1), 2 ** (bits - 1), dtype=dtype)
-    if zp.dtype == np.uint8:
-        if bits == 4:
-            rows = zp.reshape(n, -1)
-            out = np.empty((n, rows.shape[1] * 2), dtype=np.uint8)
-            out[:, 0::2], out[:, 1::2] = rows & 0x0F, rows >> 4
-            zp = out[:, :blocks]
-        return zp.reshape(n, blocks, 1).astype(dtype)
+    if zp.dtype == np.uint8 and bits == 4:  # two blocks' zero points a byte, the first in the low nibble
+        rows = zp.reshape(n, -1)
+        out = np.empty((n, rows.shape[1] * 2), dtype=np.uint8)
+        out[:, 0::2], out[:, 1::2] = rows & 0x0F, rows >> 4
+        zp = out[:, :blocks]
     return zp.reshape(n, blocks, 1).astype(dtype)
 
 
