@@ -191,3 +191,22 @@ def test_prefill_choices_that_cannot_run_are_refused(onnx_dir):
         OnnxRunner(onnx_dir, variant="int8", prefill="fast")
     with pytest.raises(RuntimeModelError, match="fp32 decoder has no MatMulNBits weights"):
         OnnxRunner(onnx_dir, variant="fp32", prefill="gemm")
+
+
+def test_the_kernel_script_measures_every_kernel_and_profiles_a_decoder(onnx_dir):
+    """scripts/prefill_kernels.py (docs/BENCHMARKS.md's kernel figures) on a small product and the
+    tiny export's int8 decoder: a row per kernel, the profile as exported and rewritten."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    decoder = onnx_dir / "onnx" / "decoder_model_merged_int8.onnx"
+    cmd = [sys.executable, str(root / "scripts" / "prefill_kernels.py"), "--threads", "1"]
+    cmd += ["--shape", "32", "64", "64", "--profile", str(decoder), "--tokens", "8"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [line for line in p.stdout.splitlines() if line.rstrip().endswith("GOPS")]
+    assert len(rows) == 8 and any("int8 GEMM prefill" in r for r in rows)
+    assert "as exported: prefill of 8 tokens" in p.stdout and "int8 GEMM prefill: prefill of 8" in p.stdout
+    assert "MatMulInteger" in p.stdout.split("int8 GEMM prefill: prefill of 8")[1]

@@ -3,8 +3,8 @@ the prompt and its image through ONNX Runtime's int8 GEMM instead. torch-free.
 
 On the CPU, `MatMulNBits` (blocks of 32, int8 activations: accuracy_level 4) multiplies a prompt of
 hundreds of tokens at about a third of the speed of ONNX Runtime's int8 GEMM (MLAS's QGEMM, VNNI where
-the CPU has it): 530 against 1,600 GOPS for a (746 x 896) x (896 x 4864) product on 2 cores of the
-machine in docs/BENCHMARKS.md. A decode step (one row, memory-bound) is where the block format pays;
+the CPU has it): 491 against 1,468 GOPS for a (746 x 896) x (896 x 4864) product on 2 cores of the
+machine in docs/BENCHMARKS.md (`scripts/prefill_kernels.py`). A decode step (one row, memory-bound) is where the block format pays;
 the prefill is compute-bound and, at 4 bits, was no faster than llama.cpp's Q4_0 there; the vision
 encoder (hundreds of patches, once per image) is all prefill, and its 4-bit graph was 2.5x slower
 than its int8 one.
