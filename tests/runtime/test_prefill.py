@@ -186,6 +186,18 @@ def test_the_growing_cache_uses_the_gemm_for_prompts_too(gemm, plain, monkeypatc
     assert np.abs(logits[0, -1] - want[0, -1]).max() < 0.05 * np.abs(want).max()
 
 
+def test_a_temporary_folder_that_cannot_take_the_graphs_is_one_error(onnx_dir, monkeypatch):
+    from lsd_edge.runtime.onnx import prefill
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prefill, "write_prefill", full)
+    with pytest.raises(RuntimeModelError, match="No space left on device.*TMPDIR.*prefill='exported'"):
+        OnnxRunner(onnx_dir, variant="int8", prefill="gemm")
+    assert OnnxRunner(onnx_dir, variant="int8", prefill="exported").prefill_session is None
+
+
 def test_prefill_choices_that_cannot_run_are_refused(onnx_dir):
     with pytest.raises(RuntimeModelError, match="prefill 'fast': choose one of auto, gemm, exported"):
         OnnxRunner(onnx_dir, variant="int8", prefill="fast")

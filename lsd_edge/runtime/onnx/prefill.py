@@ -281,7 +281,14 @@ def prefill_graph(path: Path, keep_outputs: bool = True):
     takes to load it (the session keeps what it needs; the files are then deleted)."""
     with tempfile.TemporaryDirectory(prefix="lsd-edge-prefill-") as tmp:
         dst = Path(tmp) / path.name
-        if write_prefill(path, dst, keep_outputs) == 0:
+        try:
+            count = write_prefill(path, dst, keep_outputs)
+        except OSError as e:  # a full disk, a read-only temporary folder
+            raise RuntimeModelError(
+                f"cannot write the int8 GEMM prefill of {path.name} to {tmp} ({e.strerror or e}); free "
+                "space there or set TMPDIR to another folder, or load with prefill='exported'"
+            ) from None
+        if count == 0:
             raise RuntimeModelError(
                 f"{path}: no MatMulNBits weights to run as an int8 GEMM; the int8 GEMM prefill is for "
                 "the int8 and int4 exports (use prefill='exported')"
