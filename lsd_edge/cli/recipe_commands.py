@@ -20,6 +20,7 @@ from lsd_edge.train.backends.select import setup
 from lsd_edge.train.measure import measure_step
 from lsd_edge.train.memory import estimate_recipe, recipe_shapes
 from lsd_edge.train.setup import pick_stage
+from lsd_edge.train.sight import tokenizer_problems
 from lsd_edge.workspace import Workspace
 
 PANEL = "Recipes, data and models"
@@ -40,6 +41,9 @@ def validate(
 ) -> None:
     """Check a recipe and print it resolved (defaults filled in), or every problem in it."""
     r = load_recipe(recipe, set_ or [])
+    problems = tokenizer_problems(r)
+    if problems:  # what distill refuses across two tokenizers, before any model loads
+        raise RecipeError(str(recipe), problems)
     out.print(render.tree(str(recipe), r.model_dump(mode="json", exclude_none=True)))
     out.print(
         f"[green]{recipe}: valid[/green] ({len(r.stages)} stages: {' -> '.join(s.name for s in r.stages)})"

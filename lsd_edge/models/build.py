@@ -17,7 +17,6 @@ from tokenizers import AddedToken
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -28,7 +27,7 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 from lsd_edge.errors import ModelError
 from lsd_edge.models.bpe import MAX_VOCAB, bpe_tokenizer, word_tokenizer
-from lsd_edge.models.load import check_ref, first_line, load_llava, set_generation_config
+from lsd_edge.models.load import check_ref, first_line, load_llava, load_tokenizer, set_generation_config
 from lsd_edge.models.tokens import (
     CHAT_TEMPLATE,
     IMAGE_TOKEN,
@@ -315,12 +314,7 @@ def llm_processor(processor, spec: ModelConfig):
             f"student.llm '{spec.llm}' holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
             "save the LLM's tokenizer beside its weights"
         )
-    try:
-        llm_tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=spec.trust_remote_code)
-    except Exception as e:  # any failure to read a user's folder is a bad input, not a crash
-        raise ModelError(
-            f"cannot load the tokenizer of student.llm '{spec.llm}': {first_line(e)}; give a local folder"
-        ) from None
+    llm_tok = load_tokenizer(ref, "student.llm", spec.trust_remote_code)
     if shares_vocabulary(llm_tok, processor.tokenizer):
         return processor
     tokenizer = llava_tokenizer_for(llm_tok, processor)

@@ -15,7 +15,7 @@ from typing import Any
 import accelerate.utils.other as accelerate_other
 import torch
 from huggingface_hub import snapshot_download
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
 from lsd_edge.errors import ModelError
 from lsd_edge.files import atomic_dir, write_json
@@ -59,6 +59,17 @@ def model_folder(ref: str, what: str = "model") -> Path:
     except Exception as e:  # not downloaded, or a broken cache: the user can point at a folder
         raise ModelError(
             f"{what} '{ref}': not in the local Hugging Face cache ({first_line(e)}); give a local folder"
+        ) from None
+
+
+def load_tokenizer(ref: str, what: str, trust_remote_code: bool = False):
+    """The tokenizer of a folder or a hub id in the local cache; a one-line error naming `what` otherwise."""
+    ref = check_ref(ref, what)
+    try:
+        return AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    except Exception as e:  # any failure to read a user's folder is a bad input, not a crash
+        raise ModelError(
+            f"cannot load the tokenizer of {what} '{ref}': {first_line(e)}; give a local folder"
         ) from None
 
 

@@ -17,7 +17,13 @@ from lsd_edge.data.dataset import TeacherView
 from lsd_edge.distill.cross_vocab import VocabMap
 from lsd_edge.distill.grid import GridMap
 from lsd_edge.errors import LsdEdgeError, RecipeError
-from lsd_edge.models.tokens import num_image_tokens, processor_image_size, same_vocabulary
+from lsd_edge.models.load import load_tokenizer
+from lsd_edge.models.tokens import (
+    num_image_tokens,
+    processor_image_size,
+    same_vocabulary,
+    shares_vocabulary,
+)
 from lsd_edge.recipe.schema import Recipe, StageConfig
 
 
@@ -46,13 +52,48 @@ def vocab_map(teacher_processor, student_processor, stage: StageConfig) -> Vocab
     )
 
 
-def check_own_tokenizer(recipe: Recipe, stages: list[StageConfig]) -> None:
-    """Before the teacher loads (or trains): a tiny student's own tokenizer that surely differs from the
-    teacher's (word-level, a BPE of another size, or any under a loaded teacher) refuses the first
-    stage that needs one tokenization (`vocab_map` checks every other case once both are built)."""
+def own_tokenizer_differs(recipe: Recipe) -> bool:
+    """Whether a tiny student's own tokenizer surely differs from the teacher's: word-level, a BPE of
+    another size, or any under a loaded teacher."""
     s = recipe.student
     other = s.tokenizer == "word" or s.tokenizer_vocab is not None or recipe.teacher.tiny is None
-    if s.tokenizer is not None and other:
+    return s.tokenizer is not None and other
+
+
+def llm_tokenizer_differs(recipe: Recipe) -> bool:
+    """Whether a `student.llm`'s tokenizer lacks the vocabulary of the `teacher.path` checkpoint's (the
+    student then speaks through its own, `lsd_edge.models.build.llm_processor`); False where either
+    cannot be read here (a hub id not in the local cache, a teacher the recipe trains)."""
+    r = recipe
+    if r.student.llm is None or r.teacher.path is None:
+        return False
+    try:
+        llm = load_tokenizer(r.student.llm, "student.llm", r.student.trust_remote_code)
+        teacher = load_tokenizer(r.teacher.path, "teacher.path", r.teacher.trust_remote_code)
+    except LsdEdgeError:
+        return False
+    return not shares_vocabulary(llm, teacher)
+
+
+def tokenizer_problems(recipe: Recipe) -> list[str]:
+    """What `distill` refuses of a student that reads its samples in other tokens than its teacher, as
+    far as the recipe and the tokenizer files tell before any model loads (`lsd-edge validate`): each
+    distilling stage that needs one tokenization, under the key to change."""
+    if not (own_tokenizer_differs(recipe) or llm_tokenizer_differs(recipe)):
+        return []
+    problems = []
+    for i, st in enumerate(recipe.stages):
+        problem = st.one_tokenization() if st.distills else None
+        if problem:
+            problems.append(f"stages[{i}]: the student's tokenizer differs from the teacher's, so {problem}")
+    return problems
+
+
+def check_own_tokenizer(recipe: Recipe, stages: list[StageConfig]) -> None:
+    """Before the teacher loads (or trains): a tiny student's own tokenizer that surely differs from the
+    teacher's refuses the first stage that needs one tokenization (`vocab_map` checks every other case
+    once both are built)."""
+    if own_tokenizer_differs(recipe):
         for st in stages:
             if st.distills:
                 check_cross_tokenizer(st, st.cached)

@@ -236,3 +236,53 @@ def test_the_cli_refuses_layer_pairs_across_tokenizers_in_one_red_line(
     line = distill_red_line(monkeypatch, capsys, d, tmp_path)
     assert "stage 'dpt': the student's tokenizer differs from the teacher's" in line
     assert "keep only ['projector', 'projector'] pairs or set loss.latent = 0" in line
+
+
+def test_validate_names_each_stage_distill_refuses_across_tokenizers(
+    recipe_dict, tmp_path, monkeypatch, capsys
+):
+    """`lsd-edge validate` shows, under each stage's key, what `distill` refuses of a student with its
+    own tokenizer (a layer latent pair, a teacher cache), before any model loads; a recipe without
+    them validates."""
+    from lsd_edge.recipe.toml import dumps_toml
+
+    from ..helpers import run
+
+    d = _words(recipe_dict)
+    path = tmp_path / "r.toml"
+    path.write_text(dumps_toml(d))
+    code, out, _ = run(monkeypatch, capsys, "validate", str(path), "--no-memory")
+    assert code == 0 and "valid" in out
+    d["stages"][0]["loss"]["latent_pairs"] = [["projector", "projector"], [-1, -1]]
+    d["stages"][2]["teacher_cache"] = "auto"
+    path.write_text(dumps_toml(d))
+    code, _, err = run(monkeypatch, capsys, "validate", str(path), "--no-memory")
+    assert code == 1 and "2 problem(s) in the recipe" in err
+    flat = " ".join(err.split())
+    assert "stages[0]: the student's tokenizer differs from the teacher's, so text positions" in flat
+    assert "stages[2]: the student's tokenizer differs from the teacher's, so a teacher cache" in flat
+
+
+def test_validate_reads_a_student_llms_tokenizer_against_the_teachers(
+    standins, tmp_path, monkeypatch, capsys
+):
+    """A `student.llm` of another vocabulary than the `teacher.path` checkpoint (read from the two
+    tokenizers' files): a teacher cache is refused by `validate`; the stand-in LLM of the teacher's
+    own vocabulary is not, and an LLM folder that cannot be read leaves the check to `distill`."""
+    from lsd_edge.data.prepare import corpus_texts, prepare_data
+    from lsd_edge.models.bpe import word_tokenizer
+    from lsd_edge.progress import QuietReporter
+    from lsd_edge.recipe.load import load_recipe
+
+    from ..helpers import REPO, run, tiny_llm_folder
+
+    recipe = REPO / "recipes" / "qwen0.5b.toml"
+    sets = [f"data.root={standins['data']}", f"teacher.path={standins['teacher']}"]
+    prepare_data(load_recipe(recipe, [*sets, f"student.llm={standins['llm_tied']}"]), QuietReporter())
+    tiny_llm_folder(tmp_path / "llm", word_tokenizer(corpus_texts(load_recipe(recipe, sets))))
+    cache = ["stages[2].teacher_cache=auto"]
+    for llm, refused in ((tmp_path / "llm", True), (standins["llm_tied"], False), (tmp_path / "none", False)):
+        args = [a for s in [*sets, f"student.llm={llm}", *cache] for a in ("--set", s)]
+        code, _, err = run(monkeypatch, capsys, "validate", str(recipe), "--no-memory", *args)
+        assert (code == 1) == refused, (llm, err)
+        assert ("stages[2]: the student's tokenizer differs" in " ".join(err.split())) == refused
