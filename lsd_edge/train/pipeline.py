@@ -33,7 +33,7 @@ from lsd_edge.train.distributed import threads_per_process
 from lsd_edge.train.loop import run_stage
 from lsd_edge.train.offline import StageInputs, check_cache_paths
 from lsd_edge.train.report import build_report, card_facts, offline_facts, plot_losses
-from lsd_edge.train.sight import check_own_tokenizer
+from lsd_edge.train.sight import check_tokenizers_early
 from lsd_edge.train.student import build_student, trainable_student
 from lsd_edge.train.teacher import TeacherSlot
 from lsd_edge.workspace import Workspace, default_export_dir, is_complete
@@ -132,7 +132,7 @@ def distill(
     ctx.dist.on_main(set_up_output)
     check_data_files(recipe, stages)
     check_cache_paths(stages)
-    check_own_tokenizer(recipe, stages)
+    check_tokenizers_early(recipe, stages)
     teacher = TeacherSlot(ctx, options.teacher_dir)
     teacher.load()
     model, processor = build_student(recipe, teacher.model, teacher.processor, ctx.device)

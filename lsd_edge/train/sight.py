@@ -89,11 +89,11 @@ def tokenizer_problems(recipe: Recipe) -> list[str]:
     return problems
 
 
-def check_own_tokenizer(recipe: Recipe, stages: list[StageConfig]) -> None:
-    """Before the teacher loads (or trains): a tiny student's own tokenizer that surely differs from the
-    teacher's refuses the first stage that needs one tokenization (`vocab_map` checks every other case
-    once both are built)."""
-    if own_tokenizer_differs(recipe):
+def check_tokenizers_early(recipe: Recipe, stages: list[StageConfig]) -> None:
+    """Before the teacher loads (or trains): a student tokenizer that surely differs from the teacher's
+    (a tiny student's own, a `student.llm`'s read from its files) refuses the first stage that needs
+    one tokenization (`vocab_map` checks every other case once both are built)."""
+    if own_tokenizer_differs(recipe) or llm_tokenizer_differs(recipe):
         for st in stages:
             if st.distills:
                 check_cross_tokenizer(st, st.cached)

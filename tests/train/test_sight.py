@@ -286,3 +286,32 @@ def test_validate_reads_a_student_llms_tokenizer_against_the_teachers(
         code, _, err = run(monkeypatch, capsys, "validate", str(recipe), "--no-memory", *args)
         assert (code == 1) == refused, (llm, err)
         assert ("stages[2]: the student's tokenizer differs" in " ".join(err.split())) == refused
+
+
+def test_distill_refuses_a_student_llm_of_another_vocabulary_before_the_teacher_loads(
+    standins, tmp_path, monkeypatch
+):
+    """With `student.llm` and `teacher.path` folders, the tokenizers' files tell that the two differ:
+    a stage that needs one tokenization is refused before the (maybe large) teacher is loaded."""
+    from lsd_edge.data.prepare import corpus_texts
+    from lsd_edge.models.bpe import word_tokenizer
+    from lsd_edge.recipe.load import load_recipe
+    from lsd_edge.train import teacher
+
+    from ..helpers import REPO, tiny_llm_folder
+
+    recipe = REPO / "recipes" / "qwen0.5b.toml"
+    sets = [f"data.root={standins['data']}", f"teacher.path={standins['teacher']}"]
+    tiny_llm_folder(tmp_path / "llm", word_tokenizer(corpus_texts(load_recipe(recipe, sets))))
+    sets += [
+        f"student.llm={tmp_path / 'llm'}",
+        "stages[2].teacher_cache=auto",
+        f"run.output_dir={tmp_path / 'run'}",
+    ]
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(teacher, "load_llava", no_teacher)
+    with pytest.raises(LsdEdgeError, match="stage 'dft': the student's tokenizer differs from the teacher's"):
+        distill(load_recipe(recipe, [*sets, "run.device=cpu"]))
