@@ -336,6 +336,12 @@ def demo_models(teacher, students: dict[str, Any]) -> Table:
     return t
 
 
+def _same_pixels(parity: dict[str, Any]) -> str:
+    """llama.cpp's exact match from PyTorch's pixels, where the report has it (older reports do not)."""
+    same = parity.get("accuracy_llama_cpp_same_pixels")
+    return "" if same is None else f", {percent(same)} from PyTorch's pixels"
+
+
 def gguf_report(report: dict[str, Any]) -> list[RenderableType]:
     t = Table(title=f"lsd-edge export --gguf: {report['output']}")
     for col in ("file", "architecture", "tensors", "MB"):
@@ -348,8 +354,9 @@ def gguf_report(report: dict[str, Any]) -> list[RenderableType]:
     if p["accuracy_torch"] is not None:
         accuracy = (
             f"exact match on {p['accuracy_samples']} eval questions: PyTorch {percent(p['accuracy_torch'])}, "
-            f"llama.cpp {percent(p['accuracy_llama_cpp'])} (at most {100 * b['max_accuracy_drop']:g} points "
-            f"below); same answers {100 * p['answer_agreement']:.1f}% (floor {100 * b['min_answer_agreement']:g}%)"
+            f"llama.cpp {percent(p['accuracy_llama_cpp'])} resizing the images itself (at most "
+            f"{100 * b['max_accuracy_drop']:g} points below){_same_pixels(p)}; same answers from the same "
+            f"pixels {100 * p['answer_agreement']:.1f}% (floor {100 * b['min_answer_agreement']:g}%)"
         )
     return [
         f"model: {report['model_dir']} ({quant}, mmproj {report['settings']['mmproj']})",

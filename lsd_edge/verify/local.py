@@ -13,7 +13,6 @@ import numpy as np
 
 from lsd_edge.data.questions import EvalItem
 from lsd_edge.export.gguf.parity import LlamaCppAnswers, LlamaCppRunner, llama_cpp_missing, tower_images
-from lsd_edge.export.gguf.pipeline import processor_image_size_wh
 from lsd_edge.infer import load_runner
 from lsd_edge.runtime.runner import Answerer
 from lsd_edge.runtime.torch_runner import TorchRunner
@@ -70,14 +69,14 @@ class LlamaCppSide:
 
     def __init__(self, row: Row, torch_runner: TorchRunner):
         self.torch_runner = torch_runner
-        self.size = processor_image_size_wh(torch_runner.processor)
         self.runner = LlamaCppRunner(row.model, row.mmproj)
-        self.answerer: Answerer = LlamaCppAnswers(self.runner, torch_runner, self.size)
+        # the images as given: mtmd resizes them as llama-server and llama-mtmd-cli do
+        self.answerer: Answerer = LlamaCppAnswers(self.runner, torch_runner, None)
 
     def first_logits(self, items: list[EvalItem]) -> list[np.ndarray]:
         t, out = self.torch_runner, []
         for it in items:
-            images = tower_images(it.images, t.processor, self.size)
+            images = tower_images(it.images, t.processor, None)
             _, steps = self.runner.greedy(
                 it.prompt_ids, t.encoder.image_id, images, 0, t.stop_ids, t.vocab_rows
             )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import gguf
@@ -339,7 +339,7 @@ def test_llama_cpp_greedy_tokens_equal_pytorch(bpe_student, standins, tmp_path, 
 
 
 def test_llama_cpp_answers_are_decoded_and_scored_as_pytorchs(teacher_dir, shapes_dir):
-    """The glue that lets the one accuracy path score llama.cpp: images at the tower's size, the
+    """The glue that lets the one accuracy path score llama.cpp: images as given or at the tower's size, the
     prompt's image token and stop tokens from PyTorch's runner, tokens decoded by its tokenizer
     (a stand-in for llama.cpp that answers with PyTorch's own tokens)."""
     from lsd_edge.data.questions import load_eval_items
@@ -363,6 +363,13 @@ def test_llama_cpp_answers_are_decoded_and_scored_as_pytorchs(teacher_dir, shape
     got = evaluate_answers(LlamaCppAnswers(Echo(), torch_runner, wh), items, 4)
     want = evaluate_answers(torch_runner, items, 4)
     assert got.as_dict() == want.as_dict() and seen and all(s == {wh} for s in seen)
+    # without a size, mtmd is handed the images as they are (it resizes them itself, as llama.cpp's
+    # apps do); with one, the processor's pixels whatever the image's size
+    large = [replace(it, images=[im.resize((2 * wh[0], 2 * wh[1])) for im in it.images]) for it in items]
+    for size_given, expected in ((None, (2 * wh[0], 2 * wh[1])), (wh, wh)):
+        seen.clear()
+        LlamaCppAnswers(Echo(), torch_runner, size_given).answers(large, 2)
+        assert seen and all(s == {expected} for s in seen), (size_given, seen)
 
 
 def _agreed_prefix(want: list[int], got: list[int]) -> int:
@@ -647,6 +654,7 @@ def test_accuracy_decides_and_f16_answers_as_pytorch(bpe_student, standins, tmp_
     p = report["parity"]
     assert report["gate"]["passed"] and report["gate"]["judged_by"] == p["judged_by"] == "accuracy"
     assert p["answer_agreement"] == 1.0 and p["accuracy_llama_cpp"] == p["accuracy_torch"]
+    assert p["accuracy_llama_cpp_same_pixels"] == p["accuracy_torch"]
     assert p["accuracy_samples"] == len(json.loads(settings["data"].read_text()))
 
 
@@ -846,8 +854,12 @@ def test_the_summary_says_what_judged_the_gate():
     assert lines[0] == "model: m (q4_0, mmproj q8_0)"
     assert lines[1] == (
         "gate judged by accuracy; exact match on 500 eval questions: PyTorch 95.0%, llama.cpp 94.6% "
-        "(at most 1 points below); same answers 99.0% (floor 0%)"
+        "resizing the images itself (at most 1 points below); same answers from the same pixels 99.0% "
+        "(floor 0%)"
     )
+    parity["accuracy_llama_cpp_same_pixels"] = 0.948  # a report that has it says it
+    lines = [x for x in gguf_report(report) if isinstance(x, str)]
+    assert "itself (at most 1 points below), 94.8% from PyTorch's pixels; same answers" in lines[1]
     parity.update(judged_by="logits", accuracy_torch=None, accuracy_llama_cpp=None)
     report["settings"]["note"] = "the recipe's eval data x is not here; pass --data to compare accuracy"
     lines = [x for x in gguf_report(report) if isinstance(x, str)]

@@ -166,9 +166,12 @@ class LlamaCppRunner:
         return out, steps
 
 
-def tower_images(images: list, processor, image_size: tuple[int, int]) -> list:
+def tower_images(images: list, processor, image_size: tuple[int, int] | None) -> list:
     """RGB images at the tower's (width, height), resampled with `processor`'s filter (bicubic where it
-    names none): both sides feed the tower the same pixels."""
+    names none): both sides feed the tower the same pixels. With `image_size` None, the images as
+    given: mtmd resizes them itself (its own filter, as llama-server, llama-mtmd-cli and Ollama do)."""
+    if image_size is None:
+        return [im.convert("RGB") for im in images]
     resample = int(getattr(processor.image_processor, "resample", None) or 3)
     return [im.convert("RGB").resize(image_size, resample=resample) for im in images]
 
@@ -176,9 +179,11 @@ def tower_images(images: list, processor, image_size: tuple[int, int]) -> list:
 class LlamaCppAnswers:
     """llama.cpp's greedy answers to eval items as text, an `Answerer` (`lsd_edge.runtime.runner`):
     the one accuracy path scores them as it scores PyTorch's and ONNX Runtime's. PyTorch's runner
-    gives the image token, the stop tokens and the decoding to text, so only the model differs."""
+    gives the image token, the stop tokens and the decoding to text, so only the model differs.
+    `image_size` None hands mtmd the images as given, to resize as llama.cpp's apps do (what users
+    get); a (width, height), the pixels PyTorch's processor makes (the model alone compared)."""
 
-    def __init__(self, runner: LlamaCppRunner, torch_runner, image_size: tuple[int, int]):
+    def __init__(self, runner: LlamaCppRunner, torch_runner, image_size: tuple[int, int] | None):
         self.runner, self.torch_runner, self.image_size = runner, torch_runner, image_size
 
     def answers(self, items, max_new_tokens: int, *, batch_size=None, progress=None) -> list[str]:

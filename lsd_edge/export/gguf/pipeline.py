@@ -246,17 +246,23 @@ def _gate(parity: dict, settings: GgufSettings) -> list[str]:
 
 
 def _accuracy(torch_runner: TorchRunner, runner: LlamaCppRunner, size, settings: GgufSettings) -> dict:
-    """Both sides' greedy answers to the eval questions, scored by the one scorer, and how many agree."""
+    """Both sides' greedy answers to the eval questions, scored by the one scorer, and how many agree.
+
+    llama.cpp's exact match is of the images as given, resized by mtmd as llama.cpp's apps resize
+    them (its filter is not PyTorch's processor's); the answer agreement, of the pixels PyTorch's
+    processor makes (the model alone: f16 must give PyTorch's every answer)."""
     items, _ = parity_items(settings.data, settings.images, torch_runner.processor, settings.eval_samples)
     n = settings.max_new_tokens
     # one question at a time, as llama.cpp answers: a batch's padding moves a lively model's answers
     want = torch_runner.answers(items, n)
-    got = LlamaCppAnswers(runner, torch_runner, size).answers(items, n)
+    same_pixels = LlamaCppAnswers(runner, torch_runner, size).answers(items, n)
+    own_resize = LlamaCppAnswers(runner, torch_runner, None).answers(items, n)
     return {
         "accuracy_samples": len(items),
         "accuracy_torch": score(items, want).accuracy,
-        "accuracy_llama_cpp": score(items, got).accuracy,
-        "answer_agreement": sum(a == b for a, b in zip(want, got, strict=True)) / max(1, len(items)),
+        "accuracy_llama_cpp": score(items, own_resize).accuracy,
+        "accuracy_llama_cpp_same_pixels": score(items, same_pixels).accuracy,
+        "answer_agreement": sum(a == b for a, b in zip(want, same_pixels, strict=True)) / max(1, len(items)),
     }
 
 
