@@ -864,3 +864,36 @@ def test_the_summary_says_what_judged_the_gate():
     report["settings"]["note"] = "the recipe's eval data x is not here; pass --data to compare accuracy"
     lines = [x for x in gguf_report(report) if isinstance(x, str)]
     assert lines[1] == f"gate judged by logits; {report['settings']['note']}"
+
+
+@pytest.mark.parametrize("image_size, passes", [((16, 16), 1), ((32, 32), 2)])
+def test_the_accuracy_pass_scores_the_images_as_given(monkeypatch, image_size, passes):
+    """llama.cpp's exact match is of the images as given (mtmd resizes them) and the agreement of the
+    processor's pixels; images already at the tower's size are the same both ways: one pass."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from lsd_edge.data.questions import EvalItem
+    from lsd_edge.export.gguf import pipeline
+
+    items = [EvalItem(f"q{i}", "color", [1, 2], [Image.new("RGB", image_size)], "red") for i in range(4)]
+    calls = []
+
+    class Answers:
+        def __init__(self, runner, torch_runner, size):
+            self.size = size
+
+        def answers(self, items, n):
+            calls.append(self.size)
+            # from the processor's pixels every answer is right, from the images as given half
+            return ["red"] * len(items) if self.size else ["red", "blue"] * (len(items) // 2)
+
+    monkeypatch.setattr(pipeline, "parity_items", lambda *a: (items, "eval"))
+    monkeypatch.setattr(pipeline, "LlamaCppAnswers", Answers)
+    torch_runner = SimpleNamespace(processor=None, answers=lambda items, n: ["red"] * len(items))
+    settings = SimpleNamespace(data="d", images=None, eval_samples=None, max_new_tokens=2)
+    rep = pipeline._accuracy(torch_runner, None, (16, 16), settings)
+    assert calls == [(16, 16), None][:passes]
+    assert rep["accuracy_torch"] == rep["accuracy_llama_cpp_same_pixels"] == rep["answer_agreement"] == 1.0
+    assert rep["accuracy_llama_cpp"] == (1.0 if passes == 1 else 0.5)

@@ -256,7 +256,9 @@ def _accuracy(torch_runner: TorchRunner, runner: LlamaCppRunner, size, settings:
     # one question at a time, as llama.cpp answers: a batch's padding moves a lively model's answers
     want = torch_runner.answers(items, n)
     same_pixels = LlamaCppAnswers(runner, torch_runner, size).answers(items, n)
-    own_resize = LlamaCppAnswers(runner, torch_runner, None).answers(items, n)
+    # images already at the tower's size are the same pixels both ways: one pass answers for both
+    at_size = all(im.size == tuple(size) for it in items for im in it.images)
+    own_resize = same_pixels if at_size else LlamaCppAnswers(runner, torch_runner, None).answers(items, n)
     return {
         "accuracy_samples": len(items),
         "accuracy_torch": score(items, want).accuracy,
