@@ -95,6 +95,14 @@ def read(path: Path) -> list[dict]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def from_rows(rows: list[dict], open_rows):
+    """`open_rows(path)` of LLaVA records written to a temporary JSON file (read whole when opened)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "rows.json"
+        path.write_text(json.dumps(rows), encoding="utf-8")
+        return open_rows(path)
+
+
 def probe_questions(model_dir: str, data: Path, phrasing: str, args) -> None:
     torch.manual_seed(args.seed)
     model, processor = load_llava(model_dir)
@@ -109,18 +117,10 @@ def probe_questions(model_dir: str, data: Path, phrasing: str, args) -> None:
     held_out = rephrase(phrasing, evaluation, scenes, rng)[: args.eval_samples]
     if not train or not held_out:
         sys.exit(f"{data}: no position questions to train or score on; generate ShapesVQA with more scenes")
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = [Path(tmp) / "train.json", Path(tmp) / "eval.json"]
-        for path, rows in zip(paths, (train, held_out), strict=True):
-            path.write_text(json.dumps(rows), encoding="utf-8")
-        train_on(model, processor, data, paths, held_out[0], phrasing, args, rng)
-
-
-def train_on(
-    model, processor, data: Path, paths: list[Path], example: dict, phrasing: str, args, rng
-) -> None:
-    dataset = LlavaDataset(paths[0], data / "images", processor, max_length=args.max_length)
-    items = load_eval_items(paths[1], data / "images", processor)
+    dataset = from_rows(
+        train, lambda p: LlavaDataset(p, data / "images", processor, max_length=args.max_length)
+    )
+    items = from_rows(held_out, lambda p: load_eval_items(p, data / "images", processor))
     loader = BatchLoader(dataset, processor.tokenizer.pad_token_id or 0)
     model.model.vision_tower.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -133,7 +133,7 @@ def train_on(
         model.train()
         return result.accuracy
 
-    question, answer = (t["value"] for t in example["conversations"])
+    question, answer = (t["value"] for t in held_out[0]["conversations"])
     print(
         f"{phrasing}: {len(dataset)} training and {len(items)} held-out questions, e.g. {question!r} -> {answer}"
     )
@@ -209,10 +209,7 @@ def probe_lookup(model_dir: str, data: Path, n: int) -> None:
     state on colour questions: where in the model the lookup of a named cell is done."""
     model, processor = load_llava(model_dir)
     rows = [r for r in read(data / "instruct.json") if r["type"] == "color"][:n]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "color.json"
-        path.write_text(json.dumps(rows), encoding="utf-8")
-        dataset = LlavaDataset(path, data / "images", processor, max_length=160)
+    dataset = from_rows(rows, lambda p: LlavaDataset(p, data / "images", processor, max_length=160))
     loader = BatchLoader(dataset, processor.tokenizer.pad_token_id or 0)
     states, targets = [], []
     with torch.no_grad():
