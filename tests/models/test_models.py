@@ -242,3 +242,14 @@ def test_an_llm_folder_without_a_tokenizer_is_one_line(tmp_path, tiny_teacher, p
         ModelError, match=r"^student.llm '.*llm' holds no tokenizer .*save the LLM's tokenizer"
     ):
         compose_llava(ModelConfig(llm=str(tmp_path / "llm"), vision="teacher"), tiny_teacher, processor)
+
+
+def test_an_llm_folder_with_a_broken_tokenizer_is_one_line(tmp_path, tiny_teacher, processor):
+    """A tokenizer file that cannot be read (`models.load.load_tokenizer`, also what `validate` and
+    `distill` read before any model loads) is one line naming the key and what to give instead."""
+    tiny_llm_folder(tmp_path / "llm", processor.tokenizer)
+    (tmp_path / "llm" / "tokenizer.json").write_text("{ not json")
+    with pytest.raises(
+        ModelError, match=r"^cannot load the tokenizer of student.llm '.*llm': .*give a local folder$"
+    ):
+        compose_llava(ModelConfig(llm=str(tmp_path / "llm"), vision="teacher"), tiny_teacher, processor)
